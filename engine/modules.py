@@ -1,0 +1,126 @@
+"""The models cut at the seams the engine needs: tensors in, tensors out, plain torch.
+
+diffusers' `ControlNetModel.forward` runs the hint (conditioning) encoder on every call although it
+depends only on the control image; here it is a module of its own, run once per generation, and the
+ControlNet body takes the hint. The body's per-block scales are an input tensor (13 values), so strength,
+guidance windows and guess mode's log-spaced scales never change the graph. These modules are what the
+torch backend runs and what `export/` exports, so every backend runs the same cut.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from torch import nn
+
+
+def block_scales(scale: float, num_residuals: int, guess_mode: bool) -> torch.Tensor:
+    """Per-residual scales as diffusers applies them: constant, or 0.1..1.0 log-spaced in guess mode."""
+    if guess_mode:
+        return torch.logspace(-1, 0, num_residuals) * scale
+    return torch.full((num_residuals,), float(scale))
+
+
+class HintEncoder(nn.Module):
+    """Control map (B, 3, H, W) in [0, 1] -> hint (B, C0, H/8, W/8), added after the body's conv_in."""
+
+    def __init__(self, net: ControlNetModel):
+        super().__init__()
+        self.embedding = net.controlnet_cond_embedding
+        self.bgr = net.config.controlnet_conditioning_channel_order == "bgr"
+
+    def forward(self, control_map: torch.Tensor) -> torch.Tensor:
+        if self.bgr:
+            control_map = torch.flip(control_map, dims=[1])
+        return self.embedding(control_map)
+
+
+class ControlNetBody(nn.Module):
+    """ControlNet minus its hint encoder: (sample, t, text, hint, scales) -> 12 down residuals + mid.
+
+    Supports the SD1.5 ControlNet configurations (no class/addition embeddings). `hint` may have batch 1:
+    it broadcasts over the sample batch, so one hint serves every image and the CFG halves.
+    """
+
+    def __init__(self, net: ControlNetModel):
+        super().__init__()
+        if net.class_embedding is not None or net.config.addition_embed_type is not None:
+            raise ValueError("ControlNets with class or addition embeddings (SDXL-style) are not supported")
+        self.net = net
+        self.global_pool = bool(net.config.global_pool_conditions)
+
+    @property
+    def num_residuals(self) -> int:
+        return len(self.net.controlnet_down_blocks) + 1
+
+    def features(self, sample, timestep, encoder_hidden_states, hint) -> list[torch.Tensor]:
+        """The 13 feature maps before the zero convs (the fused kernel path applies those itself)."""
+        net = self.net
+        timesteps = timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
+        emb = net.time_embedding(net.time_proj(timesteps).to(dtype=sample.dtype))
+        sample = net.conv_in(sample) + hint
+        feats = [sample]
+        for block in net.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, res = block(hidden_states=sample, temb=emb)
+            feats.extend(res)
+        if getattr(net.mid_block, "has_cross_attention", False):
+            sample = net.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = net.mid_block(sample, emb)
+        feats.append(sample)
+        return feats
+
+    def forward(self, sample, timestep, encoder_hidden_states, hint, scales) -> tuple[torch.Tensor, ...]:
+        feats = self.features(sample, timestep, encoder_hidden_states, hint)
+        zero_convs = list(self.net.controlnet_down_blocks) + [self.net.controlnet_mid_block]
+        out = []
+        for i, (feat, conv) in enumerate(zip(feats, zero_convs)):
+            res = conv(feat) * scales[i]
+            if self.global_pool:
+                res = torch.mean(res, dim=(2, 3), keepdim=True)
+            out.append(res)
+        return tuple(out)
+
+
+class UNetWithResiduals(nn.Module):
+    """UNet taking the 12 down residuals + mid residual as plain inputs (none: no ControlNet active)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals) -> torch.Tensor:
+        down, mid = (list(residuals[:-1]), residuals[-1]) if residuals else (None, None)
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, 77) -> CLIP last hidden states (B, 77, D), as SD1.5 conditions on."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+
+class VaeDecoder(nn.Module):
+    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (the latent scaling is applied here)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]

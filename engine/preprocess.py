@@ -1,0 +1,132 @@
+"""Control images: reading what users pass, the preprocessors (canny first), and the control tensor.
+
+Users pass a raw picture; the named ControlNet type's preprocessor turns it into a control map (a
+3-channel picture in [0, 1]), and `control_tensor` resizes it to the generation size exactly as diffusers'
+ControlNet pipeline does (its own `VaeImageProcessor`, so outputs stay equal to diffusers).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+import PIL.Image
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, str, Path]
+
+CANNY_LOW, CANNY_HIGH = 100, 200  # the diffusers ControlNet canny recipe's thresholds
+
+
+def load_image(image: ImageInput) -> PIL.Image.Image | np.ndarray:
+    """Normalise an input picture to RGB: a PIL image, or an HxWx3 float32 array in [0, 1].
+
+    Accepts PIL images (any mode), file paths, HxW / HxWx1 / HxWx3 / HxWx4 arrays of uint8 (0..255) or
+    floats (0..1). Grayscale is repeated to 3 channels; alpha is dropped. Floats stay floats so a ready
+    control map is not quantised.
+    """
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"control image file {str(path)!r} does not exist")
+        try:
+            with PIL.Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (PIL.UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"control image file {str(path)!r} is not a readable image: {err}") from err
+    if isinstance(image, PIL.Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(
+        f"image must be a PIL image, a numpy array (HWC uint8 or float in [0, 1]) or a file path, "
+        f"got {type(image).__name__}"
+    )
+
+
+def _array_to_rgb(array: np.ndarray) -> PIL.Image.Image | np.ndarray:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise ValueError(
+            f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {tuple(array.shape)}"
+        )
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    array = array[:, :, :3]
+    if array.dtype == np.uint8:
+        return PIL.Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError(
+                f"float image arrays must hold finite values in [0, 1], got range "
+                f"[{np.nanmin(array):.4g}, {np.nanmax(array):.4g}]"
+            )
+        return np.ascontiguousarray(array, dtype=np.float32)
+    raise ValueError(f"image array dtype must be uint8 or float, got {array.dtype}")
+
+
+def to_uint8(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 view of a normalised image (floats are rounded from [0, 1])."""
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(image)
+    return np.round(image * 255.0).astype(np.uint8)
+
+
+def canny(image: ImageInput, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> PIL.Image.Image:
+    """OpenCV Canny edges stacked to 3 channels, as in the diffusers ControlNet canny recipe."""
+    import cv2  # imported here: only the canny path needs OpenCV
+
+    if not (0 <= low <= high):
+        raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
+    edges = cv2.Canny(to_uint8(load_image(image)), low, high)
+    return PIL.Image.fromarray(np.stack([edges] * 3, axis=2))
+
+
+def identity(image: ImageInput) -> PIL.Image.Image | np.ndarray:
+    """For ControlNets whose control map is the picture itself (tile)."""
+    return load_image(image)
+
+
+def _needs_annotator(kind: str) -> Callable:
+    def unavailable(image: ImageInput):
+        raise ValueError(
+            f"the {kind!r} preprocessor needs an annotator model that this engine does not ship; "
+            "compute the control map yourself and pass it with preprocess=False"
+        )
+
+    return unavailable
+
+
+PREPROCESSORS: dict[str, Callable] = {"canny": canny, "tile": identity}
+for _kind in ("depth", "openpose", "mlsd", "normalbae", "seg", "scribble", "softedge", "lineart",
+              "lineart_anime", "shuffle", "inpaint"):
+    PREPROCESSORS[_kind] = _needs_annotator(_kind)
+
+
+def canny_with(low: int, high: int) -> Callable:
+    """A canny preprocessor with other thresholds, to pass as `preprocess=`."""
+    if not (0 <= low <= high):
+        raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
+    return partial(canny, low=low, high=high)
+
+
+def pick_preprocessor(preprocess, registered: str | None) -> Callable | None:
+    """What `Runner.generate(preprocess=...)` means for one ControlNet.
+
+    None: the ControlNet type's own preprocessor (none for ControlNets given by id or path); False: the
+    image is already a control map; a name from PREPROCESSORS; or any callable image -> control map.
+    """
+    if preprocess is None:
+        return PREPROCESSORS[registered] if registered else None
+    if preprocess is False:
+        return None
+    if isinstance(preprocess, str):
+        if preprocess not in PREPROCESSORS:
+            raise ValueError(f"unknown preprocessor {preprocess!r}; known: {', '.join(sorted(PREPROCESSORS))}")
+        return PREPROCESSORS[preprocess]
+    if callable(preprocess):
+        return preprocess
+    raise TypeError(
+        f"preprocess must be None, False, a preprocessor name or a callable, got {preprocess!r}"
+    )

@@ -1,0 +1,224 @@
+"""The built-in tiny model: real diffusers/transformers classes with small configs and random weights.
+
+Same layout as SD1.5 (4 UNet levels, 2 layers each, so 12 skip residuals + 1 mid residual, VAE scale
+factor 8, 77-token CLIP text encoder) at a size that builds in well under a second. Weights come from a
+fixed seed on the CPU generator, so every machine gets the same ones; the global RNG is left untouched.
+
+`ControlNetModel.from_unet` zero-initialises the 13 zero convs and the hint encoder's last conv, and the
+default init shrinks the control image through the hint encoder's 8 convs: left like that, the control
+image changes nothing and no test could catch a control bug. So every zero-initialised layer is
+re-randomised here, the hint encoder with He-style init so its output keeps unit scale.
+
+    python -m engine.tiny --out DIR     # writes DIR/model (a diffusers SD folder) and DIR/controlnet-*
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+MODEL_SEED = 0
+MAX_TOKENS = 77  # CLIP's context length, as in SD1.5
+
+# SD1.5's scheduler config (scheduler/scheduler_config.json of the SD1.5 repo): the named schedulers are
+# built from it, exactly as they would be from the real model's.
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=2,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+)
+
+HINT_CHANNELS = (8, 8, 16, 16)  # SD1.5: (16, 32, 96, 256); 4 entries keep the 8-conv, /8 structure
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+
+TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=MAX_TOKENS,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+)
+
+# A few merges so the byte-level BPE really merges something; enough to tokenise any text.
+MERGES = ["a n", "t h", "th e</w>", "o n</w>", "i n", "an d</w>", "s t", "e r</w>", "a r", "o r"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-shaped vocab: the 256 byte characters, the same with the end-of-word mark, merges, specials."""
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    tokens += ["".join(m.split()) for m in MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, [tuple(m.split()) for m in MERGES]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    vocab, merges = tiny_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+
+
+def _seeded_generator(name: str) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(MODEL_SEED + zlib.crc32(name.encode()))
+
+
+@torch.no_grad()
+def _randomise(module: torch.nn.Module, gen: torch.Generator, std_scale: float = 1.0) -> None:
+    """Re-draw every parameter from the seeded generator (He-style for weights, small for biases)."""
+    for name, p in module.named_parameters():
+        if p.dim() > 1:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=gen) * std_scale * (2.0 / fan_in) ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+def _construct(name: str, factory, *args, **kwargs):
+    """Run a model constructor with its default init drawn from `name`'s seed; the global RNG is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MODEL_SEED + zlib.crc32(name.encode()))
+        return factory(*args, **kwargs).eval()
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    return _construct("unet", UNet2DConditionModel, **UNET_CONFIG)
+
+
+def tiny_vae() -> AutoencoderKL:
+    return _construct("vae", AutoencoderKL, **VAE_CONFIG)
+
+
+def tiny_text_encoder() -> CLIPTextModel:
+    vocab, _ = tiny_vocab()
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        **TEXT_CONFIG,
+    )
+    return _construct("text_encoder", CLIPTextModel, config)
+
+
+def tiny_controlnet(name: str = "tiny", unet: UNet2DConditionModel | None = None) -> ControlNetModel:
+    """A ControlNet copied from the tiny UNet (as real ones are), its zero-initialised layers randomised.
+
+    `name` seeds the randomised layers, so two names give two different ControlNets.
+    """
+    unet = unet if unet is not None else tiny_unet()
+    net = _construct("controlnet/" + name, ControlNetModel.from_unet, unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+    gen = _seeded_generator("controlnet/" + name)
+    _randomise(net.controlnet_cond_embedding, gen)
+    _randomise(net.controlnet_down_blocks, gen, std_scale=0.5)
+    _randomise(net.controlnet_mid_block, gen, std_scale=0.5)
+    return net.eval()
+
+
+def tiny_scheduler() -> PNDMScheduler:
+    return PNDMScheduler(**SCHEDULER_CONFIG)
+
+
+def tiny_components() -> dict:
+    """The SD components of the tiny model, keyed as in a diffusers pipeline."""
+    return dict(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(),
+        unet=tiny_unet(),
+        vae=tiny_vae(),
+        scheduler=tiny_scheduler(),
+    )
+
+
+def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",)) -> dict[str, Path]:
+    """Write the tiny model as a normal diffusers folder, plus one folder per named tiny ControlNet.
+
+    Returns {"model": DIR/model, "<name>": DIR/controlnet-<name>, ...}.
+    """
+    out = Path(out)
+    parts = tiny_components()
+    model_dir = out / "model"
+    for key in ("text_encoder", "unet", "vae", "tokenizer", "scheduler"):
+        parts[key].save_pretrained(model_dir / key)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (model_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+    paths = {"model": model_dir}
+    for name in controlnets:
+        paths[name] = out / f"controlnet-{name}"
+        tiny_controlnet(name, parts["unet"]).save_pretrained(paths[name])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write the tiny model into")
+    parser.add_argument("--controlnet", action="append", default=None, help="tiny ControlNet names (default canny)")
+    args = parser.parse_args(argv)
+    for key, path in save_tiny(args.out, tuple(args.controlnet or ["canny"])).items():
+        print(f"{key}: {path}")
+
+
+if __name__ == "__main__":
+    main()

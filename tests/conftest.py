@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny model saved to disk once per session, and a raw control picture."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> dict[str, Path]:
+    """DIR/model (diffusers SD folder), DIR/controlnet-canny and DIR/controlnet-depth (two tiny nets)."""
+    from engine.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny"), controlnets=("canny", "depth"))
+
+
+@pytest.fixture(scope="session")
+def photo() -> PIL.Image.Image:
+    """The example photo at 128x128: big enough for edges, small enough to keep tests fast."""
+    with PIL.Image.open(ASSETS / "astronaut.png") as im:
+        return im.convert("RGB").resize((128, 128), PIL.Image.LANCZOS)
+
+
+@pytest.fixture(scope="session")
+def edges(photo) -> PIL.Image.Image:
+    from engine.preprocess import canny
+
+    return canny(photo)
+
+
+def max_errors(actual, expected) -> tuple[float, float]:
+    """(max abs error, max abs error / max abs reference) between two arrays or tensors."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, (a.shape, e.shape)
+    abs_err = float(np.abs(a - e).max())
+    return abs_err, abs_err / max(float(np.abs(e).max()), 1e-30)
