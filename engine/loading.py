@@ -51,7 +51,7 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> SDModels:
     model = str(model)
     if model == TINY:
         parts = tiny.tiny_components()
-        scheduler_config = dict(parts["scheduler"].config)
+        scheduler_config = dict(tiny.SCHEDULER_CONFIG)
     elif model.endswith(".safetensors"):
         parts, scheduler_config = _load_single_file(model)
     else:

@@ -16,7 +16,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -197,12 +197,14 @@ class Runner:
         output_type: str = "pil",
         preprocess=None,
         eta: float = 0.0,
+        callback: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate images like `StableDiffusionControlNetPipeline.__call__` with the same arguments.
 
         `image`: the raw picture (one per ControlNet: PIL, numpy HWC uint8/float, or a file path).
         `preprocess`: None applies each ControlNet type's preprocessor (canny: cv2.Canny 100/200), False
         takes `image` as a ready control map, or a preprocessor name / callable (one, or one per net).
+        `callback(step, total)` is called after each denoising step (progress bars).
         `seed=s` gives the same image as diffusers with `generator=torch.Generator("cpu").manual_seed(s)`.
         """
         n = self.num_controlnets
@@ -317,6 +319,8 @@ class Runner:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
+            if callback is not None:
+                callback(i + 1, total)
 
         if output_type == "latent":
             images = latents

@@ -19,18 +19,22 @@ import zlib
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 MODEL_SEED = 0
 MAX_TOKENS = 77  # CLIP's context length, as in SD1.5
 
-# SD1.5's scheduler config (scheduler/scheduler_config.json of the SD1.5 repo): the named schedulers are
-# built from it, exactly as they would be from the real model's.
+# SD1.5's scheduler/scheduler_config.json, key for key: the named schedulers are built from it exactly as
+# from the real model's. Keys it lacks (timestep_spacing, prediction_type) take each scheduler class's own
+# default, as they do for the real SD1.5, so this is written as a file rather than by save_pretrained.
 SCHEDULER_CONFIG = dict(
-    beta_start=0.00085,
+    _class_name="PNDMScheduler",
+    _diffusers_version="0.6.0",
     beta_end=0.012,
     beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    clip_sample=False,
     num_train_timesteps=1000,
     set_alpha_to_one=False,
     skip_prk_steps=True,
@@ -161,23 +165,21 @@ def tiny_controlnet(name: str = "tiny", unet: UNet2DConditionModel | None = None
     net = _construct("controlnet/" + name, ControlNetModel.from_unet, unet, conditioning_embedding_out_channels=HINT_CHANNELS)
     gen = _seeded_generator("controlnet/" + name)
     _randomise(net.controlnet_cond_embedding, gen)
+    # The hint is added to conv_in's output; at plain He scale it is ~7x smaller than that and a flipped
+    # control image moves the tiny model's output by only ~8e-3. Gain 8 makes it ~5e-2 (see test_runner).
+    _randomise(net.controlnet_cond_embedding.conv_out, gen, std_scale=8.0)
     _randomise(net.controlnet_down_blocks, gen, std_scale=0.5)
     _randomise(net.controlnet_mid_block, gen, std_scale=0.5)
     return net.eval()
 
 
-def tiny_scheduler() -> PNDMScheduler:
-    return PNDMScheduler(**SCHEDULER_CONFIG)
-
-
 def tiny_components() -> dict:
-    """The SD components of the tiny model, keyed as in a diffusers pipeline."""
+    """The SD models of the tiny model, keyed as in a diffusers pipeline (scheduler: SCHEDULER_CONFIG)."""
     return dict(
         tokenizer=tiny_tokenizer(),
         text_encoder=tiny_text_encoder(),
         unet=tiny_unet(),
         vae=tiny_vae(),
-        scheduler=tiny_scheduler(),
     )
 
 
@@ -189,8 +191,10 @@ def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",)) -> dic
     out = Path(out)
     parts = tiny_components()
     model_dir = out / "model"
-    for key in ("text_encoder", "unet", "vae", "tokenizer", "scheduler"):
+    for key in ("text_encoder", "unet", "vae", "tokenizer"):
         parts[key].save_pretrained(model_dir / key)
+    (model_dir / "scheduler").mkdir()
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
