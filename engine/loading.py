@@ -47,10 +47,13 @@ def load_sd(model: str, device: torch.device, dtype: torch.dtype) -> SDModels:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if not isinstance(model, (str, Path)) or not str(model).strip():
-        raise ValueError(f"model must be 'tiny', a Hugging Face id, a local folder or a .safetensors file, got {model!r}")
+        raise ValueError(
+            f"model must be one of {', '.join(tiny.PRESETS)}, a Hugging Face id, a local folder or a "
+            f".safetensors file, got {model!r}"
+        )
     model = str(model)
-    if model == TINY:
-        parts = tiny.tiny_components()
+    if model in tiny.PRESETS:
+        parts = tiny.tiny_components(model)
         scheduler_config = dict(tiny.SCHEDULER_CONFIG)
     elif model.endswith(".safetensors"):
         parts, scheduler_config = _load_single_file(model)
@@ -113,9 +116,11 @@ def load_controlnet(spec: ControlNetSpec, sd: SDModels, device, dtype) -> torch.
     """A ControlNetModel for a resolved spec. With the tiny model, registry names give tiny ControlNets."""
     from diffusers import ControlNetModel
 
-    if spec.source == TINY or (sd.source == TINY and registered_name(spec.name) is not None):
-        # from_unet copies the UNet's weights into a fresh CPU fp32 ControlNet, whatever their device.
-        return _place(tiny.tiny_controlnet(spec.name, sd.unet), device, dtype)
+    if spec.source == TINY or (sd.source in tiny.PRESETS and registered_name(spec.name) is not None):
+        # Random-weight models get random ControlNets for registry names. from_unet copies the UNet's
+        # weights into a fresh CPU fp32 ControlNet, whatever their device.
+        preset = sd.source if sd.source in tiny.PRESETS else "tiny"
+        return _place(tiny.tiny_controlnet(spec.name, sd.unet, preset), device, dtype)
     source = spec.source
     path = Path(source)
     try:

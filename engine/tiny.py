@@ -9,6 +9,8 @@ default init shrinks the control image through the hint encoder's 8 convs: left 
 image changes nothing and no test could catch a control bug. So every zero-initialised layer is
 re-randomised here, the hint encoder with He-style init so its output keeps unit scale.
 
+The preset "sd15-random" is the full SD1.5 architecture with random weights, for export and benchmarks.
+
     python -m engine.tiny --out DIR     # writes DIR/model (a diffusers SD folder) and DIR/controlnet-*
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,6 +83,56 @@ TEXT_CONFIG = dict(
     projection_dim=32,
 )
 
+# The full SD1.5 architecture (its repos' config.json files), for export and benchmark checks with
+# random weights. Building it takes ~15 s and 4 GB; never a test's default.
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT_CONFIG = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    max_position_embeddings=MAX_TOKENS,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SD15_HINT_CHANNELS = (16, 32, 96, 256)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    unet: dict
+    vae: dict
+    text: dict
+    hint_channels: tuple
+    text_vocab_size: int | None  # None: the hand-made vocab's size
+
+
+PRESETS = {
+    "tiny": ModelPreset(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, HINT_CHANNELS, None),
+    "sd15-random": ModelPreset(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, SD15_HINT_CHANNELS, 49408),
+}
+
 # A few merges so the byte-level BPE really merges something; enough to tokenise any text.
 MERGES = ["a n", "t h", "th e</w>", "o n</w>", "i n", "an d</w>", "s t", "e r</w>", "a r", "o r"]
 
@@ -136,33 +189,43 @@ def _construct(name: str, factory, *args, **kwargs):
         return factory(*args, **kwargs).eval()
 
 
-def tiny_unet() -> UNet2DConditionModel:
-    return _construct("unet", UNet2DConditionModel, **UNET_CONFIG)
+def tiny_unet(preset: str = "tiny") -> UNet2DConditionModel:
+    return _construct("unet", UNet2DConditionModel, **PRESETS[preset].unet)
 
 
-def tiny_vae() -> AutoencoderKL:
-    return _construct("vae", AutoencoderKL, **VAE_CONFIG)
+def tiny_vae(preset: str = "tiny") -> AutoencoderKL:
+    return _construct("vae", AutoencoderKL, **PRESETS[preset].vae)
 
 
-def tiny_text_encoder() -> CLIPTextModel:
+def text_config(preset: str = "tiny") -> CLIPTextConfig:
     vocab, _ = tiny_vocab()
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
+    return CLIPTextConfig(
+        vocab_size=PRESETS[preset].text_vocab_size or len(vocab),
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
-        **TEXT_CONFIG,
+        **PRESETS[preset].text,
     )
-    return _construct("text_encoder", CLIPTextModel, config)
 
 
-def tiny_controlnet(name: str = "tiny", unet: UNet2DConditionModel | None = None) -> ControlNetModel:
-    """A ControlNet copied from the tiny UNet (as real ones are), its zero-initialised layers randomised.
+def tiny_text_encoder(preset: str = "tiny") -> CLIPTextModel:
+    return _construct("text_encoder", CLIPTextModel, text_config(preset))
+
+
+def tiny_controlnet(
+    name: str = "tiny", unet: UNet2DConditionModel | None = None, preset: str = "tiny"
+) -> ControlNetModel:
+    """A ControlNet copied from the UNet (as real ones are), its zero-initialised layers randomised.
 
     `name` seeds the randomised layers, so two names give two different ControlNets.
     """
-    unet = unet if unet is not None else tiny_unet()
-    net = _construct("controlnet/" + name, ControlNetModel.from_unet, unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+    unet = unet if unet is not None else tiny_unet(preset)
+    net = _construct(
+        "controlnet/" + name,
+        ControlNetModel.from_unet,
+        unet,
+        conditioning_embedding_out_channels=PRESETS[preset].hint_channels,
+    )
     gen = _seeded_generator("controlnet/" + name)
     _randomise(net.controlnet_cond_embedding, gen)
     # The hint is added to conv_in's output; at plain He scale it is ~7x smaller than that and a flipped
@@ -173,13 +236,13 @@ def tiny_controlnet(name: str = "tiny", unet: UNet2DConditionModel | None = None
     return net.eval()
 
 
-def tiny_components() -> dict:
-    """The SD models of the tiny model, keyed as in a diffusers pipeline (scheduler: SCHEDULER_CONFIG)."""
+def tiny_components(preset: str = "tiny") -> dict:
+    """The SD models of a preset, keyed as in a diffusers pipeline (scheduler: SCHEDULER_CONFIG)."""
     return dict(
         tokenizer=tiny_tokenizer(),
-        text_encoder=tiny_text_encoder(),
-        unet=tiny_unet(),
-        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(preset),
+        unet=tiny_unet(preset),
+        vae=tiny_vae(preset),
     )
 
 
