@@ -3,7 +3,43 @@
 `pip install -e .[test]` installs the three top-level packages `engine`, `export` and `kernels`.
 Pinned versions live in requirements/constraints.txt (pass it with `-c`).
 """
-from setuptools import find_packages, setup
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import Distribution, find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+
+class BuildPyWithNative(build_py):
+    """Also build kernels' optional native modules with CMake (kernels/build_native.py).
+
+    Any failure (no cmake, compiler or pybind11) is printed and the install goes on: kernels then uses
+    Triton or torch. ENGINE_SKIP_NATIVE=1 skips the attempt.
+    """
+
+    def run(self):
+        super().run()
+        if os.environ.get("ENGINE_SKIP_NATIVE", "0") not in ("", "0"):
+            return
+        editable = getattr(self, "editable_mode", False)
+        out_dir = HERE / "kernels" if editable else Path(self.build_lib) / "kernels"
+        spec = importlib.util.spec_from_file_location("_build_native", HERE / "kernels" / "build_native.py")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)  # standard library only: no torch needed at build time
+            for path in module.build(output_dir=out_dir, build_dir=HERE / "build" / "native"):
+                print(f"built {path}")
+        except Exception as exc:  # optional: never fail the install over it
+            print(f"WARNING: native kernels not built ({exc}); kernels falls back to Triton/torch")
+
+
+class MaybeBinaryDistribution(Distribution):
+    def has_ext_modules(self):
+        return True  # the wheel may carry the compiled modules: tag it for this platform
+
 
 RUNTIME = [
     "torch",
@@ -17,10 +53,10 @@ RUNTIME = [
 
 EXTRAS = {
     "onnx": ["onnx", "onnxruntime", "onnxscript"],
-    "kernels": ["triton"],
+    "kernels": ["triton", "pybind11"],
     # onnxruntime-gpu installs the same module as onnxruntime: never both in one environment.
     "tensorrt": ["onnx", "onnxscript", "onnxruntime-gpu", "tensorrt"],
-    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "triton"],
+    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "triton", "pybind11"],
 }
 
 setup(
@@ -32,4 +68,6 @@ setup(
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require=EXTRAS,
+    cmdclass={"build_py": BuildPyWithNative},
+    distclass=MaybeBinaryDistribution,
 )

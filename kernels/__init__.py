@@ -1,0 +1,24 @@
+"""Fused kernels for the ControlNet zero-conv residual addition (see kernels/zero_conv.py).
+
+Importing this package imports torch only; triton and the compiled native modules load on the
+first call that needs them.
+"""
+from kernels.zero_conv import (
+    IMPLS,
+    combine_residuals,
+    fused_zero_conv_add,
+    native_available,
+    triton_available,
+)
+from kernels.zero_conv_torch import combine_residuals_torch, zero_conv_add_reference, zero_conv_add_torch
+
+__all__ = [
+    "IMPLS",
+    "combine_residuals",
+    "combine_residuals_torch",
+    "fused_zero_conv_add",
+    "native_available",
+    "triton_available",
+    "zero_conv_add_reference",
+    "zero_conv_add_torch",
+]
