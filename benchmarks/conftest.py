@@ -1,0 +1,93 @@
+"""`pytest benchmarks/ --benchmark [--size tiny|sd15] [--resolution N] [--steps N] [--backends a,b]`.
+
+Without --benchmark every benchmark runs once, untimed, as a smoke check (CI keeps them working). With
+it, pytest-benchmark times them (several rounds, medians) and writes JSON to benchmarks/results/, from
+which `python -m benchmarks.report` rebuilds benchmarks/README.md and its plot.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).parent / "results"
+SIZES = {"tiny": "tiny", "sd15": "sd15-random"}  # --size -> engine model preset
+DEFAULTS = {"tiny": dict(resolution=64, steps=4), "sd15": dict(resolution=256, steps=4)}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("engine benchmarks")
+    group.addoption("--benchmark", action="store_true", help="time the benchmarks for real and write JSON")
+    group.addoption("--size", choices=sorted(SIZES), default="tiny", help="model size: tiny, or sd15 = full "
+                    "SD1.5 architecture with random weights")
+    group.addoption("--resolution", type=int, default=None, help="image side in pixels (tiny 64, sd15 256)")
+    group.addoption("--steps", type=int, default=None, help="denoising steps for end-to-end runs (default 4)")
+    group.addoption("--backends", default="torch,onnxruntime",
+                    help="comma-separated engine backends to measure besides diffusers (torch, onnxruntime, tensorrt)")
+
+
+def pytest_configure(config):
+    if not config.getoption("--benchmark", default=False):
+        config.option.benchmark_disable = True  # one untimed call per benchmark
+        return
+    if not config.getoption("benchmark_json", default=None):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        config.option.benchmark_json = RESULTS / f"cpu-{config.getoption('--size')}-{stamp}.json"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    real: bool  # --benchmark given: timed rounds; else one smoke call
+    size: str
+    preset: str
+    resolution: int
+    steps: int
+    backends: tuple[str, ...]
+
+    @property
+    def rounds(self) -> int:
+        return 3 if self.real else 1
+
+
+@pytest.fixture(scope="session")
+def bench_config(request) -> BenchConfig:
+    opt = request.config.getoption
+    size = opt("--size")
+    resolution = opt("--resolution") or DEFAULTS[size]["resolution"]
+    if resolution % 64:
+        raise pytest.UsageError(f"--resolution must be a multiple of 64, got {resolution}")
+    steps = opt("--steps") or DEFAULTS[size]["steps"]
+    backends = tuple(b.strip() for b in opt("--backends").split(",") if b.strip())
+    return BenchConfig(opt("--benchmark"), size, SIZES[size], resolution, steps, backends)
+
+
+@pytest.fixture(scope="session")
+def matmul_rate() -> float:
+    """fp32 matrix-multiply FLOP/s measured in this run: the practical ceiling the floor is taken at."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+@pytest.fixture(scope="session")
+def machine_info() -> dict:
+    import torch
+
+    return dict(
+        machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )

@@ -1,0 +1,109 @@
+"""Rebuild benchmarks/README.md (the latest table) and its plot from pytest-benchmark JSON files.
+
+    python -m benchmarks.report [results/FILE.json ...]   # default: the newest JSON per (device, size)
+
+Each row: median and spread (IQR) of the timed rounds, the ratio to diffusers measured in the same run
+and group, and — for denoising steps — the multiple of the floor (counted FLOPs at the measured matmul
+rate). Nothing here measures anything; it only lays out what the JSON holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+PAGE = HERE / "README.md"
+PLOT = RESULTS / "step_time.png"
+MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def latest_files() -> list[Path]:
+    newest: dict[str, Path] = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        key = "-".join(path.stem.split("-")[:2])  # e.g. cpu-sd15, gpu-sd15
+        newest[key] = path
+    return list(newest.values())
+
+
+def rows(path: Path) -> tuple[dict, list[dict]]:
+    data = json.loads(path.read_text())
+    out = []
+    for bench in data["benchmarks"]:
+        stats, info = bench["stats"], bench.get("extra_info", {})
+        out.append(dict(group=bench.get("group") or "", name=bench["name"], backend=info.get("backend", "?"),
+                        median=stats["median"], iqr=stats["iqr"], rounds=stats["rounds"], info=info))
+    for r in out:
+        base = next((b for b in out if b["group"] == r["group"] and b["backend"] == "diffusers"), None)
+        r["vs_diffusers"] = base["median"] / r["median"] if base else None
+    return data, out
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f}"
+
+
+def table(path: Path) -> str:
+    data, rs = rows(path)
+    machine = data.get("machine_info", {})
+    first = rs[0]["info"] if rs else {}
+    lines = [
+        f"### {path.name}",
+        "",
+        f"{data.get('datetime', '?')} · {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))} · "
+        f"torch {first.get('torch', '?')}, {first.get('threads', '?')} threads · "
+        f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run",
+        "",
+        "| group | backend | median ms | IQR ms | rounds | x faster than diffusers | x floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rs:
+        ratio = f"{r['vs_diffusers']:.2f}" if r["vs_diffusers"] else "–"
+        floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
+        lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | {ratio} | {floor} |")
+    return "\n".join(lines)
+
+
+def plot(paths: list[Path]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for path in paths:
+        _, rs = rows(path)
+        bars += [(f"{r['backend']}\n{path.stem.split('-')[1]}", r["median"] * 1e3) for r in rs if r["info"].get("kind") == "step"]
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(bars)), 3.2))
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
+    ax.set_ylabel("ms per denoising step (batch 2)")
+    ax.set_title("Time per step by backend")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+    plt.close(fig)
+    return PLOT
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="rebuild benchmarks/README.md from result JSON")
+    parser.add_argument("files", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    paths = args.files or latest_files()
+    if not paths:
+        raise SystemExit(f"no result JSON under {RESULTS}: run `pytest benchmarks/ --benchmark` first")
+    body = "\n\n".join(table(p) for p in paths)
+    image = plot(paths)
+    if image is not None:
+        body += f"\n\n![time per step]({image.relative_to(HERE)})"
+    page = PAGE.read_text()
+    start, end = page.index(MARK_BEGIN) + len(MARK_BEGIN), page.index(MARK_END)
+    PAGE.write_text(page[:start] + "\n" + body + "\n" + page[end:])
+    print(f"wrote {PAGE}" + (f" and {image}" if image else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
