@@ -25,6 +25,7 @@ from engine import preprocess as pre
 from engine.backends import check_backend_name
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.modules import block_scales
+from engine.optimizations import TorchOptimizations, resolve_optimizations
 from engine.registry import resolve
 from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
@@ -99,18 +100,51 @@ class Runner:
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
-        controlnet: str | Sequence[str] = "canny",
+        model: str | None = None,
+        controlnet: str | Sequence[str] | None = None,
         backend: str = "auto",
         engine_dir: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        optimizations: str | TorchOptimizations | None = None,
     ):
+        """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
+        dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
+        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and
+        "tensorrt" need an `engine_dir` from `python -m engine.build`. `optimizations`: the torch
+        backend's switches, a preset name ("reference", "fused") or a TorchOptimizations."""
         check_backend_name(backend)
-        if engine_dir is not None or backend in ("onnxruntime", "tensorrt"):
-            raise NotImplementedError(
-                f"backend {backend!r} with engine_dir={engine_dir!r}: only the torch backend exists so far"
-            )
+        torch_optimizations = resolve_optimizations(optimizations)
+        names = None if controlnet is None else ([controlnet] if isinstance(controlnet, str) else list(controlnet))
+        if names is not None and not names:
+            raise ValueError("controlnet must name at least one ControlNet")
+        if engine_dir is not None:
+            # Built graphs: load the manifest-checked backend plus the tokenizer and scheduler config the
+            # build copied into the dir; no torch weights are loaded.
+            from engine.backends import open_engine_dir
+
+            built = open_engine_dir(engine_dir, model, names, backend)
+            config = built.manifest.config
+            if device is not None and torch.device(device).type != built.backend.device.type:
+                raise ValueError(f"device {str(device)!r}: this engine dir's {built.backend.name} backend runs on "
+                                 f"{built.backend.device}; leave device unset")
+            self.device = built.backend.device
+            self.dtype = torch.float16 if built.manifest.precision == "fp16" else torch.float32
+            self.controlnet_specs = built.controlnet_specs
+            self.model = built.manifest.model["source"]
+            self.tokenizer = built.tokenizer
+            self.scheduler_config = built.scheduler_config
+            self.vae_scale_factor = int(config["vae_scale_factor"])
+            self.latent_channels = int(config["latent_channels"])
+            self.global_pool = built.global_pools[0]
+            self.backend = built.backend
+            self.num_residuals = int(config["num_residuals"])
+            return
+        if backend in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
+                             "python -m engine.build, or use backend='torch'")
+        model = DEFAULT_MODEL if model is None else model
+        names = ["canny"] if names is None else names
         self.device = torch.device(device) if device is not None else _default_device()
         if isinstance(dtype, str):
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)
@@ -119,10 +153,6 @@ class Runner:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16 ('fp32', 'fp16', 'bf16'), got {dtype!r}")
         self.dtype = dtype
-
-        names = [controlnet] if isinstance(controlnet, str) else list(controlnet)
-        if not names:
-            raise ValueError("controlnet must name at least one ControlNet")
         self.controlnet_specs = [resolve(name) for name in names]
 
         from engine.backends.torch_backend import TorchBackend
@@ -135,7 +165,7 @@ class Runner:
         self.vae_scale_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
         self.latent_channels = sd.unet.config.in_channels
         self.global_pool = bool(nets[0].config.global_pool_conditions)
-        self.backend = TorchBackend(sd, nets, self.device, self.dtype)
+        self.backend = TorchBackend(sd, nets, self.device, self.dtype, torch_optimizations)
         self.num_residuals = self.backend.controlnet_bodies[0].num_residuals
 
     @property
@@ -303,15 +333,13 @@ class Runner:
                 control_input, control_embeddings = sched.scale_model_input(latents, t), cond_embeddings
             else:
                 control_input, control_embeddings = model_input, embeddings
-            residuals = None
             with timer("controlnet"):
-                for k in range(n):
-                    if not active[i][k]:
-                        continue
-                    out = backend.controlnet(k, control_input, t, control_embeddings, hints[k], net_scales[k])
-                    residuals = list(out) if residuals is None else [a + b for a, b in zip(residuals, out)]
-                if residuals is not None and guess and do_cfg:
-                    residuals = [torch.cat([torch.zeros_like(r), r]) for r in residuals]
+                outputs = [
+                    backend.controlnet(k, control_input, t, control_embeddings, hints[k], net_scales[k])
+                    for k in range(n)
+                    if active[i][k]
+                ]
+                residuals = backend.combine(outputs, model_input.shape[0]) if outputs else None
             with timer("unet"):
                 eps = backend.unet(model_input, t, embeddings, residuals)
             with timer("scheduler"):

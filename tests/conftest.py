@@ -1,7 +1,14 @@
 """Shared fixtures: the tiny model saved to disk once per session, and a raw control picture."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+# Triton runs on the CPU only under its interpreter, chosen when triton is first imported (diffusers and
+# torch may import it early): decide before anything else loads, and only where there is no GPU.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import PIL.Image

@@ -3,6 +3,8 @@
     encode_text(ids) -> embeddings
     encode_hint(k, control_map) -> hint of ControlNet k
     controlnet(k, sample, t, embeddings, hint, scales) -> 13 residuals, already scaled
+    combine(outputs, batch) -> the active nets' outputs summed (one launch where the backend can),
+                               guess mode's conditional-half residuals padded to the full batch
     unet(sample, t, embeddings, residuals | None) -> noise prediction
     decode(latents) -> images in [-1, 1]
 
@@ -12,9 +14,121 @@ Inputs come in float32 (latents, scales) and outputs go back as float32; a backe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+def sum_residuals(outputs: list, batch: int) -> list:
+    """Per-net residual tuples -> one list, summed in net order (as diffusers' MultiControlNetModel);
+    residuals of the conditional half only (guess mode with CFG) get zeros for the unconditional half."""
+    import torch
+
+    residuals = list(outputs[0])
+    for out in outputs[1:]:
+        residuals = [a + b for a, b in zip(residuals, out)]
+    if residuals[0].shape[0] < batch:
+        residuals = [torch.cat([torch.zeros_like(r), r]) for r in residuals]
+    return residuals
 
 
 def check_backend_name(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def tensorrt_usable() -> tuple[bool, str]:
+    """Whether TensorRT can run here, and why (or why not), without raising."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt module is not installed"
+    try:
+        import tensorrt
+    except (ImportError, OSError) as err:  # the bindings wheel alone fails on its missing libraries
+        return False, f"tensorrt does not import ({err})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    return True, f"TensorRT {tensorrt.__version__} on {torch.cuda.get_device_name(0)}"
+
+
+def pick_backend(requested: str) -> tuple[str, str]:
+    """(backend to build/run with, the reason) for auto | onnxruntime | tensorrt."""
+    check_backend_name(requested)
+    if requested == "torch":
+        raise ValueError("backend 'torch' runs the model itself and has nothing to build: choose auto, onnxruntime or tensorrt")
+    if requested == "onnxruntime":
+        return "onnxruntime", "asked for"
+    usable, why = tensorrt_usable()
+    if requested == "tensorrt":
+        if not usable:
+            raise ValueError(f"backend 'tensorrt' cannot run here: {why}; use --backend onnxruntime or auto")
+        return "tensorrt", why
+    return ("tensorrt", f"auto: {why}") if usable else ("onnxruntime", f"auto: TensorRT unavailable, {why}")
+
+
+@dataclass
+class EngineDir:
+    """What Runner needs from an engine dir: a backend over its graphs and the files the build copied."""
+
+    manifest: object
+    backend: object
+    tokenizer: object
+    scheduler_config: dict
+    controlnet_specs: list
+    global_pools: list[bool]
+
+
+def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None, backend: str) -> EngineDir:
+    """Load and check an engine dir for the requested model, ControlNets and backend.
+
+    Raises engine.manifest.EngineDirError when the dir is missing, unfinished, tampered with, or built for
+    another model, ControlNet set, TensorRT version or GPU.
+    """
+    import json
+    from pathlib import Path
+
+    from engine import manifest as mf
+    from engine.registry import ControlNetSpec, resolve
+
+    check_backend_name(backend)
+    if backend == "torch":
+        raise ValueError("backend='torch' runs the torch models, not an engine dir: leave engine_dir unset, or pick "
+                         "auto, onnxruntime or tensorrt")
+    engine_dir = Path(engine_dir)
+    manifest = mf.read(engine_dir)
+    if manifest is None:
+        raise mf.EngineDirError(f"{str(engine_dir)!r} has no {mf.MANIFEST}: build it with python -m engine.build --out {engine_dir}")
+    mf.match_model(manifest, model)
+    requested = None if controlnets is None else [(s.name, s.source) for s in map(resolve, controlnets)]
+    indices = mf.match_controlnets(manifest, requested)
+    chosen = manifest.backend if backend == "auto" else backend
+    nets = [manifest.controlnets[i] for i in indices]
+    needed = ["text_encoder", "unet", "vae_decoder"] + [f"{p}_{n['slug']}" for n in nets for p in ("hint", "controlnet")]
+    manifest = mf.load(engine_dir, needed)  # hashes every file it will use
+    if chosen == "tensorrt":
+        from engine.backends.tensorrt_backend import TrtBackend, TrtRuntime
+
+        usable, why = tensorrt_usable()
+        if not usable:
+            raise ValueError(f"engine dir {str(engine_dir)!r} holds TensorRT plans, but TensorRT cannot run here: {why}; "
+                             "pass backend='onnxruntime' to run its ONNX graphs")
+        runtime = TrtRuntime.create()
+        mf.match_tensorrt(manifest, runtime.version, runtime.gpu)
+        runner_backend = TrtBackend(engine_dir, manifest, indices, runtime)
+    else:
+        from engine.backends.onnxruntime_backend import OrtBackend
+
+        runner_backend = OrtBackend(engine_dir, manifest, indices)
+    from transformers import CLIPTokenizer
+
+    return EngineDir(
+        manifest=manifest,
+        backend=runner_backend,
+        tokenizer=CLIPTokenizer.from_pretrained(str(engine_dir / "tokenizer")),
+        scheduler_config=json.loads((engine_dir / "scheduler_config.json").read_text()),
+        controlnet_specs=[ControlNetSpec(n["name"], n["source"], n["preprocessor"]) for n in nets],
+        global_pools=[bool(n["global_pool"]) for n in nets],
+    )
