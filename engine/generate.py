@@ -1,0 +1,546 @@
+"""`python -m engine.generate`: SD1.5 + ControlNet from the shell, with progress, timings and PNGs that
+carry their own parameters.
+
+    python -m engine.generate --model tiny --prompt "an astronaut" --image engine/assets/astronaut.png \\
+        --steps 4 --height 64 --width 64 --seed 1 --out out.png
+    python -m engine.generate --from-png out.png --out again.png        # same pixels
+    python -m engine.generate --model tiny --image photo.png --prompt-file prompts.txt --out batch/x.png
+
+Flags mirror `Runner(...)` and `Runner.generate(...)` one to one; their defaults are read from those
+signatures, so the numbers live in engine/runner.py only. Exit status: 0 done; 2 bad arguments (checked
+before any model loads); 1 a runtime failure (missing engine dir or image, load error, a failed prompt
+line), reported as one `error: ...` line, with the traceback only under --verbose.
+
+`--prompt-file`: one prompt per line (blank lines and `#` comments skipped). A line starting with `--`
+is instead flags for that line only (`--prompt "a cat" --seed 5 --steps 30`), on top of the command
+line's. The i-th prompt (from 0) writes STEM_i.png; a failing line is reported, the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import math
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from engine import pngmeta
+
+# Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
+NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback"}
+
+# Runner.generate argument -> its flag, where the flag is not just the argument's name with dashes.
+FLAG_NAMES = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "controlnet_conditioning_scale": "--scale",
+    "control_guidance_start": "--control-start",
+    "control_guidance_end": "--control-end",
+    "num_images_per_prompt": "--num-images",
+}
+PER_NET = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "preprocess")
+STAGE_LABELS = {"text_encoder": "text encoder", "hint_encoder": "hint encoder", "controlnet": "ControlNet",
+                "scheduler": "scheduler", "vae": "VAE", "total": "total"}
+LOOP_STAGES = ("controlnet", "unet", "scheduler")  # the stages that run once per denoising step
+
+
+class LineError(Exception):
+    """A bad flag on one --prompt-file line: reported for that line, the other lines still run."""
+
+
+class _LineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise LineError(message)
+
+
+def signature_defaults(module: str, cls: str, method: str) -> dict:
+    """The literal defaults of `module.cls.method`, read from its source without importing it.
+
+    Importing engine.runner pulls in torch and diffusers (seconds); --help and argument errors should
+    not wait for that. Non-literal defaults (e.g. model=DEFAULT_MODEL) are left out: the CLI then passes
+    nothing and the Runner applies its own. tests/test_cli_generate.py checks this equals
+    inspect.signature, so the two cannot drift.
+    """
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == cls]
+    fns = [node for c in classes for node in c.body if isinstance(node, ast.FunctionDef) and node.name == method]
+    if not fns:
+        raise LookupError(f"{module} has no {cls}.{method}")
+    a = fns[0].args
+    positional = a.posonlyargs + a.args
+    pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+    pairs += list(zip(a.kwonlyargs, a.kw_defaults))
+    defaults = {}
+    for arg, node in pairs:
+        try:
+            defaults[arg.arg] = ast.literal_eval(node) if node is not None else None
+        except ValueError:
+            continue
+    return defaults
+
+
+# ---- argument types: each names the bad value and what is allowed (argparse turns them into exit 2) ----
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+    return parse
+
+
+def _float_in(low: float | None = None, high: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = [f">= {low}"] if low is not None else []
+            bounds += [f"<= {high}"] if high is not None else []
+            allowed = " ".join(["a finite number", " and ".join(bounds)]).strip()
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+    return parse
+
+
+def _multiple_of_8(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (64, 512, 768...), got {text!r}")
+    return value
+
+
+def _controlnet_name(text: str) -> str:
+    from engine.registry import resolve
+
+    try:
+        resolve(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _png_path(text: str) -> str:
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"must be a .png path (the parameters live in a PNG text chunk), got {text!r}")
+    return text
+
+
+class _PerNet(argparse.Action):
+    """Repeatable per-ControlNet flag. The first use replaces the default (which may come from
+    --from-png), so `--scale 0.5` means [0.5], never [png's value, 0.5] as argparse's "append" would."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_per_net", set())
+        items = [] if self.dest not in given else list(getattr(namespace, self.dest))
+        given.add(self.dest)
+        setattr(namespace, self.dest, items + [values])
+
+
+# ---- the parsers ------------------------------------------------------------------------------------
+
+def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
+    """The Runner.generate flags: shared by the command line and each --prompt-file line."""
+    from engine.preprocess import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
+
+    def d(name):  # help text suffix showing the Runner's default
+        return f" (default: {gen[name]})"
+
+    parser.add_argument("--prompt", metavar="TEXT", help="what to draw")
+    parser.add_argument("--image", action=_PerNet, metavar="PATH",
+                        help="control picture; once for all ControlNets or once per --controlnet")
+    parser.add_argument("--negative-prompt", metavar="TEXT", help="what to avoid")
+    parser.add_argument("--height", type=_multiple_of_8, default=gen["height"], help="pixels (default: the image's)")
+    parser.add_argument("--width", type=_multiple_of_8, default=gen["width"], help="pixels (default: the image's)")
+    parser.add_argument("--steps", dest="num_inference_steps", type=_int_at_least(1), metavar="N",
+                        default=gen["num_inference_steps"], help="denoising steps" + d("num_inference_steps"))
+    parser.add_argument("--guidance", dest="guidance_scale", type=_float_in(0.0), default=gen["guidance_scale"],
+                        metavar="CFG", help="classifier-free guidance scale" + d("guidance_scale"))
+    parser.add_argument("--scale", dest="controlnet_conditioning_scale", action=_PerNet, type=_float_in(),
+                        metavar="S", help="ControlNet weight; once, or once per ControlNet"
+                        + d("controlnet_conditioning_scale"))
+    parser.add_argument("--guess-mode", action=argparse.BooleanOptionalAction, default=gen["guess_mode"],
+                        help="ControlNets see the conditional half only (A1111: 'ControlNet is more important')")
+    parser.add_argument("--control-start", dest="control_guidance_start", action=_PerNet, type=_float_in(0.0, 1.0),
+                        metavar="F", help="fraction of steps before a ControlNet starts; per ControlNet"
+                        + d("control_guidance_start"))
+    parser.add_argument("--control-end", dest="control_guidance_end", action=_PerNet, type=_float_in(0.0, 1.0),
+                        metavar="F", help="fraction of steps after which it stops; per ControlNet"
+                        + d("control_guidance_end"))
+    parser.add_argument("--scheduler", choices=list(pngmeta.SAMPLERS), default=gen["scheduler"],
+                        help="sampler" + d("scheduler"))
+    parser.add_argument("--seed", type=_int_at_least(0, 2**64 - 1), default=gen["seed"],
+                        help="noise seed (default: a random one, written into the PNG)")
+    parser.add_argument("--num-images", dest="num_images_per_prompt", type=_int_at_least(1), metavar="N",
+                        default=gen["num_images_per_prompt"], help="images per prompt" + d("num_images_per_prompt"))
+    parser.add_argument("--eta", type=_float_in(0.0), default=gen["eta"], help="DDIM eta" + d("eta"))
+    parser.add_argument("--preprocess", action=_PerNet, choices=["auto", "none", *PREPROCESSORS],
+                        help="auto: the ControlNet type's own (canny for canny); none: --image is already a "
+                             "control map; once, or once per ControlNet")
+    parser.add_argument("--canny-low", type=_int_at_least(0), default=CANNY_LOW,
+                        help=f"canny preprocessor's low threshold (default: {CANNY_LOW})")
+    parser.add_argument("--canny-high", type=_int_at_least(0), default=CANNY_HIGH,
+                        help=f"canny preprocessor's high threshold (default: {CANNY_HIGH})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.backends import BACKENDS
+
+    gen = signature_defaults("engine.runner", "Runner", "generate")
+    init = signature_defaults("engine.runner", "Runner", "__init__")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.generate", usage="%(prog)s --prompt TEXT --image PATH [options]",
+        description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--engine-dir", help="a built engine folder (onnxruntime/tensorrt backends)")
+    source.add_argument("--model", default=init.get("model"),
+                        help="'tiny', a Hugging Face id, a diffusers folder or a .safetensors file "
+                             "(default: the Runner's, SD1.5 from the Hub)")
+    parser.add_argument("--controlnet", action=_PerNet, type=_controlnet_name, metavar="NAME",
+                        help="registry name, Hugging Face id, folder or .safetensors; repeat for several "
+                             "(default: the Runner's: canny, or the ControlNets --engine-dir was built for)")
+    parser.add_argument("--backend", choices=BACKENDS, default=init["backend"], help=f"(default: {init['backend']})")
+    parser.add_argument("--device", default=init["device"], help="e.g. cuda, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=init["dtype"],
+                        help="(default: fp16 on CUDA, fp32 on CPU)")
+    _add_job_flags(parser, gen)
+    parser.add_argument("--prompt-file", help="one prompt (or one line of flags) per line; one output each")
+    parser.add_argument("--from-png", metavar="PNG", help="take every parameter from a PNG this CLI (or A1111) "
+                                                          "wrote; flags given here override")
+    parser.add_argument("--out", type=_png_path, default="output.png",
+                        help="PNG path; several images: STEM_0.png, STEM_1.png ... and STEM_grid.png")
+    parser.add_argument("--save-control", action="store_true", help="also write the control map(s): STEM_control.png")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true", help="no progress bar, timing table or file list")
+    talk.add_argument("--verbose", action="store_true", help="tracebacks on errors, parameters of each image")
+    return parser
+
+
+def _line_parser(base: argparse.Namespace) -> _LineParser:
+    """Parses one --prompt-file line of flags, starting from the command line's values."""
+    parser = _LineParser(prog="prompt-file line", add_help=False)
+    _add_job_flags(parser, signature_defaults("engine.runner", "Runner", "generate"))
+    parser.set_defaults(**{k: v for k, v in vars(base).items() if k != "_given_per_net"})
+    return parser
+
+
+def _per_net(values, count: int, flag: str, default, fail) -> list:
+    if values is None:
+        return [default] * count
+    if len(values) == 1:
+        return list(values) * count
+    if len(values) != count:
+        fail(f"{flag} given {len(values)} times for {count} ControlNet(s): give it once (for all) or "
+             f"{count} times (one per --controlnet, in order)")
+    return list(values)
+
+
+def _check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = True) -> None:
+    """Cross-flag checks argparse cannot do alone; normalises the per-ControlNet lists to `count`.
+
+    `count=None`: the number of ControlNets is not known yet (no --controlnet: the Runner or the engine
+    dir picks), so only checks that need no count run; call again once the Runner is built.
+    `whole=False` for the command line under --prompt-file: prompt and image may come from the lines.
+    """
+    if whole and not (args.prompt or "").strip():
+        fail("--prompt is required (a non-empty text), or --prompt-file")
+    if args.canny_low > args.canny_high:
+        fail(f"--canny-low ({args.canny_low}) must not exceed --canny-high ({args.canny_high})")
+    if count is None:
+        lengths = {len(getattr(args, name)) for name in PER_NET if getattr(args, name)} - {1}
+        if len(lengths) > 1:
+            fail("per-ControlNet flags (--image, --scale, --control-start, --control-end, --preprocess) are "
+                 f"given {' and '.join(map(str, sorted(lengths)))} times: give each once or once per ControlNet")
+        # Check the rest against the count the flags imply, on a copy: the real count may still differ.
+        _check_job(argparse.Namespace(**vars(args)), next(iter(lengths), 1), fail, whole)
+        return
+    gen = signature_defaults("engine.runner", "Runner", "generate")
+    flags = {"image": "--image", "preprocess": "--preprocess"}
+    for name in PER_NET:
+        default = {"image": None, "preprocess": "auto"}.get(name, gen.get(name))
+        setattr(args, name, _per_net(getattr(args, name), count, flags.get(name) or FLAG_NAMES[name], default, fail))
+    if whole and args.image[0] is None:
+        fail("--image is required: the control picture (e.g. engine/assets/astronaut.png)")
+    for k, (start, end) in enumerate(zip(args.control_guidance_start, args.control_guidance_end)):
+        if not start < end:
+            fail(f"ControlNet {k}: --control-start ({start}) must be below --control-end ({end})")
+
+
+def _apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str) -> argparse.Namespace:
+    """Re-parse the command line with a PNG's parameters as defaults, so explicit flags still win."""
+    p = pngmeta.read_parameters(png)
+    defaults = {k: v for k, v in p.items() if k not in ("extra", "batch_pos")}
+    defaults["preprocess"] = [m or "none" for m in p["preprocess"]]
+    defaults["negative_prompt"] = p["negative_prompt"] or None
+    for name in ("controlnet", *PER_NET):  # a PNG from A1111 may lack these: then the flags decide
+        if not defaults[name] or None in defaults[name]:
+            del defaults[name]
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+class _Progress:
+    """`callback(step, total)` for Runner.generate, drawing a tqdm bar (made on the first step, when
+    the total is known)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _preprocessors(args, specs) -> tuple[list, list]:
+    """Per ControlNet: what to pass as `preprocess=` and the module name recorded in the PNG."""
+    from engine.preprocess import canny_with
+
+    given, names = [], []
+    for choice, spec in zip(args.preprocess, specs):
+        module = spec.preprocessor if choice == "auto" else (None if choice == "none" else choice)
+        names.append(module)
+        given.append(False if module is None else canny_with(args.canny_low, args.canny_high)
+                     if module == "canny" else module)
+    return given, names
+
+
+def _outputs(out: Path, index: int | None, count: int) -> tuple[list[Path], Path]:
+    """Image paths and the stem for extras (grid, control maps) of one prompt."""
+    stem = out.with_suffix("") if index is None else out.with_name(f"{out.stem}_{index}")
+    if index is None and count == 1:
+        return [out], stem
+    if count == 1:
+        return [stem.with_suffix(".png")], stem
+    return [stem.with_name(f"{stem.name}_{j}.png") for j in range(count)], stem
+
+
+def _grid(images: list):
+    import PIL.Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = PIL.Image.new("RGB", (cols * w, rows * h))
+    for j, im in enumerate(images):
+        grid.paste(im, ((j % cols) * w, (j // cols) * h))
+    return grid
+
+
+def _as_pil(picture):
+    import numpy as np
+    import PIL.Image
+
+    if isinstance(picture, PIL.Image.Image):
+        return picture
+    return PIL.Image.fromarray((np.clip(picture, 0.0, 1.0) * 255).round().astype(np.uint8))
+
+
+def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> tuple[dict, list[Path]]:
+    for path in args.image:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"control image {path!r} does not exist")
+    preprocess, modules = _preprocessors(args, runner.controlnet_specs)
+    progress = _Progress(enabled_bar, label)
+    try:
+        result = runner.generate(
+            args.prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
+            height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+            guess_mode=args.guess_mode, control_guidance_start=args.control_guidance_start,
+            control_guidance_end=args.control_guidance_end, scheduler=args.scheduler, seed=args.seed,
+            num_images_per_prompt=args.num_images_per_prompt, preprocess=preprocess, eta=args.eta,
+            callback=progress,
+        )
+    finally:
+        progress.close()
+    used = result.parameters
+    record = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt or "",
+        num_inference_steps=used["num_inference_steps"], guidance_scale=used["guidance_scale"],
+        scheduler=used["scheduler"], seed=result.seed, width=used["width"], height=used["height"],
+        eta=float(args.eta), num_images_per_prompt=used["num_images_per_prompt"], guess_mode=used["guess_mode"],
+        model=used["model"], controlnet=list(args.controlnet),  # as given: an id re-resolves to the same weights
+        controlnet_conditioning_scale=[float(s) for s in args.controlnet_conditioning_scale],
+        control_guidance_start=[float(s) for s in args.control_guidance_start],
+        control_guidance_end=[float(s) for s in args.control_guidance_end],
+        image=[str(p) for p in args.image], preprocess=modules,
+    )
+    if "canny" in modules:
+        record.update(canny_low=args.canny_low, canny_high=args.canny_high)
+
+    paths, stem = _outputs(Path(args.out), index, len(result.images))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    batch = len(result.images) > 1
+    for j, (image, path) in enumerate(zip(result.images, paths)):
+        text = pngmeta.format_parameters(record, batch_pos=j if batch else None)
+        image.save(path, pnginfo=pngmeta.png_info(text))
+        if args.verbose:
+            print(f"{path}:\n{text}\n")
+    if batch:
+        paths.append(stem.with_name(stem.name + "_grid.png"))
+        _grid(result.images).save(paths[-1], pnginfo=pngmeta.png_info(pngmeta.format_parameters(record)))
+    if args.save_control:
+        maps = result.control_maps
+        for k, picture in enumerate(maps):
+            paths.append(stem.with_name(stem.name + ("_control.png" if len(maps) == 1 else f"_control_{k}.png")))
+            _as_pil(picture).save(paths[-1])
+    run = {"timings": result.timings, "steps": record["num_inference_steps"], "images": len(result.images),
+           "seed": result.seed}
+    return run, paths
+
+
+def timing_table(runs: list[dict], load_ms: float | None = None) -> str:
+    """Per-stage milliseconds summed over `runs` (each: timings, steps, images), with per-step times for
+    the stages inside the denoising loop, and the loop's it/s."""
+    steps = sum(r["steps"] for r in runs)
+    images = sum(r["images"] for r in runs)
+    totals: dict[str, float] = {}
+    for r in runs:
+        for stage, ms in r["timings"].items():
+            totals[stage] = totals.get(stage, 0.0) + ms
+    lines = [f"{'stage':<16}{'ms':>10}{'ms/step':>10}"]
+    if load_ms is not None:
+        lines.append(f"{'model load':<16}{load_ms:>10.1f}")
+    for stage, ms in totals.items():
+        label = f"UNet x {steps}" if stage == "unet" else STAGE_LABELS.get(stage, stage)
+        per_step = f"{ms / steps:>10.2f}" if stage in LOOP_STAGES and steps else ""
+        lines.append(f"{label:<16}{ms:>10.1f}{per_step}")
+    loop_s = sum(totals.get(s, 0.0) for s in LOOP_STAGES) / 1e3
+    rate = f"{steps / loop_s:.2f} it/s" if loop_s > 0 else "n/a it/s"
+    per_image = totals.get("total", 0.0) / 1e3 / images if images else 0.0
+    lines.append(f"{steps} steps, {images} image(s): {rate} in the denoising loop, {per_image:.2f} s/image")
+    return "\n".join(lines)
+
+
+def _read_prompt_file(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of each line that is a prompt or flags; blank lines and # comments skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise OSError(f"cannot read --prompt-file {path!r}: {err}") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"--prompt-file {path!r} holds no prompts (blank lines and # comments are skipped)")
+    return lines
+
+
+def _line_args(base: argparse.Namespace, line: str, count: int) -> argparse.Namespace:
+    if not line.startswith("--"):
+        args = argparse.Namespace(**vars(base))
+        args.prompt = line
+    else:
+        try:
+            args = _line_parser(base).parse_args(shlex.split(line))
+        except ValueError as err:  # shlex: unbalanced quotes
+            raise LineError(str(err)) from None
+    args.controlnet, args.out, args.verbose = base.controlnet, base.out, base.verbose
+    args.save_control = base.save_control
+
+    def fail(message):
+        raise LineError(message)
+
+    _check_job(args, count, fail)
+    return args
+
+
+def _raise_value_error(message: str):
+    raise ValueError(message)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int:
+    if args.from_png:
+        args = _apply_png(parser, argv, args.from_png)
+    _check_job(args, len(args.controlnet) if args.controlnet else None, parser.error, whole=not args.prompt_file)
+    jobs = _read_prompt_file(args.prompt_file) if args.prompt_file else [(None, None)]
+    if args.engine_dir is not None and not Path(args.engine_dir).is_dir():
+        raise FileNotFoundError(f"engine dir {args.engine_dir!r} does not exist or is not a folder")
+    for path in args.image or []:  # a missing image fails now, not after seconds of model loading
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"control image {path!r} does not exist")
+
+    from engine.runner import Runner
+
+    load_start = time.perf_counter()
+    runner = Runner(model=args.model, controlnet=args.controlnet, backend=args.backend,
+                    engine_dir=args.engine_dir, device=args.device, dtype=args.dtype)
+    load_ms = (time.perf_counter() - load_start) * 1e3
+    count = runner.num_controlnets
+    _check_job(args, count, _raise_value_error, whole=not args.prompt_file)  # now the count is known
+    args.controlnet = args.controlnet or [spec.name for spec in runner.controlnet_specs]
+    bar = not args.quiet and sys.stderr.isatty()
+
+    runs, failures = [], []
+    for index, (number, line) in enumerate(jobs):
+        label = f"line {number}" if number is not None else "denoising"
+        try:
+            job = _line_args(args, line, count) if number is not None else args
+            run, paths = _run_job(runner, job, label, index if number is not None else None, bar)
+        except Exception as err:  # one bad line must not lose the others
+            if number is None:
+                raise
+            if args.verbose:
+                traceback.print_exc()
+            failures.append(number)
+            print(f"error: {args.prompt_file}:{number}: {_one_line(err)}", file=sys.stderr)
+            continue
+        runs.append(run)
+        if not args.quiet:
+            for path in paths:
+                print(f"wrote {path}" + (f"  ({label})" if number is not None else ""))
+            print(f"seed {run['seed']}")
+    if runs and not args.quiet:
+        print(timing_table(runs, load_ms))
+    if failures:
+        print(f"error: {len(failures)} of {len(jobs)} prompt lines failed (lines {', '.join(map(str, failures))}); "
+              "the others were written", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(parser, args, argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # runtime failures: one line, the traceback only when asked for
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The "parameters" PNG text chunk, in the format AUTOMATIC1111's web UI writes and most tools read.
+
+    a photo of an astronaut                      <- prompt (may span lines)
+    Negative prompt: blurry                      <- absent when there is none
+    Steps: 20, Sampler: UniPC, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: ..., ControlNet 0: "..."
+
+The last line is `Key: value` pairs; a value holding `,`, `:`, `"` or a newline is JSON-quoted. Each
+ControlNet is one pair whose quoted value is itself a list of pairs, as the A1111 ControlNet extension
+writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mode), plus `Image`: the
+control picture's path, so the file alone says how to reproduce it.
+
+`format_parameters` and `parse_parameters` are inverses on the dict the CLI records (keys named as
+`Runner`'s arguments); keys this module does not know are kept under `extra` when parsing. Text from
+A1111 itself parses too: without ControlNets the per-ControlNet lists are empty, and `image` is None
+where a ControlNet entry has no Image.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+# Our scheduler names -> the sampler names A1111 and most UIs show.
+SAMPLERS = {
+    "unipc": "UniPC",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+}
+SCHEDULERS_BY_SAMPLER = {sampler: name for name, sampler in SAMPLERS.items()}
+
+# A1111's control modes; guess mode is the closest thing ours has to "ControlNet is more important".
+CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+
+NEGATIVE = "Negative prompt:"
+CHUNK = "parameters"
+# A1111's own pair pattern: a key, then a JSON-quoted value or anything up to the next comma.
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_PER_NET = ("controlnet", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+            "image", "preprocess")
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _number(x: float) -> str:
+    """Shortest exact text: 7.0 -> '7', 0.1 -> '0.1' (repr round-trips every float)."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def _pairs(line: str) -> dict[str, str]:
+    return {key.strip(): _unquote(value.strip()) for key, value in _PAIR.findall(line)}
+
+
+def _join(pairs: dict) -> str:
+    return ", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items())
+
+
+def format_parameters(p: dict, batch_pos: int | None = None) -> str:
+    """The chunk text for one image. `p` as `parse_parameters` returns it; `batch_pos`: the image's
+    index in its batch (A1111's "Batch pos"), written when the batch holds more than one image."""
+    if p["scheduler"] not in SAMPLERS:
+        raise ValueError(f"unknown scheduler {p['scheduler']!r}; known: {', '.join(SAMPLERS)}")
+    pairs = {
+        "Steps": p["num_inference_steps"],
+        "Sampler": SAMPLERS[p["scheduler"]],
+        "CFG scale": _number(p["guidance_scale"]),
+        "Seed": p["seed"],
+        "Size": f"{p['width']}x{p['height']}",
+        "Model": p["model"],
+    }
+    if p.get("eta", 0.0) != 0.0:  # A1111 writes Eta only when it is not the sampler's default (0)
+        pairs["Eta"] = _number(p["eta"])
+    if p["num_images_per_prompt"] > 1:
+        pairs["Batch size"] = p["num_images_per_prompt"]
+        if batch_pos is not None:
+            pairs["Batch pos"] = batch_pos
+    for k, name in enumerate(p["controlnet"]):
+        module = p["preprocess"][k] or "none"
+        net = {"Module": module, "Model": name, "Weight": _number(p["controlnet_conditioning_scale"][k])}
+        if module == "canny":  # the extension's names for a preprocessor's two sliders
+            net["Threshold A"], net["Threshold B"] = p["canny_low"], p["canny_high"]
+        net["Guidance Start"] = _number(p["control_guidance_start"][k])
+        net["Guidance End"] = _number(p["control_guidance_end"][k])
+        net["Control Mode"] = CONTROL_MODES[bool(p["guess_mode"])]
+        net["Image"] = p["image"][k]
+        pairs[f"ControlNet {k}"] = _join(net)
+    lines = [p["prompt"]]
+    if p.get("negative_prompt"):
+        lines.append(f"{NEGATIVE} {p['negative_prompt']}")
+    lines.append(_join(pairs))
+    return "\n".join(lines)
+
+
+def _need(pairs: dict, key: str, where: str = "parameters") -> str:
+    if key not in pairs:
+        raise ValueError(f"{where} has no {key!r} entry; found: {', '.join(pairs) or 'nothing'}")
+    return pairs.pop(key)
+
+
+def parse_parameters(text: str) -> dict:
+    """The dict `format_parameters` was given, from the chunk text. Raises ValueError naming what is
+    missing or malformed. Unknown keys (another tool's extras) land in `extra`, unknown to the CLI."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"parameters text must be a non-empty string, got {text!r}")
+    *head, last = text.split("\n")
+    if not _PAIR.match(last) or not head:
+        raise ValueError(f"the last line of the parameters text must be 'Key: value, ...' pairs, got {last!r}")
+    negative_at = next((i for i, line in enumerate(head) if line.startswith(NEGATIVE)), len(head))
+    negative = "\n".join(head[negative_at:])[len(NEGATIVE):].removeprefix(" ") if negative_at < len(head) else ""
+    pairs = _pairs(last)
+    width, _, height = _need(pairs, "Size").partition("x")
+    sampler = _need(pairs, "Sampler")
+    if sampler not in SCHEDULERS_BY_SAMPLER:
+        raise ValueError(f"unknown sampler {sampler!r}; this engine has: {', '.join(SCHEDULERS_BY_SAMPLER)}")
+    p = {
+        "prompt": "\n".join(head[:negative_at]),
+        "negative_prompt": negative,
+        "num_inference_steps": int(_need(pairs, "Steps")),
+        "scheduler": SCHEDULERS_BY_SAMPLER[sampler],
+        "guidance_scale": float(_need(pairs, "CFG scale")),
+        "seed": int(_need(pairs, "Seed")),
+        "width": int(width),
+        "height": int(height),
+        "model": _need(pairs, "Model"),
+        "eta": float(pairs.pop("Eta", 0.0)),
+        "num_images_per_prompt": int(pairs.pop("Batch size", 1)),
+    }
+    if "Batch pos" in pairs:
+        p["batch_pos"] = int(pairs.pop("Batch pos"))
+    for key in _PER_NET:
+        p[key] = []
+    guess = []
+    for k in range(len(pairs)):
+        if f"ControlNet {k}" not in pairs:
+            break
+        where = f"ControlNet {k}"
+        net = _pairs(pairs.pop(where))
+        module = _need(net, "Module", where)
+        p["controlnet"].append(_need(net, "Model", where))
+        p["controlnet_conditioning_scale"].append(float(_need(net, "Weight", where)))
+        p["control_guidance_start"].append(float(_need(net, "Guidance Start", where)))
+        p["control_guidance_end"].append(float(_need(net, "Guidance End", where)))
+        p["image"].append(net.pop("Image", None))  # A1111 does not record the control picture
+        p["preprocess"].append(None if module == "none" else module)
+        if module == "canny":
+            p["canny_low"] = int(_need(net, "Threshold A", where))
+            p["canny_high"] = int(_need(net, "Threshold B", where))
+        guess.append(net.pop("Control Mode", CONTROL_MODES[False]) == CONTROL_MODES[True])
+    p["guess_mode"] = any(guess)
+    if pairs:
+        p["extra"] = pairs
+    return p
+
+
+def png_info(text: str):
+    """A PIL PngInfo holding the chunk (PIL stores non-Latin-1 text as iTXt by itself)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(CHUNK, text)
+    return info
+
+
+def read_parameters(path: str | Path) -> dict:
+    """The parameters a PNG written by `python -m engine.generate` (or A1111) carries."""
+    import PIL.Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PNG file {str(path)!r} does not exist")
+    with PIL.Image.open(path) as im:
+        im.load()  # text chunks after the image data are only read with the pixels
+        text = im.info.get(CHUNK)
+    if text is None:
+        raise ValueError(f"{str(path)!r} has no {CHUNK!r} text chunk: it was not written by engine.generate or A1111")
+    return parse_parameters(text)
