@@ -49,6 +49,7 @@ RUNTIME = [
     "numpy",
     "pillow",
     "opencv-python-headless",
+    "tqdm",  # engine.generate's progress bar
 ]
 
 EXTRAS = {

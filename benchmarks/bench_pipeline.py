@@ -84,12 +84,13 @@ def _run(benchmark, bench_config, fn):
         benchmark(fn)
 
 
-STEP_BACKENDS = ["diffusers", "torch", "onnxruntime", "tensorrt"]
+# "torch-fused": the torch backend with the fused zero-conv residual path (engine.optimizations).
+STEP_BACKENDS = ["diffusers", "torch", "torch-fused", "onnxruntime", "tensorrt"]
 
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 def test_step(benchmark, setup, step_inputs, bench_config, machine_info, matmul_rate, backend):
-    if backend != "diffusers" and backend not in bench_config.backends:
+    if backend != "diffusers" and backend.split("-")[0] not in bench_config.backends:
         pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
     x = step_inputs
     flops = setup["flops"]
@@ -109,8 +110,8 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, matmul_
         b = engine_backend(setup, bench_config, backend)
 
         def step():
-            residuals = b.controlnet(0, x["sample"], x["t"], x["embeddings"], x["hint"], x["scales"])
-            return b.unet(x["sample"], x["t"], x["embeddings"], residuals)
+            out = b.controlnet(0, x["sample"], x["t"], x["embeddings"], x["hint"], x["scales"])
+            return b.unet(x["sample"], x["t"], x["embeddings"], b.combine([out], x["sample"].shape[0]))
 
         step_flops = 2 * (flops["controlnet_body"] + flops["unet"])
     _record(benchmark, bench_config, machine_info, matmul_rate, backend=backend, kind="step", flops=step_flops)
@@ -120,7 +121,7 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, matmul_
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 def test_generate(benchmark, setup, bench_config, machine_info, matmul_rate, backend):
-    if backend != "diffusers" and backend not in bench_config.backends:
+    if backend != "diffusers" and backend.split("-")[0] not in bench_config.backends:
         pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
     res, steps = bench_config.resolution, bench_config.steps
     benchmark.group = f"generate {bench_config.size} {res}px {steps} steps"
@@ -143,7 +144,28 @@ def test_generate(benchmark, setup, bench_config, machine_info, matmul_rate, bac
 def engine_runner(setup, bench_config, backend: str):
     if backend == "torch":
         return setup["runner"]
+    if backend == "torch-fused":
+        return _fused_runner(setup)
     pytest.skip(f"backend {backend} is not available in this build yet")
+
+
+def _fused_runner(setup):
+    """The same Runner over the same modules, with the fused residual path switched on."""
+    import copy
+    from types import SimpleNamespace
+
+    from engine.backends.torch_backend import TorchBackend
+    from engine.optimizations import PRESETS
+
+    if "fused_runner" not in setup:
+        runner = setup["runner"]
+        b = runner.backend
+        sd = SimpleNamespace(text_encoder=b.text_encoder.text_encoder, unet=b.unet_model.unet, vae=b.vae_decoder.vae)
+        nets = [body.net for body in b.controlnet_bodies]
+        fused = copy.copy(runner)
+        fused.backend = TorchBackend(sd, nets, runner.device, runner.dtype, PRESETS["fused"])
+        setup["fused_runner"] = fused
+    return setup["fused_runner"]
 
 
 def engine_backend(setup, bench_config, backend: str):
