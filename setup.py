@@ -57,7 +57,10 @@ EXTRAS = {
     "kernels": ["triton", "pybind11"],
     # onnxruntime-gpu installs the same module as onnxruntime: never both in one environment.
     "tensorrt": ["onnx", "onnxscript", "onnxruntime-gpu", "tensorrt"],
-    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "triton", "pybind11"],
+    "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
+    "bench": ["pytest-benchmark", "matplotlib"],
+    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "triton", "pybind11",
+             "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
 }
 
 setup(

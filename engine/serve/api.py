@@ -1,0 +1,340 @@
+"""The HTTP request format of `POST /generate`: parsing, validation, and the batching key.
+
+A request is JSON or multipart form data with the fields in FIELDS (the names of `Runner.generate`'s
+arguments) plus `image`: one control image per ControlNet, as a base64 string (a data URL is fine) in
+JSON, or as a file (or base64 text) in a multipart form. Every check runs here, before the request
+reaches a replica's batch queue, so a bad request costs no model work and is answered with
+`ApiError` -> 4xx JSON `{"error": message, "field": name}`. Nothing here imports torch or Ray.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import PIL.Image
+
+MAX_SEED = 2**32 - 1
+RESPONSE_FORMATS = ("json", "png")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; keeps a single client from tying a replica up for minutes."""
+
+    max_side: int = 1024  # height/width, pixels
+    max_steps: int = 100
+    max_images: int = 4  # num_images_per_prompt
+    max_prompt_chars: int = 2000
+    max_image_pixels: int = 4096 * 4096  # of an uploaded control image, checked before decoding
+    max_body_bytes: int = 32 * 2**20
+
+
+class ApiError(Exception):
+    """A client error: HTTP status, the offending field (or None for the whole body) and why."""
+
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+    def body(self) -> dict:
+        return {"error": self.message, "field": self.field}
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    images: list  # PIL RGB images, one per ControlNet
+    image_digest: str  # sha256 over the decoded pixels: requests with equal digests share a control map
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    controlnet_conditioning_scale: float = 1.0
+    guess_mode: bool = False
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
+    scheduler: str = "unipc"
+    seed: int = 0
+    num_images_per_prompt: int = 1
+    preprocess: str = "auto"
+    canny_low: int = 100
+    canny_high: int = 200
+    response_format: str = "json"
+
+
+# name: (kind, default). Ranges live in `_check_ranges`, where they can read the Limits.
+FIELDS = {
+    "prompt": ("str", None),
+    "negative_prompt": ("str", None),
+    "height": ("int", None),
+    "width": ("int", None),
+    "num_inference_steps": ("int", 20),
+    "guidance_scale": ("float", 7.5),
+    "controlnet_conditioning_scale": ("float", 1.0),
+    "guess_mode": ("bool", False),
+    "control_guidance_start": ("float", 0.0),
+    "control_guidance_end": ("float", 1.0),
+    "scheduler": ("str", "unipc"),
+    "seed": ("int", None),
+    "num_images_per_prompt": ("int", 1),
+    "preprocess": ("str", "auto"),
+    "canny_low": ("int", 100),
+    "canny_high": ("int", 200),
+    "response_format": ("str", "json"),
+}
+
+
+def _schedulers() -> tuple[str, ...]:
+    from engine.schedulers import SCHEDULERS  # imported here: it pulls in diffusers
+
+    return tuple(SCHEDULERS)
+
+
+def _preprocessors() -> tuple[str, ...]:
+    from engine.preprocess import PREPROCESSORS
+
+    return ("auto", "none", *sorted(PREPROCESSORS))
+
+
+def _coerce(name: str, kind: str, value, from_form: bool):
+    """One field to its Python type. Form fields arrive as text; JSON values must already have the type."""
+    if value is None:
+        return None
+    if from_form and isinstance(value, str):
+        text = value.strip()
+        if text == "" and kind != "str":
+            return None  # an empty form field means "not given"
+        try:
+            if kind == "int":
+                return int(text)
+            if kind == "float":
+                return float(text)
+            if kind == "bool":
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(text)
+        except ValueError:
+            raise ApiError(422, name, f"{name} must be {_KIND_WORDS[kind]}, got {value!r}") from None
+        return value
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[kind]
+    if not ok:
+        raise ApiError(422, name, f"{name} must be {_KIND_WORDS[kind]}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+_KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _in_range(name: str, value, low, high) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(422, name, f"{name} must be a finite number, got {value!r}")
+    if not (low <= value <= high):
+        raise ApiError(422, name, f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def _check_ranges(values: dict, limits: Limits) -> None:
+    for side in ("height", "width"):
+        v = values[side]
+        if v is not None and (v % 8 or not 64 <= v <= limits.max_side):
+            raise ApiError(422, side, f"{side} must be a multiple of 8 in [64, {limits.max_side}], got {v!r}")
+    _in_range("num_inference_steps", values["num_inference_steps"], 1, limits.max_steps)
+    _in_range("guidance_scale", values["guidance_scale"], 0.0, 30.0)
+    _in_range("controlnet_conditioning_scale", values["controlnet_conditioning_scale"], 0.0, 2.0)
+    _in_range("control_guidance_start", values["control_guidance_start"], 0.0, 1.0)
+    _in_range("control_guidance_end", values["control_guidance_end"], 0.0, 1.0)
+    if values["control_guidance_start"] >= values["control_guidance_end"]:
+        raise ApiError(
+            422, "control_guidance_end",
+            f"control_guidance_end must be greater than control_guidance_start, got start="
+            f"{values['control_guidance_start']}, end={values['control_guidance_end']}",
+        )
+    _in_range("num_images_per_prompt", values["num_images_per_prompt"], 1, limits.max_images)
+    _in_range("canny_low", values["canny_low"], 0, 255)
+    _in_range("canny_high", values["canny_high"], 0, 255)
+    if values["canny_low"] > values["canny_high"]:
+        raise ApiError(422, "canny_low", f"canny_low must be <= canny_high, got {values['canny_low']} > {values['canny_high']}")
+    if values["seed"] is not None:
+        _in_range("seed", values["seed"], 0, MAX_SEED)
+    for name, choices in (("scheduler", _schedulers()), ("preprocess", _preprocessors()),
+                          ("response_format", RESPONSE_FORMATS)):
+        if values[name] not in choices:
+            raise ApiError(422, name, f"{name} must be one of {', '.join(choices)}, got {values[name]!r}")
+    if values["response_format"] == "png" and values["num_images_per_prompt"] != 1:
+        raise ApiError(422, "response_format", "response_format 'png' returns one image: use 'json' for num_images_per_prompt > 1")
+    for name in ("prompt", "negative_prompt"):
+        text = values[name]
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise ApiError(422, name, f"{name} must be at most {limits.max_prompt_chars} characters, got {len(text)}")
+    if not (values["prompt"] or "").strip():
+        raise ApiError(422, "prompt", "prompt is required and must be a non-empty string")
+
+
+def decode_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.Image.Image:
+    """Raw file bytes or base64 text (a data URL is fine) -> RGB PIL image, or ApiError naming `name`."""
+    if isinstance(data, str):
+        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, name, f"{name} must be base64-encoded image bytes (PNG, JPEG, WebP, ...): not valid base64") from None
+    if not data:
+        raise ApiError(422, name, f"{name} is empty")
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as opened:
+            w, h = opened.size  # read from the header: refuse huge images before decoding them
+            if w * h > limits.max_image_pixels:
+                raise ApiError(422, name, f"{name} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
+            return opened.convert("RGB")
+    except ApiError:
+        raise
+    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ApiError(422, name, f"{name} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
+
+
+def image_digest(images: list) -> str:
+    h = hashlib.sha256()
+    for im in images:
+        h.update(f"{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
+def _check_image_count(count: int, num_controlnets: int) -> None:
+    # Called before decoding too, so a body with a thousand images is refused without decoding them.
+    if count == 0:
+        raise ApiError(422, "image", "image is required: a control image as a file (multipart) or base64 string (JSON)")
+    if count != num_controlnets:
+        raise ApiError(422, "image", f"give one image per ControlNet: this server has {num_controlnets}, got {count}")
+
+
+def build_request(fields: dict, images: list, limits: Limits, num_controlnets: int, from_form: bool = False) -> GenerateRequest:
+    """Checked request from field values (JSON types, or form text when from_form) and decoded images."""
+    unknown = sorted(set(fields) - set(FIELDS) - {"image"})
+    if unknown:
+        raise ApiError(422, unknown[0], f"unknown field(s) {', '.join(unknown)}; allowed: image, {', '.join(FIELDS)}")
+    values = {}
+    for name, (kind, default) in FIELDS.items():
+        value = _coerce(name, kind, fields.get(name), from_form)
+        values[name] = default if value is None else value
+    _check_ranges(values, limits)
+    _check_image_count(len(images), num_controlnets)
+    if values["negative_prompt"] is not None and not values["negative_prompt"].strip():
+        values["negative_prompt"] = None  # the Runner's "no negative prompt"; it refuses blank strings
+    if values["seed"] is None:
+        # Drawn here, not by the Runner, so the batch handler knows each request's seed up front.
+        values["seed"] = random.randrange(MAX_SEED + 1)
+    return GenerateRequest(images=images, image_digest=image_digest(images), **values)
+
+
+def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateRequest:
+    try:
+        fields = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ApiError(400, None, f"request body is not valid JSON: {err}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, None, f"request body must be a JSON object, got {type(fields).__name__}")
+    raw = fields.get("image")
+    raw = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+    _check_image_count(len(raw), num_controlnets)
+    for item in raw:
+        if not isinstance(item, str):
+            raise ApiError(422, "image", f"image must be a base64 string (or a list of them), got {type(item).__name__}")
+    images = [decode_image(item, limits) for item in raw]
+    return build_request(fields, images, limits, num_controlnets)
+
+
+async def parse_form(form, limits: Limits, num_controlnets: int) -> GenerateRequest:
+    """A starlette FormData: `image` fields are uploaded files or base64 text; the rest are text."""
+    fields, images = {}, []
+    _check_image_count(len(form.getlist("image")), num_controlnets)
+    for key, value in form.multi_items():
+        if key == "image":
+            data = await value.read() if hasattr(value, "read") else value
+            images.append(decode_image(data, limits))
+        elif hasattr(value, "read"):
+            raise ApiError(422, key, f"{key} must be a text field, not a file")
+        elif key in fields:
+            raise ApiError(422, key, f"{key} is given more than once")
+        else:
+            fields[key] = value
+    return build_request(fields, images, limits, num_controlnets, from_form=True)
+
+
+async def parse_http(request, limits: Limits, num_controlnets: int) -> GenerateRequest:
+    """A starlette Request (JSON or multipart) -> GenerateRequest, or ApiError."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise ApiError(413, None, f"request body is {declared} bytes; at most {limits.max_body_bytes} are allowed")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("application/json", ""):
+        body = await request.body()
+        if len(body) > limits.max_body_bytes:
+            raise ApiError(413, None, f"request body is {len(body)} bytes; at most {limits.max_body_bytes} are allowed")
+        return parse_json(body, limits, num_controlnets)
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_part_size=limits.max_body_bytes)
+        except Exception as err:  # malformed multipart bodies raise from the parser
+            raise ApiError(400, None, f"request body is not valid form data: {err}") from None
+        try:
+            return await parse_form(form, limits, num_controlnets)
+        finally:
+            await form.close()
+    raise ApiError(415, None, f"content type {ctype!r} is not supported; send application/json or multipart/form-data")
+
+
+def batch_key(req: GenerateRequest) -> tuple:
+    """Requests with equal keys do the same work per image: same shape, steps, schedule and control settings.
+
+    The size comes from the control image when height/width are not given, so it is in the key too.
+    Prompt, negative prompt, seed and the image itself are not: they change values, not the shape.
+    """
+    return (
+        req.height, req.width, tuple(im.size for im in req.images), req.num_inference_steps, req.guidance_scale,
+        req.controlnet_conditioning_scale, req.guess_mode, req.control_guidance_start, req.control_guidance_end,
+        req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
+    )
+
+
+def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
+    """`Runner.generate` arguments for a request (all but prompt/negative prompt/image/seed)."""
+    from engine.preprocess import canny_with
+
+    choices = []
+    for registered in registered_preprocessors:
+        name = registered if req.preprocess == "auto" else req.preprocess
+        if name == "canny":
+            choices.append(canny_with(req.canny_low, req.canny_high))
+        elif req.preprocess == "auto":
+            choices.append(None)
+        elif name == "none":
+            choices.append(False)
+        else:
+            choices.append(name)
+    return dict(
+        height=req.height,
+        width=req.width,
+        num_inference_steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        controlnet_conditioning_scale=req.controlnet_conditioning_scale,
+        guess_mode=req.guess_mode,
+        control_guidance_start=req.control_guidance_start,
+        control_guidance_end=req.control_guidance_end,
+        scheduler=req.scheduler,
+        num_images_per_prompt=req.num_images_per_prompt,
+        preprocess=choices if len(choices) > 1 else choices[0],
+    )

@@ -1,0 +1,63 @@
+"""The browser demo: a Gradio Blocks UI with the knobs ControlNet's own demos expose.
+
+It knows nothing about Ray: `build_demo(run, limits, size)` takes an async `run(fields, image)` that
+returns (control map, image, seed) and raises `api.ApiError` for bad input; the app mounts the result
+on its FastAPI ingress at /demo, so the demo goes through the same validation and batching as the API.
+"""
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from engine.serve import api
+
+
+def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limits, size: int):
+    import gradio as gr
+
+    async def on_generate(image, prompt, negative, strength, guess, low, high, steps, guidance, seed,
+                          start, end, side):
+        if image is None:
+            raise gr.Error("upload a control image first")
+        fields = dict(
+            prompt=prompt, negative_prompt=negative or None, controlnet_conditioning_scale=float(strength),
+            guess_mode=bool(guess), canny_low=int(low), canny_high=int(high), num_inference_steps=int(steps),
+            guidance_scale=float(guidance), seed=int(seed) if seed is not None and seed >= 0 else None,
+            control_guidance_start=float(start), control_guidance_end=float(end), height=int(side),
+            width=int(side),
+        )
+        try:
+            control_map, result, used_seed = await run(fields, image)
+        except api.ApiError as err:
+            raise gr.Error(f"{err.field}: {err.message}" if err.field else err.message) from None
+        return control_map, result, used_seed
+
+    with gr.Blocks(title="ControlNet engine") as demo:
+        gr.Markdown("## SD1.5 + ControlNet\nUpload a picture; its canny edges steer the generation.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Control image", type="pil", elem_id="control-image")
+                prompt = gr.Textbox(label="Prompt", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Options", open=False):
+                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
+                    guess = gr.Checkbox(value=False, label="Guess mode")
+                    low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
+                    high = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold")
+                    steps = gr.Slider(1, limits.max_steps, value=min(20, limits.max_steps), step=1, label="Steps")
+                    guidance = gr.Slider(0.0, 30.0, value=7.5, step=0.5, label="Guidance scale")
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+                    start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="ControlNet start")
+                    end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="ControlNet end")
+                    side = gr.Slider(64, limits.max_side, value=min(size, limits.max_side), step=64, label="Size")
+            with gr.Column():
+                with gr.Row():
+                    control_map = gr.Image(label="Control map", elem_id="control-map")
+                    result = gr.Image(label="Result", elem_id="result")
+                used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+        button.click(
+            on_generate,
+            inputs=[image, prompt, negative, strength, guess, low, high, steps, guidance, seed, start, end, side],
+            outputs=[control_map, result, used_seed],
+        )
+    return demo
