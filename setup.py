@@ -53,13 +53,13 @@ RUNTIME = [
 ]
 
 EXTRAS = {
-    "onnx": ["onnx", "onnxruntime", "onnxscript"],
+    "onnx": ["onnx", "onnxruntime", "onnxscript", "onnxslim"],
     "kernels": ["triton", "pybind11"],
     # onnxruntime-gpu installs the same module as onnxruntime: never both in one environment.
-    "tensorrt": ["onnx", "onnxscript", "onnxruntime-gpu", "tensorrt"],
+    "tensorrt": ["onnx", "onnxscript", "onnxslim", "onnxruntime-gpu", "tensorrt"],
     "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
     "bench": ["pytest-benchmark", "matplotlib"],
-    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "triton", "pybind11",
+    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "onnxslim", "triton", "pybind11",
              "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
 }
 

@@ -11,6 +11,9 @@
 A backend knows nothing of schedulers, CFG or guidance windows: the loop in `engine.runner` is written
 once and is the same for every backend, which is what makes "every backend equals the reference" a test.
 Inputs come in float32 (latents, scales) and outputs go back as float32; a backend casts to its own dtype.
+
+`pick_backend` says which built backend can run here (and why); `open_engine_dir` checks an engine dir's
+manifest against the request and returns the backend over its graphs (onnxruntime or tensorrt).
 """
 from __future__ import annotations
 

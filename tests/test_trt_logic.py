@@ -1,0 +1,222 @@
+"""TensorRT logic that needs no TensorRT: profiles from the specs, precision flags per version, plan
+cache keys, buffer shapes, and the builder's calls against a stand-in `tensorrt` module. The runtime
+test at the end runs only where TensorRT and a CUDA GPU are present."""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from engine.manifest import solve_variables
+from export import tensorrt_build as tb
+from export.spec import ModelConfig, Sizes, build_specs
+
+SD15 = ModelConfig(vae_scale_factor=8, latent_channels=4, text_length=77, text_dim=768, vocab_size=49408,
+                   block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, unet_out_channels=4,
+                   image_channels=3, control_channels=3)
+
+
+def specs(precision="fp16", pool=False):
+    return {s.name: s for s in build_specs(SD15, [("canny", pool)], precision)}
+
+
+def test_sd15_profiles_default_sizes():
+    s, sizes = specs(), Sizes()  # 256-1024 px, batch 1-4 (x2 for CFG)
+    assert SD15.num_residuals == 13 and SD15.size_multiple == 64
+    unet = s["unet"].profile(sizes, 8)
+    assert unet["sample"] == [[1, 4, 32, 32], [2, 4, 64, 64], [8, 4, 128, 128]]
+    assert unet["timestep"] == [[1], [1], [1]]
+    assert unet["encoder_hidden_states"] == [[1, 77, 768], [2, 77, 768], [8, 77, 768]]
+    assert unet["down_0"] == [[1, 320, 32, 32], [2, 320, 64, 64], [8, 320, 128, 128]]
+    assert unet["down_3"] == [[1, 320, 16, 16], [2, 320, 32, 32], [8, 320, 64, 64]]
+    assert unet["mid"] == [[1, 1280, 4, 4], [2, 1280, 8, 8], [8, 1280, 16, 16]]
+    assert s["hint_canny"].profile(sizes, 8)["control_map"] == [[1, 3, 256, 256], [2, 3, 512, 512], [8, 3, 1024, 1024]]
+    assert s["vae_decoder"].profile(sizes, 8)["latents"][2] == [4, 4, 128, 128]  # images only, no CFG doubling
+    assert s["controlnet_canny"].profile(sizes, 8)["scales"] == [[13], [13], [13]]
+    for spec in s.values():
+        tb.check_profile(spec.profile(sizes, 8))
+
+
+def test_spec_dtypes_and_names():
+    s = specs("fp16")
+    unet = s["unet"]
+    assert [io.name for io in unet.inputs[:3]] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [io.name for io in unet.inputs[3:]] == [io.name for io in s["controlnet_canny"].outputs]
+    assert {io.dtype for io in unet.inputs} == {"float16", "float32"}  # timestep stays float32
+    assert s["text_encoder"].inputs[0].dtype == "int64"
+    assert s["unet"].dynamic_axes()["down_4"] == {0: "B", 2: "h_2", 3: "w_2"}
+    pooled = specs(pool=True)["controlnet_canny"].outputs
+    assert pooled[5].dims == ("B", 640, 1, 1)
+
+
+def test_bad_profiles_and_sizes_refused():
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        tb.check_profile({"sample": [[1, 4, 64, 64], [2, 4, 32, 32], [8, 4, 128, 128]]})
+    with pytest.raises(ValueError, match="ranks differ"):
+        tb.check_profile({"sample": [[1, 4, 64], [2, 4, 64, 64], [8, 4, 128, 128]]})
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Sizes(min_size=200).check(64)
+    with pytest.raises(ValueError, match="min_size <= opt_size <= max_size"):
+        Sizes(min_size=512, opt_size=256).check(64)
+    with pytest.raises(ValueError, match="max_batch"):
+        Sizes(max_batch=0).check(64)
+
+
+def test_buffer_shapes_from_inputs():
+    unet = specs("fp32")["unet"]
+    shapes = {io.name: io.shape(dict(B=3, h=64, w=96)) for io in unet.inputs}
+    assert solve_variables(list(unet.inputs), shapes) == dict(B=3, h=64, w=96)
+    assert unet.output_shapes(dict(B=3, h=64, w=96)) == {"noise_pred": (3, 4, 64, 96)}
+    assert shapes["mid"] == (3, 1280, 8, 12)
+    shapes["down_7"] = (3, 1280, 16, 16)
+    with pytest.raises(ValueError, match="down_7"):
+        solve_variables(list(unet.inputs), shapes)
+    hint = specs("fp32")["hint_canny"]
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        solve_variables(list(hint.inputs), {"control_map": (1, 3, 100, 96)})
+
+
+def test_precision_flags_per_version():
+    assert tb.network_flags(10, "fp16") == dict(strongly_typed=False, fp16_flag=True)
+    assert tb.network_flags(10, "fp32") == dict(strongly_typed=False, fp16_flag=False)
+    assert tb.network_flags(11, "fp16") == dict(strongly_typed=True, fp16_flag=False)
+    with pytest.raises(ValueError, match="need 10 or newer"):
+        tb.network_flags(8, "fp16")
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        tb.network_flags(10, "int8")
+
+
+def test_plan_key_and_timing_cache_name():
+    profile = specs()["unet"].profile(Sizes(), 8)
+    key = tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3")
+    assert key == tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3")
+    other_sizes = specs()["unet"].profile(dataclasses.replace(Sizes(), max_size=768), 8)
+    changed = [tb.plan_key("abd", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3"),
+               tb.plan_key("abc", other_sizes, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3"),
+               tb.plan_key("abc", profile, "fp32", "10.9.0", "NVIDIA H100 80GB HBM3"),
+               tb.plan_key("abc", profile, "fp16", "11.4.0", "NVIDIA H100 80GB HBM3"),
+               tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA L4")]
+    assert len({key, *changed}) == 6
+    assert tb.timing_cache_name("10.9.0", "NVIDIA H100 80GB HBM3") == "timing-trt10.9.0-nvidia-h100-80gb-hbm3.cache"
+
+
+def fake_tensorrt(version: str, parse_ok: bool = True):
+    """Just enough of the tensorrt module for build_plan, recording what it is asked to do."""
+    calls = {"flags": [], "shapes": {}, "creation": None}
+
+    class Config:
+        builder_optimization_level = 0
+
+        def set_flag(self, flag):
+            calls["flags"].append(flag)
+
+        def set_memory_pool_limit(self, pool, size):
+            calls["workspace"] = size
+
+        def add_optimization_profile(self, profile):
+            calls["profiles"] = calls.get("profiles", 0) + 1
+
+        def create_timing_cache(self, data):
+            calls["cache_in"] = data
+            return "cache"
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls["cache_set"] = cache
+
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: b"TIMING")
+
+    class Profile:
+        def set_shape(self, name, low, opt, high):
+            calls["shapes"][name] = (low, opt, high)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, creation):
+            calls["creation"] = creation
+            return "network"
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"PLAN"
+
+    class Parser:
+        num_errors = 0 if parse_ok else 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            calls["parsed"] = path
+            return parse_ok
+
+        def get_error(self, i):
+            return "Unsupported op FancyOp"
+
+    trt = types.SimpleNamespace(
+        __version__=version, Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        Builder=Builder, OnnxParser=Parser, NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
+        BuilderFlag=types.SimpleNamespace(FP16="FP16"), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WS"),
+    )
+    return trt, calls
+
+
+@pytest.mark.parametrize("version,strongly_typed,fp16_flag", [("10.9.0", False, True), ("11.4.0", True, False)])
+def test_build_plan_calls(tmp_path, version, strongly_typed, fp16_flag):
+    trt, calls = fake_tensorrt(version)
+    profile = specs()["controlnet_canny"].profile(Sizes(), 8)
+    cache = tmp_path / "timing.cache"
+    tb.build_plan(tmp_path / "net.onnx", tmp_path / "net.plan", profile, "fp16", tb.TrtBuildConfig(timing_cache=cache), trt=trt)
+    assert (tmp_path / "net.plan").read_bytes() == b"PLAN" and cache.read_bytes() == b"TIMING"
+    assert calls["creation"] == (1 if strongly_typed else 0)
+    assert (calls["flags"] == ["FP16"]) == fp16_flag
+    assert calls["shapes"] == {name: tuple(v) for name, v in profile.items()} and calls["profiles"] == 1
+    assert calls["cache_in"] == b""  # no cache yet; the next build reads the written one
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_build_plan_parse_error(tmp_path):
+    trt, _ = fake_tensorrt("10.9.0", parse_ok=False)
+    with pytest.raises(RuntimeError, match="Unsupported op FancyOp"):
+        tb.build_plan(tmp_path / "x.onnx", tmp_path / "x.plan", {"sample": [[1], [1], [1]]}, "fp32", trt=trt)
+    assert not (tmp_path / "x.plan").exists()
+
+
+def test_auto_backend_without_tensorrt_picks_onnxruntime():
+    from engine.backends import pick_backend, tensorrt_usable
+
+    usable, why = tensorrt_usable()
+    backend, reason = pick_backend("auto")
+    assert backend == ("tensorrt" if usable else "onnxruntime") and why in reason
+    if not usable:
+        with pytest.raises(ValueError, match="cannot run here"):
+            pick_backend("tensorrt")
+
+
+def test_tensorrt_runtime_on_gpu(tmp_path, tiny_dir):
+    """Build plans for the tiny model and compare with torch; only where TensorRT and CUDA exist."""
+    from engine.backends import tensorrt_usable
+
+    usable, why = tensorrt_usable()
+    if not usable:
+        pytest.skip(f"TensorRT cannot run here: {why}")
+    from engine.build import main
+
+    out = tmp_path / "engine"
+    code = main(["--model", str(tiny_dir["model"]), "--controlnet", str(tiny_dir["canny"]), "--out", str(out),
+                 "--backend", "tensorrt", "--min-size", "64", "--max-size", "128", "--no-progress"])
+    assert code == 0
+    from engine import Runner
+
+    runner = Runner(engine_dir=str(out))
+    assert runner.backend.name == "tensorrt" and runner.device.type == "cuda"
+    assert torch.cuda.is_available()
