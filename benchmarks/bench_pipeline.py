@@ -20,12 +20,15 @@ PROMPT = "an astronaut, best quality"
 
 
 @pytest.fixture(scope="module")
-def setup(bench_config):
+def setup(bench_config, tmp_path_factory):
     from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     from engine import Runner
     from engine.preprocess import canny
 
+    # The engine dir is built first, in its own process: a full-size export peaks at many GB, which
+    # must be given back before this process loads its own copy of the weights.
+    engine_dir = _build_engine_dir(bench_config, tmp_path_factory) if "onnxruntime" in bench_config.backends else None
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
     b = runner.backend
     pipe = StableDiffusionControlNetPipeline(
@@ -44,7 +47,26 @@ def setup(bench_config):
     with PIL.Image.open(ASSET) as im:
         edges = canny(im.convert("RGB").resize((res, res), PIL.Image.LANCZOS))
     flops = per_sample_flops(bench_config.preset, res, res)
-    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops)
+    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir)
+
+
+def _build_engine_dir(bench_config, tmp_path_factory):
+    """An ONNX Runtime engine dir for the same random weights (seeded presets), sized for this run."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("engine") / bench_config.size
+    res = str(bench_config.resolution)
+    cmd = [sys.executable, "-m", "engine.build", "--model", bench_config.preset, "--controlnet", "canny",
+           "--out", str(out), "--backend", "onnxruntime", "--min-size", res, "--opt-size", res, "--max-size", res,
+           "--max-batch", "1", "--no-verify", "--no-progress"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"engine build failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
+    print(f"built {out} in {time.perf_counter() - start:.0f} s")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +168,12 @@ def engine_runner(setup, bench_config, backend: str):
         return setup["runner"]
     if backend == "torch-fused":
         return _fused_runner(setup)
+    if backend == "onnxruntime" and setup["engine_dir"] is not None:
+        if "ort_runner" not in setup:
+            from engine import Runner
+
+            setup["ort_runner"] = Runner(engine_dir=str(setup["engine_dir"]), backend="onnxruntime")
+        return setup["ort_runner"]
     pytest.skip(f"backend {backend} is not available in this build yet")
 
 
