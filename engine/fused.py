@@ -32,6 +32,7 @@ class FusedResiduals:
     """Every active ControlNet's pending residuals for one step; applied inside `unet_forward`."""
 
     nets: list[PendingResiduals]
+    impl: str | None = None  # kernel implementation; None: chosen per call (kernels.zero_conv._resolve)
 
     def add_into(self, i: int, skip: torch.Tensor) -> torch.Tensor:
         """skip + sum over nets of scale * zero_conv(feature) at injection point i, one fused op."""
@@ -43,10 +44,10 @@ class FusedResiduals:
         scales = [net.scales[i] for net in self.nets]
         half = feats[0].shape[0]
         if half == skip.shape[0]:
-            return fused_zero_conv_add(skip, feats, weights, biases, scales)
+            return fused_zero_conv_add(skip, feats, weights, biases, scales, impl=self.impl)
         # Guess mode with CFG: the ControlNets saw the conditional half only; the unconditional half of
         # the skip gets nothing added (diffusers adds zeros there).
-        cond = fused_zero_conv_add(skip[skip.shape[0] - half:], feats, weights, biases, scales)
+        cond = fused_zero_conv_add(skip[skip.shape[0] - half:], feats, weights, biases, scales, impl=self.impl)
         return torch.cat([skip[: skip.shape[0] - half], cond])
 
 

@@ -5,6 +5,9 @@ depends only on the control image; here it is a module of its own, run once per 
 ControlNet body takes the hint. The body's per-block scales are an input tensor (13 values), so strength,
 guidance windows and guess mode's log-spaced scales never change the graph. These modules are what the
 torch backend runs and what `export/` exports, so every backend runs the same cut.
+
+At the end: the GroupNorm + SiLU fusion (TorchOptimizations.groupnorm_silu), installed by swapping the
+classes of existing modules so weights and state-dict keys never change.
 """
 from __future__ import annotations
 
@@ -124,3 +127,66 @@ class VaeDecoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+
+# ---- GroupNorm + SiLU fused (TorchOptimizations.groupnorm_silu) ---------------------------------------
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    from kernels import group_norm_silu
+
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """A GroupNorm whose output goes through SiLU, as one op. Installed by swapping the class of an existing
+    GroupNorm (weights untouched) whose only consumer is a SiLU that is then made an Identity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _norm_silu(self, x)
+
+
+def _resnet_supported(block) -> bool:
+    return (block.time_embedding_norm == "default" and isinstance(block.nonlinearity, nn.SiLU)
+            and isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm))
+
+
+def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+    """diffusers' ResnetBlock2D.forward (inference, time_embedding_norm="default", SiLU), line for line, with
+    each GroupNorm + SiLU pair as one op; the SiLU on the time embedding stays a plain SiLU."""
+    hidden_states = _norm_silu(self.norm1, input_tensor)
+    if self.upsample is not None:
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:
+        hidden_states = hidden_states + temb
+    hidden_states = _norm_silu(self.norm2, hidden_states)
+    hidden_states = self.conv2(self.dropout(hidden_states))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def swap_resnet(block) -> bool:
+    """Make a ResnetBlock2D run `fused_resnet_forward` by swapping its class for a subclass (made once per
+    base class), so weights and state-dict keys stay as they were; False where its configuration is not
+    the one the fused forward covers (the block is left as it is)."""
+    if not _resnet_supported(block):
+        return False
+    base = type(block)
+    fused = _FUSED_CLASSES.get(base)
+    if fused is None:
+        fused = _FUSED_CLASSES[base] = type("Fused" + base.__name__, (base,), {"forward": fused_resnet_forward})
+    block.__class__ = fused
+    return True
+
+
+_FUSED_CLASSES: dict = {}

@@ -1,12 +1,26 @@
 """Named, switchable optimisations of the torch backend, each with its trade-off written where it is defined.
 
-Choose a preset by name (`Runner(optimizations="fused")`) or pass a `TorchOptimizations`. "reference" has
+Choose a preset by name (`Runner(optimizations="fast")`) or pass a `TorchOptimizations`. "reference" has
 every switch off: it is the path every other one is checked against. A bad switch is found by turning it
-off.
+off. Each switch is one helper below (`apply_to_model`), applied to the UNet, the ControlNets and the VAE
+alike, in the order the fields are listed.
+
+Two things are deliberately not switches:
+- Precision. fp16 (or bf16) weights with fp32 latents and scheduler is `Runner(dtype="fp16")`, the default
+  on CUDA: the Runner keeps latents, scheduler and guidance in fp32 and the backend casts each model
+  input to its dtype and each output back to fp32 (engine/backends/__init__.py). One dtype, not a
+  boolean per precision, so a preset never contradicts the dtype. Speed on an H100: ~2-3x over fp32
+  (tensor cores, half the bytes). Quality: the GPU suite holds the final image to >= 35 dB PSNR vs fp32
+  (benchmarks/gpu_suite.py); bf16 is coarser (8-bit mantissa) and on a CPU ~30x slower (FACTS.md).
+- The ControlNet hint encoder once per image. Always on: the Runner encodes the control image once per
+  generation (engine/modules.HintEncoder) where diffusers re-runs it every step (0.029 of 0.567 TFLOP
+  of a 512² ControlNet step, ~5%). Same math, same output (tests/test_parity.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+
+ATTENTION = ("default", "sdpa", "plain")
 
 
 @dataclass(frozen=True)
@@ -19,11 +33,82 @@ class TorchOptimizations:
     the reference within 1e-5 (tests/test_fused_path.py). Not used for global-pool (shuffle) ControlNets,
     which average their residuals over the image."""
 
+    channels_last: bool = False
+    """Weights and 4-D activations in NHWC (torch.channels_last). Speed: cuDNN's fp16 tensor-core
+    convolutions are NHWC-native; NCHW costs layout transforms around convs (diffusion-fast reports a
+    gain on an A100; ours: the GPU suite's ablation row). On this CPU it is no faster. Quality: same math, other conv algorithms: fp32
+    within 1e-5 of the reference (tests/test_optimizations.py). Outputs are handed back contiguous."""
+
+    attention: str = "default"
+    """Attention processor: "default" leaves diffusers' choice (AttnProcessor2_0, i.e. SDPA, on torch 2,
+    so the reference already has it), "sdpa" sets AttnProcessor2_0 explicitly, "plain" the unfused
+    AttnProcessor (softmax(QK^T)V as three ops, an (HW)^2 score matrix in memory: 4096^2 per head at
+    512²). Speed: SDPA picks flash / memory-efficient kernels on a GPU and never materialises the
+    scores; "plain" exists to measure what that buys. Quality: same math; fp32 within 1e-5 on the CPU."""
+
+    fused_qkv: bool = False
+    """One matmul for Q, K and V in self-attention (K and V in cross-attention): diffusers'
+    Attention.fuse_projections + FusedAttnProcessor2_0, on every attention layer. Speed: one GEMM with 3x
+    the N instead of three launches reading the same input (diffusion-fast: a small gain). Quality:
+    same products, the weights concatenated: fp32 within 1e-5. Memory: the unfused projections are kept
+    beside the fused ones (+~2% of the UNet's weights). Needs SDPA (attention "default" or "sdpa")."""
+
+    groupnorm_silu: bool = False
+    """GroupNorm + SiLU as one Triton kernel (kernels.group_norm_silu), NHWC-aware, in every ResnetBlock2D
+    (twice per block) and before conv_out. Speed: 3 passes over the activation instead of 4 and no
+    temporary; stable-fast found it pays in NHWC, where cuDNN's GroupNorm is slow. Quality: statistics in
+    fp32 with a parallel-variance merge; within 1e-5 of fp32 GroupNorm. Off the GPU it runs torch's two
+    ops (Triton only under TRITON_INTERPRET=1, for tests); ENGINE_DISABLE_TRITON=1 forces those too."""
+
+    cuda_graphs: bool = False
+    """The whole denoising step (every active ControlNet, the residual combine, the UNet) replayed as one
+    CUDA graph per shape key (engine/cuda_graphs.py). Speed: removes the CPU cost of launching the
+    step's ~1000+ kernels one by one, which at batch 1 on an H100 is comparable to the GPU time (the gap
+    between diffusers' 35.8 it/s and stable-fast's 72.6 is mostly this). Quality: bitwise the eager step. Costs: one capture per (batch, size, active nets,
+    guess mode, dtype), ~1 step's time, and the graph's activation memory held while the shape lasts.
+    CUDA only (an error elsewhere). CFG guidance and the scheduler stay outside (they are in the Runner's
+    loop), ~20 small launches per step."""
+
+    compile: bool = False
+    """torch.compile (inductor, no autotuning) of the step function (engine/cuda_graphs.compile_step).
+    Speed: fuses the elementwise tails of convs and attention into their neighbours. The step
+    traces as one graph per active-net set with no graph breaks (checked on the CPU with dynamo's eager
+    backend: 2 graphs for a window, 0 breaks).
+    Costs: 1-3 minutes of compilation per active-net set on first use. The scales are tensors and the
+    guidance window only decides which nets run (a set already seen), so changing either never
+    recompiles. Quality: inductor reorders fp16 arithmetic: not bitwise; held by the GPU suite's PSNR."""
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.fused_qkv and self.attention == "plain":
+            raise ValueError("fused_qkv needs SDPA (FusedAttnProcessor2_0): use attention='default' or 'sdpa', "
+                             "not 'plain'")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be True or False, got {value!r}")
+
 
 PRESETS = {
     "reference": TorchOptimizations(),
     "fused": TorchOptimizations(fused_zero_conv=True),
+    # Everything that pays on an NVIDIA GPU and keeps the output to eager fp16's (compile is opt-in:
+    # its minutes of compilation are worth it only for long-running servers).
+    "fast": TorchOptimizations(fused_zero_conv=True, channels_last=True, attention="sdpa", fused_qkv=True,
+                               groupnorm_silu=True, cuda_graphs=True),
 }
+
+# The ablation's order: each step adds one switch to all before it (benchmarks/gpu_suite.py).
+ABLATION = (
+    ("attention", "sdpa"),
+    ("channels_last", True),
+    ("fused_qkv", True),
+    ("fused_zero_conv", True),
+    ("groupnorm_silu", True),
+    ("cuda_graphs", True),
+    ("compile", True),
+)
 
 
 def resolve_optimizations(value: str | TorchOptimizations | None) -> TorchOptimizations:
@@ -38,5 +123,83 @@ def resolve_optimizations(value: str | TorchOptimizations | None) -> TorchOptimi
     )
 
 
-def describe(opts: TorchOptimizations) -> dict[str, bool]:
+def with_switches(base: TorchOptimizations | str | None = None, **switches) -> TorchOptimizations:
+    """`base` with some switches changed; an unknown switch name is an error naming the known ones."""
+    known = [f.name for f in fields(TorchOptimizations)]
+    unknown = [name for name in switches if name not in known]
+    if unknown:
+        raise ValueError(f"unknown optimization switch {unknown[0]!r}; known: {', '.join(known)}")
+    return replace(resolve_optimizations(base), **switches)
+
+
+def cumulative(order=ABLATION) -> list[tuple[str, TorchOptimizations]]:
+    """[("reference", ref), ("+attention=sdpa", ...), ...]: each switch added to all before it."""
+    opts = PRESETS["reference"]
+    steps = [("reference", opts)]
+    for name, value in order:
+        opts = with_switches(opts, **{name: value})
+        steps.append((f"+{name}" if value is True else f"+{name}={value}", opts))
+    return steps
+
+
+def describe(opts: TorchOptimizations) -> dict[str, bool | str]:
     return {f.name: getattr(opts, f.name) for f in fields(opts)}
+
+
+def check_device(opts: TorchOptimizations, device) -> None:
+    """Switches that cannot run on this device raise here, before any model work."""
+    if opts.cuda_graphs and getattr(device, "type", str(device)) != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got {str(device)!r}: turn it off or use device='cuda'")
+
+
+# ---- applying the model-level switches, one helper each --------------------------------------------------
+
+
+def set_attention(model, attention: str) -> None:
+    if attention == "default":
+        return
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def fuse_qkv(model) -> None:
+    import torch
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+                module.set_processor(FusedAttnProcessor2_0())
+
+
+def use_groupnorm_silu(model) -> int:
+    """Fuse every GroupNorm + SiLU pair that only feeds each other; returns how many blocks changed."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from torch import nn
+
+    from engine.modules import GroupNormSiLU, swap_resnet
+
+    changed = sum(swap_resnet(m) for m in list(model.modules()) if isinstance(m, ResnetBlock2D))
+    # UNet and VAE decoder: conv_norm_out -> conv_act -> conv_out, the act used nowhere else.
+    for owner in [model, getattr(model, "decoder", None)]:
+        norm, act = getattr(owner, "conv_norm_out", None), getattr(owner, "conv_act", None)
+        if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
+            norm.__class__ = GroupNormSiLU
+            owner.conv_act = nn.Identity()
+            changed += 1
+    return changed
+
+
+def apply_to_model(model, opts: TorchOptimizations) -> None:
+    """Apply the model-level switches to one diffusers model (UNet, ControlNet or VAE), in place."""
+    import torch
+
+    set_attention(model, opts.attention)
+    if opts.fused_qkv:
+        fuse_qkv(model)
+    if opts.groupnorm_silu:
+        use_groupnorm_silu(model)
+    if opts.channels_last:
+        model.to(memory_format=torch.channels_last)

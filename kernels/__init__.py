@@ -11,8 +11,13 @@ from kernels.zero_conv import (
     triton_available,
 )
 from kernels.zero_conv_torch import combine_residuals_torch, zero_conv_add_reference, zero_conv_add_torch
+from kernels.groupnorm_silu import GN_IMPLS, group_norm_silu, group_norm_silu_reference, group_norm_silu_torch
 
 __all__ = [
+    "GN_IMPLS",
+    "group_norm_silu",
+    "group_norm_silu_reference",
+    "group_norm_silu_torch",
     "IMPLS",
     "combine_residuals",
     "combine_residuals_torch",

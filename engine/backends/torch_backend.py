@@ -1,16 +1,41 @@
 """The PyTorch backend: the reference every other backend is checked against, on any device.
 
 With `TorchOptimizations(fused_zero_conv=True)` the ControlNets stop before their zero convs and the UNet
-applies them inside its skip additions, one fused op per injection point (engine/fused.py).
+applies them inside its skip additions, one fused op per injection point (engine/fused.py). The
+model-level switches (attention, fused QKV, GroupNorm+SiLU, channels-last) are applied to the models once,
+here (engine.optimizations.apply_to_model).
+
+With `cuda_graphs` or `compile` the step runs as one function, `step_fn`: `controlnet()` and `combine()`
+only record their inputs, and `unet()` runs every recorded ControlNet, the combine and the UNet in one
+call (one CUDA graph replay). The generation loop is unchanged: it asks the same questions in the same
+order; its "controlnet" stage then times ~nothing and "unet" the whole step.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from engine import fused
 from engine.backends import sum_residuals
 from engine.modules import ControlNetBody, HintEncoder, TextEncoder, UNetWithResiduals, VaeDecoder
-from engine.optimizations import TorchOptimizations
+from engine.optimizations import TorchOptimizations, apply_to_model, check_device
+
+
+@dataclass
+class _NetCall:
+    """A ControlNet call recorded for the step function (cuda_graphs / compile)."""
+
+    k: int
+    sample: torch.Tensor
+    embeddings: torch.Tensor
+    hint: torch.Tensor
+    scales: torch.Tensor
+
+
+@dataclass
+class _StepCall:
+    calls: list[_NetCall]
 
 
 class TorchBackend:
@@ -18,9 +43,13 @@ class TorchBackend:
 
     def __init__(self, sd, controlnets: list, device: torch.device, dtype: torch.dtype,
                  optimizations: TorchOptimizations = TorchOptimizations()):
+        check_device(optimizations, torch.device(device))
         self.device = device
         self.dtype = dtype
         self.optimizations = optimizations
+        for model in [sd.unet, *controlnets, sd.vae]:
+            apply_to_model(model, optimizations)
+        self.channels_last = optimizations.channels_last
         self.text_encoder = TextEncoder(sd.text_encoder)
         self.unet_model = UNetWithResiduals(sd.unet)
         self.vae_decoder = VaeDecoder(sd.vae)
@@ -29,9 +58,29 @@ class TorchBackend:
         # Global-pool (shuffle) nets average their residuals over the image: nothing to fuse.
         self.fused = optimizations.fused_zero_conv and not any(b.global_pool for b in self.controlnet_bodies)
         self.zero_convs = [fused.zero_conv_params(net) for net in controlnets] if self.fused else []
+        # Under torch.compile the kernel is chosen once, here: the per-call choice looks up modules
+        # (importlib), which dynamo cannot trace, a graph break at each of the 13 injection points.
+        self.zero_conv_impl = None
+        if self.fused and optimizations.compile:
+            from kernels.zero_conv import _resolve
+
+            self.zero_conv_impl = _resolve(None, torch.device(device), dtype)
+        self.step_runner = None  # None: eager calls, as the reference
+        if optimizations.cuda_graphs or optimizations.compile:
+            from engine import cuda_graphs
+
+            step = cuda_graphs.compile_step(self.step_fn) if optimizations.compile else self.step_fn
+            self.step_runner = cuda_graphs.StepGraphs(step, torch.device(device)) if optimizations.cuda_graphs else step
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=self.device, dtype=self.dtype)
+        x = x.to(device=self.device, dtype=self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to the loop: float32, and in the default layout (the loop's cat/chunk/scheduler expect it)."""
+        return x.float().contiguous() if self.channels_last else x.float()
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -43,27 +92,66 @@ class TorchBackend:
 
     @torch.inference_mode()
     def controlnet(self, k, sample, timestep, embeddings, hint, scales):
+        if self.step_runner is not None:
+            return _NetCall(k, sample, embeddings, hint, scales)
+        return self._controlnet(k, sample, timestep, embeddings, hint, scales)
+
+    def combine(self, outputs: list, batch: int):
+        if self.step_runner is not None:
+            return _StepCall(outputs)
+        return self._combine(outputs, batch)
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
+        if self.step_runner is not None:
+            return self._run_step(residuals.calls if residuals is not None else [], sample, timestep, embeddings)
+        return self._unet(sample, timestep, embeddings, residuals)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._out(self.vae_decoder(self._in(latents)))
+
+    # ---- the step's parts, eager ------------------------------------------------------------------------
+
+    def _controlnet(self, k, sample, timestep, embeddings, hint, scales):
         body = self.controlnet_bodies[k]
         if self.fused:
             weights, biases = self.zero_convs[k]
             features = body.features(self._in(sample), timestep, self._in(embeddings), hint)
             return fused.PendingResiduals(features, weights, biases, scales.to(self.device, torch.float32))
         out = body(self._in(sample), timestep, self._in(embeddings), hint, self._in(scales))
-        return tuple(r.float() for r in out)
+        return tuple(self._out(r) for r in out)
 
-    def combine(self, outputs: list, batch: int):
+    def _combine(self, outputs: list, batch: int):
         if self.fused:
-            return fused.FusedResiduals(outputs)  # summed inside the UNet, one op per injection point
+            return fused.FusedResiduals(outputs, self.zero_conv_impl)  # summed inside the UNet, one op per point
         return sum_residuals(outputs, batch)
 
-    @torch.inference_mode()
-    def unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
+    def _unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
         if isinstance(residuals, fused.FusedResiduals):
             unet = self.unet_model.unet
-            return fused.unet_forward(unet, self._in(sample), timestep, self._in(embeddings), residuals.add_into).float()
+            return self._out(fused.unet_forward(unet, self._in(sample), timestep, self._in(embeddings), residuals.add_into))
         residuals = [self._in(r) for r in residuals] if residuals is not None else []
-        return self.unet_model(self._in(sample), timestep, self._in(embeddings), *residuals).float()
+        return self._out(self.unet_model(self._in(sample), timestep, self._in(embeddings), *residuals))
 
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae_decoder(self._in(latents)).float()
+    # ---- the step as one function (cuda_graphs / compile) -----------------------------------------------
+
+    def step_fn(self, key, sample, timestep, embeddings, control_sample, control_embeddings, hints, scales):
+        """One denoising step without guidance: the nets in key.nets, the combine, the UNet. A plain function
+        of its tensors, so a CUDA graph or torch.compile wraps it unchanged."""
+        outputs = [self._controlnet(k, control_sample, timestep, control_embeddings, hint, s)
+                   for k, hint, s in zip(key.nets, hints, scales)]
+        residuals = self._combine(outputs, sample.shape[0]) if outputs else None
+        return self._unet(sample, timestep, embeddings, residuals)
+
+    def _run_step(self, calls: list[_NetCall], sample, timestep, embeddings) -> torch.Tensor:
+        from engine.cuda_graphs import step_key
+
+        control_sample = calls[0].sample if calls else sample
+        control_embeddings = calls[0].embeddings if calls else embeddings
+        key = step_key([c.k for c in calls], sample, control_sample, self.dtype)
+        device = sample.device
+        # Scales arrive as CPU tensors; the graph's buffers live on the device.
+        scales = [c.scales.to(device, torch.float32) for c in calls]
+        return self.step_runner(key, sample, timestep.to(device), embeddings, control_sample, control_embeddings,
+                                [c.hint for c in calls], scales)
