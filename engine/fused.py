@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from engine.modules import down_blocks, mid_block, time_embedding
+
 
 @dataclass
 class PendingResiduals:
@@ -62,26 +64,13 @@ def unet_forward(
     add_residual: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """UNet2DConditionModel.forward for SD1.5 configs; `add_residual(i, skip)` at the 13 skip points."""
-    timesteps = timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=sample.dtype))
+    emb = time_embedding(unet, sample, timestep)
     up_factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
 
-    sample = unet.conv_in(sample)
-    skips = [sample]
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            sample, res = block(hidden_states=sample, temb=emb)
-        skips.extend(res)
+    sample, skips = down_blocks(unet, unet.conv_in(sample), emb, encoder_hidden_states)
     skips = [add_residual(i, skip) for i, skip in enumerate(skips)]
-
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
-    else:
-        sample = unet.mid_block(sample, emb)
-    sample = add_residual(len(skips), sample)
+    sample = add_residual(len(skips), mid_block(unet, sample, emb, encoder_hidden_states))
 
     upsample_size = None
     for i, block in enumerate(unet.up_blocks):

@@ -23,6 +23,30 @@ def block_scales(scale: float, num_residuals: int, guess_mode: bool) -> torch.Te
     return torch.full((num_residuals,), float(scale))
 
 
+def time_embedding(model, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The timestep embedding of a UNet or ControlNet, as their diffusers forwards compute it."""
+    timesteps = timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
+    return model.time_embedding(model.time_proj(timesteps).to(dtype=sample.dtype))
+
+
+def down_blocks(model, sample, emb, encoder_hidden_states) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the down blocks from conv_in's output: (last sample, the skips incl. conv_in's output)."""
+    skips = [sample]
+    for block in model.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        skips.extend(res)
+    return sample, skips
+
+
+def mid_block(model, sample, emb, encoder_hidden_states) -> torch.Tensor:
+    if getattr(model.mid_block, "has_cross_attention", False):
+        return model.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+    return model.mid_block(sample, emb)
+
+
 class HintEncoder(nn.Module):
     """Control map (B, 3, H, W) in [0, 1] -> hint (B, C0, H/8, W/8), added after the body's conv_in."""
 
@@ -58,20 +82,9 @@ class ControlNetBody(nn.Module):
     def features(self, sample, timestep, encoder_hidden_states, hint) -> list[torch.Tensor]:
         """The 13 feature maps before the zero convs (the fused kernel path applies those itself)."""
         net = self.net
-        timesteps = timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
-        emb = net.time_embedding(net.time_proj(timesteps).to(dtype=sample.dtype))
-        sample = net.conv_in(sample) + hint
-        feats = [sample]
-        for block in net.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                sample, res = block(hidden_states=sample, temb=emb)
-            feats.extend(res)
-        if getattr(net.mid_block, "has_cross_attention", False):
-            sample = net.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            sample = net.mid_block(sample, emb)
+        emb = time_embedding(net, sample, timestep)
+        sample, feats = down_blocks(net, net.conv_in(sample) + hint, emb, encoder_hidden_states)
+        sample = mid_block(net, sample, emb, encoder_hidden_states)
         feats.append(sample)
         return feats
 
