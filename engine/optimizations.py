@@ -28,8 +28,9 @@ class TorchOptimizations:
     fused_zero_conv: bool = False
     """ControlNet zero convs, scale and skip addition in one kernel per injection point for all nets
     (engine/fused.py, kernels.fused_zero_conv_add). Speed: one pass over the skip and feature maps instead
-    of conv -> mul -> sum -> add with temporaries; benchmarks/bench_kernels.py measures 2.7x on the 13
-    SD1.5 points on a 2-core CPU (native kernel). Quality: same math, other summation order: fp32 equal to
+    of conv -> mul -> sum -> add with temporaries. Pays on a GPU (Triton; the GPU suite measures it); on
+    the CPU the op runs torch's unfused path, since the native kernel lost to it there (0.71x on the 13
+    SD1.5 points, benchmarks/bench_kernels.py), so the step is no faster (1.00x). Quality: same math, other summation order: fp32 equal to
     the reference within 1e-5 (tests/test_fused_path.py). Not used for global-pool (shuffle) ControlNets,
     which average their residuals over the image."""
 

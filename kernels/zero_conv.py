@@ -27,12 +27,13 @@ from kernels.zero_conv_torch import combine_residuals_torch, zero_conv_add_torch
 IMPLS = ("triton", "native", "torch")
 COMBINE_IMPLS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# benchmarks/bench_kernels.py on the 2-vCPU dev VM (fp32, 2 threads): native beats torch's unfused
-# path at every SD1.5 point (1.6-6x) and per step (13 points: 2.7x) in wall time. Caveat: per core
-# oneDNN's GEMM is ~1.2x faster (1 thread: torch wins); native wins because it is one parallel
-# region per call where conv -> mul -> add is several, each paying thread wake-up on this VM.
-# Used only for fp32 and when the module is built; ENGINE_DISABLE_NATIVE=1 reverts to torch.
-CPU_DEFAULT_IMPL = "native"
+# The native CPU kernel becomes the CPU default only where benchmarks/bench_kernels.py shows it beating
+# torch's unfused path. On a quiet 2-core AMD EPYC (fp32, 2 threads; benchmarks/results/
+# cpu-sd15-20261125-143549.json) it does not: 130.3 ms vs torch's 92.3 ms for the 13 SD1.5 points
+# (0.71x), slower at the large 64x64/32x32 points, ahead only at 16x16 and 8x8. (An earlier run on a
+# loaded machine showed native 2.7x ahead: one parallel region beat several thread wake-ups there.)
+# So torch it is; set "native" here to switch, or pass impl="native".
+CPU_DEFAULT_IMPL = "torch"
 
 
 def _disabled(name: str) -> bool:
