@@ -2,8 +2,8 @@
 
     python -m benchmarks.report [results/FILE.json ...]   # default: the newest JSON per (device, size)
 
-Each row: median and spread (IQR) of the timed rounds, the ratio to diffusers measured in the same run
-and group, and — for denoising steps — the multiple of the floor (counted FLOPs at the measured matmul
+Each row: median and spread (IQR) of the timed rounds, the ratio to the group's baseline measured in
+the same run (diffusers for pipeline groups, torch's unfused path for kernel groups), and — for denoising steps — the multiple of the floor (counted FLOPs at the measured matmul
 rate). Nothing here measures anything; it only lays out what the JSON holds.
 """
 from __future__ import annotations
@@ -16,12 +16,15 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 PAGE = HERE / "README.md"
 PLOT = RESULTS / "step_time.png"
+BASELINES = ("diffusers", "torch_unfused")  # what each group's ratio is taken against
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def latest_files() -> list[Path]:
     newest: dict[str, Path] = {}
     for path in sorted(RESULTS.glob("*.json")):
+        if path.name.startswith("serve-"):  # bench_serve's own format, tabled by hand in the README
+            continue
         key = "-".join(path.stem.split("-")[:2])  # e.g. cpu-sd15, gpu-sd15
         newest[key] = path
     return list(newest.values())
@@ -32,11 +35,12 @@ def rows(path: Path) -> tuple[dict, list[dict]]:
     out = []
     for bench in data["benchmarks"]:
         stats, info = bench["stats"], bench.get("extra_info", {})
-        out.append(dict(group=bench.get("group") or "", name=bench["name"], backend=info.get("backend", "?"),
+        backend = info.get("backend") or (bench.get("params") or {}).get("impl", "?")
+        out.append(dict(group=bench.get("group") or "", name=bench["name"], backend=backend,
                         median=stats["median"], iqr=stats["iqr"], rounds=stats["rounds"], info=info))
     for r in out:
-        base = next((b for b in out if b["group"] == r["group"] and b["backend"] == "diffusers"), None)
-        r["vs_diffusers"] = base["median"] / r["median"] if base else None
+        base = next((b for b in out if b["group"] == r["group"] and b["backend"] in BASELINES), None)
+        r["vs_baseline"] = base["median"] / r["median"] if base else None
     return data, out
 
 
@@ -55,11 +59,11 @@ def table(path: Path) -> str:
         f"torch {first.get('torch', '?')}, {first.get('threads', '?')} threads · "
         f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run",
         "",
-        "| group | backend | median ms | IQR ms | rounds | x faster than diffusers | x floor |",
+        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rs:
-        ratio = f"{r['vs_diffusers']:.2f}" if r["vs_diffusers"] else "–"
+        ratio = f"{r['vs_baseline']:.2f}" if r["vs_baseline"] else "–"
         floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
         lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | {ratio} | {floor} |")
     return "\n".join(lines)
