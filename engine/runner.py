@@ -16,6 +16,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Sequence
 
 import numpy as np
@@ -188,12 +189,21 @@ class Runner:
             maps.append(pre.load_image(fn(loaded)) if fn is not None else loaded)
         return maps
 
-    def _control_tensor(self, control_map, height: int, width: int) -> torch.Tensor:
+    @cached_property
+    def _control_processor(self):
         from diffusers.image_processor import VaeImageProcessor
 
-        # The processor diffusers' ControlNet pipeline uses, so resizing matches it exactly.
-        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
-        return processor.preprocess(control_map, height=height, width=width).to(torch.float32)
+        # The processor diffusers' ControlNet pipeline uses, so sizing and resizing match it exactly.
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+
+    @cached_property
+    def _image_processor(self):
+        from diffusers.image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _control_tensor(self, control_map, height: int, width: int) -> torch.Tensor:
+        return self._control_processor.preprocess(control_map, height=height, width=width).to(torch.float32)
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(
@@ -276,9 +286,7 @@ class Runner:
         call_start = time.perf_counter()
         control_maps = self._control_maps(image, preprocess)
         if height is None or width is None:
-            from diffusers.image_processor import VaeImageProcessor
-
-            default_h, default_w = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).get_default_height_width(
+            default_h, default_w = self._control_processor.get_default_height_width(
                 control_maps[0] if not isinstance(control_maps[0], np.ndarray) else control_maps[0][None]
             )
             height, width = height or default_h, width or default_w
@@ -353,11 +361,9 @@ class Runner:
         if output_type == "latent":
             images = latents
         else:
-            from diffusers.image_processor import VaeImageProcessor
-
             with timer("vae"):
                 decoded = backend.decode(latents)
-            images = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).postprocess(
+            images = self._image_processor.postprocess(
                 decoded.cpu(), output_type=output_type, do_denormalize=[True] * decoded.shape[0]
             )
         timer.ms["total"] = (time.perf_counter() - call_start) * 1e3
