@@ -1,13 +1,18 @@
 """One denoising step and whole generations, per backend, against diffusers on the same weights.
 
 Every figure is taken in the same run as its baseline: diffusers' `StableDiffusionControlNetPipeline`
-built from the very modules the engine runs (no second copy of the weights), and the floor: the step's
-FLOPs (counted, benchmarks/flops.py) at the fp32 matmul rate measured in this run.
+built from the very modules the engine runs (no second copy of the fp32 weights), and the floor: the
+step's FLOPs (counted, benchmarks/flops.py) at the matmul rate of the row's dtype measured in this run.
+
+Every generate row also carries its images' error against diffusers' fp32 images (same seed): max abs
+and PSNR, so a speed-up that costs quality shows beside the speed-up.
 
 A "step" is what one denoising step costs with CFG: ControlNet + UNet at batch 2. diffusers' ControlNet
 forward includes the hint encoder; the engine's does not (it runs once per generation).
 """
 from __future__ import annotations
+
+import math
 
 import PIL.Image
 import pytest
@@ -83,12 +88,12 @@ def step_inputs(setup, bench_config):
     return dict(sample=sample, t=t, embeddings=embeddings, control=control, hint=hint, scales=scales)
 
 
-def _record(benchmark, bench_config, machine_info, matmul_rate, **info):
+def _record(benchmark, bench_config, machine_info, rate, **info):
     benchmark.extra_info.update(
-        size=bench_config.size, resolution=bench_config.resolution, matmul_gflops=matmul_rate / 1e9, **machine_info, **info
+        size=bench_config.size, resolution=bench_config.resolution, matmul_gflops=rate / 1e9, **machine_info, **info
     )
     if "flops" in info:
-        benchmark.extra_info["floor_ms"] = info["flops"] / matmul_rate * 1e3
+        benchmark.extra_info["floor_ms"] = info["flops"] / rate * 1e3
 
 
 def _after(benchmark):
@@ -99,68 +104,113 @@ def _after(benchmark):
 
 
 def _run(benchmark, bench_config, fn):
+    """Time fn; returns its last result."""
     if bench_config.real:
         fn()  # warm-up outside the timed rounds (first-call allocations, oneDNN kernel selection)
-        benchmark.pedantic(fn, rounds=bench_config.rounds, iterations=1)
-    else:
-        benchmark(fn)
+        return benchmark.pedantic(fn, rounds=bench_config.rounds, iterations=1)
+    return benchmark(fn)
 
 
 # "torch-fused": the torch backend with the fused zero-conv residual path (engine.optimizations).
-STEP_BACKENDS = ["diffusers", "torch", "torch-fused", "onnxruntime", "tensorrt"]
+# "-bf16": bf16 weights (the engine: preset "cpu", fp32 latents and scheduler; diffusers: the pipeline
+# cast to bf16, what its users would do); their floor is taken at the bf16 matmul rate.
+STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "onnxruntime", "tensorrt"]
+
+
+def _skip_unless_selected(bench_config, backend: str) -> None:
+    if backend.endswith("-bf16"):
+        from engine.optimizations import cpu_has_native_bf16
+
+        if "torch" not in bench_config.backends:
+            pytest.skip("bf16 rows come with the torch backend (--backends torch,...)")
+        if not cpu_has_native_bf16():
+            pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): emulated bf16 is ~30x slower than fp32")
+    elif backend != "diffusers" and backend.split("-")[0] not in bench_config.backends:
+        pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
 
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
-def test_step(benchmark, setup, step_inputs, bench_config, machine_info, matmul_rate, backend):
-    if backend != "diffusers" and backend.split("-")[0] not in bench_config.backends:
-        pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
+def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request, backend):
+    _skip_unless_selected(bench_config, backend)
     x = step_inputs
     flops = setup["flops"]
+    bf16 = backend.endswith("-bf16")
+    rate = request.getfixturevalue("matmul_rate_bf16" if bf16 else "matmul_rate")
     benchmark.group = f"step {bench_config.size} {bench_config.resolution}px batch 2"
-    if backend == "diffusers":
-        pipe = setup["pipe"]
+    if backend.startswith("diffusers"):
+        pipe = bf16_setup(setup)["pipe"] if bf16 else setup["pipe"]
+        dtype = pipe.unet.dtype
+        sample, embeddings, control = (x[k].to(dtype) for k in ("sample", "embeddings", "control"))
 
         @torch.inference_mode()
         def step():
-            down, mid = pipe.controlnet(x["sample"], x["t"], encoder_hidden_states=x["embeddings"],
-                                        controlnet_cond=x["control"], conditioning_scale=1.0, return_dict=False)
-            return pipe.unet(x["sample"], x["t"], encoder_hidden_states=x["embeddings"],
+            down, mid = pipe.controlnet(sample, x["t"], encoder_hidden_states=embeddings,
+                                        controlnet_cond=control, conditioning_scale=1.0, return_dict=False)
+            return pipe.unet(sample, x["t"], encoder_hidden_states=embeddings,
                              down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
         step_flops = 2 * (flops["controlnet_full"] + flops["unet"])
     else:
         b = engine_backend(setup, bench_config, backend)
+        hint = b.encode_hint(0, x["control"]) if bf16 else x["hint"]  # in the backend's own dtype
 
         def step():
-            out = b.controlnet(0, x["sample"], x["t"], x["embeddings"], x["hint"], x["scales"])
+            out = b.controlnet(0, x["sample"], x["t"], x["embeddings"], hint, x["scales"])
             return b.unet(x["sample"], x["t"], x["embeddings"], b.combine([out], x["sample"].shape[0]))
 
         step_flops = 2 * (flops["controlnet_body"] + flops["unet"])
-    _record(benchmark, bench_config, machine_info, matmul_rate, backend=backend, kind="step", flops=step_flops)
+    _record(benchmark, bench_config, machine_info, rate, backend=backend, kind="step", flops=step_flops)
     _run(benchmark, bench_config, step)
     _after(benchmark)
 
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
 def test_generate(benchmark, setup, bench_config, machine_info, matmul_rate, backend):
-    if backend != "diffusers" and backend.split("-")[0] not in bench_config.backends:
-        pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
+    _skip_unless_selected(bench_config, backend)
     res, steps = bench_config.resolution, bench_config.steps
     benchmark.group = f"generate {bench_config.size} {res}px {steps} steps"
-    kwargs = dict(num_inference_steps=steps, height=res, width=res, output_type="np")
-    if backend == "diffusers":
-        pipe = setup["pipe"]
+    if backend.startswith("diffusers"):
+        pipe = bf16_setup(setup)["pipe"] if backend.endswith("-bf16") else setup["pipe"]
 
         def generate():
-            return pipe(PROMPT, setup["edges"], generator=torch.Generator("cpu").manual_seed(0), **kwargs).images
+            return _diffusers_images(pipe, setup, bench_config)
     else:
         runner = engine_runner(setup, bench_config, backend)
 
         def generate():
-            return runner.generate(PROMPT, setup["edges"], seed=0, preprocess=False, **kwargs).images
+            return runner.generate(PROMPT, setup["edges"], seed=0, preprocess=False, **_generate_kwargs(bench_config)).images
 
     _record(benchmark, bench_config, machine_info, matmul_rate, backend=backend, kind="generate", steps=steps)
-    _run(benchmark, bench_config, generate)
+    images = _run(benchmark, bench_config, generate)
+    if backend == "diffusers":
+        setup["reference_images"] = images
+    benchmark.extra_info.update(image_error(images, reference_images(setup, bench_config)))
+
+
+def _generate_kwargs(bench_config) -> dict:
+    res = bench_config.resolution
+    return dict(num_inference_steps=bench_config.steps, height=res, width=res, output_type="np")
+
+
+def _diffusers_images(pipe, setup, bench_config):
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe(PROMPT, setup["edges"], generator=generator, **_generate_kwargs(bench_config)).images
+
+
+def reference_images(setup, bench_config):
+    """diffusers' fp32 images for this run's settings: what every generate row's quality is measured against."""
+    if "reference_images" not in setup:
+        setup["reference_images"] = _diffusers_images(setup["pipe"], setup, bench_config)
+    return setup["reference_images"]
+
+
+def image_error(images, reference) -> dict:
+    """Max abs error and PSNR (dB, images in [0, 1]) against the reference; PSNR None when identical."""
+    import numpy as np
+
+    diff = np.asarray(images, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    mse = float(np.mean(diff**2))
+    return dict(max_abs=float(np.abs(diff).max()), psnr_db=None if mse == 0 else 10 * math.log10(1 / mse))
 
 
 def engine_runner(setup, bench_config, backend: str):
@@ -168,6 +218,8 @@ def engine_runner(setup, bench_config, backend: str):
         return setup["runner"]
     if backend == "torch-fused":
         return _fused_runner(setup)
+    if backend == "torch-bf16":
+        return bf16_setup(setup)["runner"]
     if backend == "onnxruntime" and setup["engine_dir"] is not None:
         if "ort_runner" not in setup:
             from engine import Runner
@@ -177,23 +229,58 @@ def engine_runner(setup, bench_config, backend: str):
     pytest.skip(f"backend {backend} is not available in this build yet")
 
 
-def _fused_runner(setup):
-    """The same Runner over the same modules, with the fused residual path switched on."""
+def _runner_over(setup, sd, nets, dtype, optimizations):
+    """The fp32 Runner's loop, tokenizer and scheduler over other modules (no second random init)."""
     import copy
-    from types import SimpleNamespace
 
     from engine.backends.torch_backend import TorchBackend
+
+    runner = copy.copy(setup["runner"])
+    runner.backend = TorchBackend(sd, nets, runner.device, dtype, optimizations)
+    runner.dtype = dtype
+    return runner
+
+
+def _fused_runner(setup):
+    """The same Runner over the same modules, with the fused residual path switched on."""
+    from types import SimpleNamespace
+
     from engine.optimizations import PRESETS
 
     if "fused_runner" not in setup:
-        runner = setup["runner"]
-        b = runner.backend
+        b = setup["runner"].backend
         sd = SimpleNamespace(text_encoder=b.text_encoder.text_encoder, unet=b.unet_model.unet, vae=b.vae_decoder.vae)
         nets = [body.net for body in b.controlnet_bodies]
-        fused = copy.copy(runner)
-        fused.backend = TorchBackend(sd, nets, runner.device, runner.dtype, PRESETS["fused"])
-        setup["fused_runner"] = fused
+        setup["fused_runner"] = _runner_over(setup, sd, nets, setup["runner"].dtype, PRESETS["fused"])
     return setup["fused_runner"]
+
+
+def bf16_setup(setup) -> dict:
+    """bf16 copies of the same weights, cast one module at a time, shared by the engine's bf16 Runner
+    (preset "cpu") and a diffusers pipeline cast to bf16."""
+    import copy
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from engine.optimizations import PRESETS
+
+    if "bf16" not in setup:
+        pipe = setup["pipe"]
+        half = {name: copy.deepcopy(getattr(pipe, name)).to(torch.bfloat16)
+                for name in ("vae", "text_encoder", "unet", "controlnet")}
+        pipe16 = StableDiffusionControlNetPipeline(
+            **half, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe16.set_progress_bar_config(disable=True)
+        # The preset's switches change the models in place (channels-last weights): the engine gets its
+        # own copies, so the diffusers row runs diffusers' models as its users would.
+        own = {name: copy.deepcopy(half[name]) for name in ("unet", "controlnet", "vae")}
+        sd = SimpleNamespace(text_encoder=half["text_encoder"], unet=own["unet"], vae=own["vae"])
+        runner = _runner_over(setup, sd, [own["controlnet"]], torch.bfloat16, PRESETS["cpu"])
+        setup["bf16"] = dict(pipe=pipe16, runner=runner)
+    return setup["bf16"]
 
 
 def engine_backend(setup, bench_config, backend: str):

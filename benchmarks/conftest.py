@@ -66,13 +66,13 @@ def bench_config(request) -> BenchConfig:
     return BenchConfig(opt("--benchmark"), size, SIZES[size], resolution, steps, backends)
 
 
-@pytest.fixture(scope="session")
-def matmul_rate() -> float:
-    """fp32 matrix-multiply FLOP/s measured in this run: the practical ceiling the floor is taken at."""
+def measure_matmul_rate(dtype_name: str = "float32") -> float:
+    """Matrix-multiply FLOP/s in this dtype, measured now: the practical ceiling the floor is taken at."""
     import torch
 
     n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(5):
@@ -80,6 +80,18 @@ def matmul_rate() -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+@pytest.fixture(scope="session")
+def matmul_rate() -> float:
+    """fp32 matrix-multiply FLOP/s measured in this run."""
+    return measure_matmul_rate("float32")
+
+
+@pytest.fixture(scope="session")
+def matmul_rate_bf16() -> float:
+    """bf16 matrix-multiply FLOP/s measured in this run: the floor of the bf16 rows."""
+    return measure_matmul_rate("bfloat16")
 
 
 @pytest.fixture(scope="session")

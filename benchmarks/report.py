@@ -4,7 +4,8 @@
 
 Each row: median and spread (IQR) of the timed rounds, the ratio to the group's baseline measured in
 the same run (diffusers for pipeline groups, torch's unfused path for kernel groups), and — for denoising steps — the multiple of the floor (counted FLOPs at the measured matmul
-rate). Nothing here measures anything; it only lays out what the JSON holds.
+rate of the row's dtype), and for whole generations the images' PSNR against diffusers' fp32 images.
+Nothing here measures anything; it only lays out what the JSON holds.
 """
 from __future__ import annotations
 
@@ -51,22 +52,37 @@ def _ms(seconds: float) -> str:
 def table(path: Path) -> str:
     data, rs = rows(path)
     machine = data.get("machine_info", {})
-    first = rs[0]["info"] if rs else {}
+    # The run's settings, from a fp32 pipeline row (kernel rows carry fewer).
+    first = next((r["info"] for r in rs if "matmul_gflops" in r["info"] and not r["backend"].endswith("-bf16")), {})
     lines = [
         f"### {path.name}",
         "",
         f"{data.get('datetime', '?')} · {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))} · "
         f"torch {first.get('torch', '?')}, {first.get('threads', '?')} threads · "
-        f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run",
+        f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run" + _bf16_rate(rs),
         "",
-        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor | PSNR vs diffusers fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rs:
         ratio = f"{r['vs_baseline']:.2f}" if r["vs_baseline"] else "–"
         floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
-        lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | {ratio} | {floor} |")
+        lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | "
+                     f"{ratio} | {floor} | {_psnr(r['info'])} |")
     return "\n".join(lines)
+
+
+def _bf16_rate(rs: list[dict]) -> str:
+    bf16 = next((r for r in rs if r["backend"].endswith("-bf16") and "matmul_gflops" in r["info"]), None)
+    return f" (bf16: {bf16['info']['matmul_gflops']:.0f}, the floor of the -bf16 rows)" if bf16 else ""
+
+
+def _psnr(info: dict) -> str:
+    if "max_abs" not in info:  # not a generate row, or an older result file
+        return "–"
+    if info["psnr_db"] is None:
+        return "identical"
+    return f"{info['psnr_db']:.1f} dB (max abs {info['max_abs']:.1e})"
 
 
 def plot(paths: list[Path]) -> Path | None:

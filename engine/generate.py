@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 from engine import pngmeta
+from engine.optimizations import PRESETS
 
 # Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
 NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback"}
@@ -216,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default=init["backend"], help=f"(default: {init['backend']})")
     parser.add_argument("--device", default=init["device"], help="e.g. cuda, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=init["dtype"],
-                        help="(default: fp16 on CUDA, fp32 on CPU)")
+                        help="(default: fp16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16 or AMX)")
+    parser.add_argument("--optimizations", choices=list(PRESETS), default=init["optimizations"],
+                        help="torch backend preset (default: reference; 'cpu' with --dtype bf16 on a CPU)")
     _add_job_flags(parser, gen)
     parser.add_argument("--prompt-file", help="one prompt (or one line of flags) per line; one output each")
     parser.add_argument("--from-png", metavar="PNG", help="take every parameter from a PNG this CLI (or A1111) "
@@ -492,7 +495,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int
 
     load_start = time.perf_counter()
     runner = Runner(model=args.model, controlnet=args.controlnet, backend=args.backend,
-                    engine_dir=args.engine_dir, device=args.device, dtype=args.dtype)
+                    engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
+                    optimizations=args.optimizations)
     load_ms = (time.perf_counter() - load_start) * 1e3
     count = runner.num_controlnets
     _check_job(args, count, _raise_value_error, whole=not args.prompt_file)  # now the count is known

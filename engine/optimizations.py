@@ -11,7 +11,14 @@ Two things are deliberately not switches:
   input to its dtype and each output back to fp32 (engine/backends/__init__.py). One dtype, not a
   boolean per precision, so a preset never contradicts the dtype. Speed on an H100: ~2-3x over fp32
   (tensor cores, half the bytes). Quality: the GPU suite holds the final image to >= 35 dB PSNR vs fp32
-  (benchmarks/gpu_suite.py); bf16 is coarser (8-bit mantissa) and on a CPU ~30x slower (FACTS.md).
+  (benchmarks/gpu_suite.py).
+  bf16 on a CPU (`Runner(dtype="bf16")`) pays only where the CPU multiplies bf16 natively (AVX512-BF16 or
+  AMX; `cpu_has_native_bf16`): there oneDNN's bf16 convolutions and matmuls run at ~2.3x the fp32 rate,
+  and a whole 256², 4-step generation of the full SD1.5 architecture took 8.8 s against diffusers' 19.0 s
+  in fp32 on a 2-core Zen 4 (2.17x), 49.4 dB PSNR from the fp32 image. diffusers cast to bf16 is as
+  fast (8.5 s): the gain is the precision's, not the engine's (benchmarks/README.md, rows torch-bf16 and
+  diffusers-bf16). Without native bf16 it is emulated and ~30x slower than fp32 (FACTS.md): the Runner
+  warns. fp32 stays the CPU default, as in diffusers.
 - The ControlNet hint encoder once per image. Always on: the Runner encodes the control image once per
   generation (engine/modules.HintEncoder) where diffusers re-runs it every step (0.029 of 0.567 TFLOP
   of a 512² ControlNet step, ~5%). Same math, same output (tests/test_parity.py).
@@ -37,7 +44,8 @@ class TorchOptimizations:
     channels_last: bool = False
     """Weights and 4-D activations in NHWC (torch.channels_last). Speed: cuDNN's fp16 tensor-core
     convolutions are NHWC-native; NCHW costs layout transforms around convs (diffusion-fast reports a
-    gain on an A100; ours: the GPU suite's ablation row). On this CPU it is no faster. Quality: same math, other conv algorithms: fp32
+    gain on an A100; ours: the GPU suite's ablation row). On this CPU it is no faster in fp32; in bf16 it
+    makes the VAE decode 1.18x faster (preset "cpu"). Quality: same math, other conv algorithms: fp32
     within 1e-5 of the reference (tests/test_optimizations.py). Outputs are handed back contiguous."""
 
     attention: str = "default"
@@ -98,6 +106,11 @@ PRESETS = {
     # its minutes of compilation are worth it only for long-running servers).
     "fast": TorchOptimizations(fused_zero_conv=True, channels_last=True, attention="sdpa", fused_qkv=True,
                                groupnorm_silu=True, cuda_graphs=True),
+    # For the CPU, with dtype="bf16" where it is native. oneDNN's bf16 convolutions want NHWC: the VAE
+    # decode at 256² took 1.49 s against 1.76 s in NCHW; the step was unchanged within noise (1.72 vs
+    # 1.68 s), as was plain attention (1.65 s), which is therefore not in it (medians of 4, interleaved,
+    # full SD1.5 architecture, 2-core Zen 4).
+    "cpu": TorchOptimizations(channels_last=True),
 }
 
 # The ablation's order: each step adds one switch to all before it (benchmarks/gpu_suite.py).
@@ -151,6 +164,19 @@ def check_device(opts: TorchOptimizations, device) -> None:
     """Switches that cannot run on this device raise here, before any model work."""
     if opts.cuda_graphs and getattr(device, "type", str(device)) != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {str(device)!r}: turn it off or use device='cuda'")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16); None where it cannot be
+    read (no /proc/cpuinfo). Read when asked, not at import."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ---- applying the model-level switches, one helper each --------------------------------------------------

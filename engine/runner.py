@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,7 +27,7 @@ from engine import preprocess as pre
 from engine.backends import check_backend_name
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.modules import block_scales
-from engine.optimizations import TorchOptimizations, resolve_optimizations
+from engine.optimizations import TorchOptimizations, cpu_has_native_bf16, resolve_optimizations
 from engine.registry import resolve
 from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
@@ -120,6 +121,9 @@ class Runner:
         if names is not None and not names:
             raise ValueError("controlnet must name at least one ControlNet")
         if engine_dir is not None:
+            if optimizations is not None:
+                raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; an engine dir "
+                                 "runs its built graphs: leave optimizations unset with engine_dir")
             # Built graphs: load the manifest-checked backend plus the tokenizer and scheduler config the
             # build copied into the dir; no torch weights are loaded.
             from engine.backends import open_engine_dir
@@ -153,6 +157,9 @@ class Runner:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16 ('fp32', 'fp16', 'bf16'), got {dtype!r}")
+        if dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
+            warnings.warn("dtype bf16 on a CPU without AVX512-BF16 or AMX is emulated, ~30x slower than fp32; "
+                          "use dtype='fp32' here", stacklevel=2)
         self.dtype = dtype
         self.controlnet_specs = [resolve(name) for name in names]
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.zero_conv_triton import interpreting
+from kernels.zero_conv_triton import check_triton_device, interpreting
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -90,10 +90,7 @@ def _tables(residual_lists, out, block):
 def combine_residuals_triton(residual_lists, scales, out) -> list[torch.Tensor]:
     """Launch the combine over checked arguments: every residual_lists[k][i] and out[i] share shape,
     strides and dtype and are dense, so each is summed as a flat run of elements."""
-    if not (out[0].is_cuda or interpreting()):
-        raise RuntimeError(
-            f"impl='triton' got tensors on {out[0].device}; Triton runs on CUDA tensors, or on CPU "
-            "tensors only with TRITON_INTERPRET=1 set before triton is imported")
+    check_triton_device(out[0])
     block = 1024 if interpreting() else 4096
     in_addrs, out_addrs, numels, block_tensor, block_start = _tables(residual_lists, out, block)
     programs = block_tensor.numel()

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.zero_conv_triton import interpreting
+from kernels.zero_conv_triton import check_triton_device, interpreting
 
 
 @triton.jit
@@ -157,10 +157,7 @@ def _sm_count(index: int) -> int:
 def group_norm_silu_triton(out, x, weight, bias, num_groups: int, eps: float, strides) -> torch.Tensor:
     """Launch both kernels: out = silu(group_norm(x)). Arguments come checked from kernels.groupnorm_silu;
     `strides` maps a 4-D tensor to its (batch, channel, pixel) strides."""
-    if not (x.is_cuda or interpreting()):
-        raise RuntimeError(
-            f"impl='triton' got tensors on {x.device}; Triton runs on CUDA tensors, or on CPU tensors "
-            "only with TRITON_INTERPRET=1 set before triton is imported")
+    check_triton_device(x)
     B, C, H, W = x.shape
     P = H * W
     if B == 0 or C == 0 or P == 0:

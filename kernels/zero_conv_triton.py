@@ -135,6 +135,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_triton_device(tensor: torch.Tensor) -> None:
+    """Every Triton launcher's first check: CUDA tensors, or CPU tensors under the interpreter."""
+    if not (tensor.is_cuda or interpreting()):
+        raise RuntimeError(
+            f"impl='triton' got tensors on {tensor.device}; Triton runs on CUDA tensors, or on CPU tensors "
+            "only with TRITON_INTERPRET=1 set before triton is imported")
+
+
 def _autotune_configs() -> list[triton.Config]:
     """Tile shapes tried on the GPU. SD1.5's 13 shapes are C in {320, 640, 1280} x P in {4096..64}."""
     configs = []
@@ -173,10 +181,7 @@ def zero_conv_add_triton(out, skip, features, weights, biases, scales, strides) 
     the device, `strides` maps each 4-D tensor to its (batch, channel, pixel) strides. More than four
     nets are chained, the later launches reading `out` as their skip.
     """
-    if not (skip.is_cuda or interpreting()):
-        raise RuntimeError(
-            f"impl='triton' got tensors on {skip.device}; Triton runs on CUDA tensors, or on CPU tensors "
-            "only with TRITON_INTERPRET=1 set before triton is imported")
+    check_triton_device(skip)
     B, C, H, W = skip.shape
     P = H * W
     if B == 0 or C == 0 or P == 0:

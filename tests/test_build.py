@@ -117,6 +117,25 @@ def _runner(engine_dir, **kwargs):
     return Runner(engine_dir=str(engine_dir), backend="onnxruntime", **kwargs)
 
 
+def test_changed_weight_rebuilds_only_its_graph(copy_dir, tiny_dir, tmp_path):
+    """A fine-tuned UNet: only the UNet graph is exported again, and the Runner runs the new weights."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir["model"], model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_out.bias"] = tensors["conv_out.bias"] + 0.5
+    save_file(tensors, weights)
+    before = mf.load(copy_dir).artefacts
+    code, out = _cli("--model", str(model), "--out", str(copy_dir), "--controlnet", str(tiny_dir["canny"]),
+                     "--controlnet", str(tiny_dir["depth"]), *SIZES)
+    assert code == 0, out
+    assert "1 built, 6 reused" in out, out
+    after = mf.load(copy_dir).artefacts
+    assert [n for n in after if after[n].files != before[n].files] == ["unet"]
+
+
 def test_tampered_file_refused(copy_dir):
     path = copy_dir / "unet.onnx"
     data = bytearray(path.read_bytes())

@@ -126,6 +126,7 @@ def test_rerun_from_the_png_alone_gives_the_same_pixels(run, tmp_path):
     (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
     (["--height", "65"], "argument --height: must be a positive multiple of 8"),
     (["--scheduler", "heun"], "argument --scheduler: invalid choice: 'heun'"),
+    (["--optimizations", "turbo"], "argument --optimizations: invalid choice: 'turbo'"),
     (["--controlnet", "cany"], "unknown ControlNet name 'cany'"),
     (["--controlnet", "canny", "--controlnet", "depth", "--scale", "1", "--scale", "1", "--scale", "1"],
      "--scale given 3 times for 2 ControlNet(s)"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import Runner
-from engine.optimizations import PRESETS, TorchOptimizations, cumulative, with_switches
+from engine.optimizations import PRESETS, TorchOptimizations, cpu_has_native_bf16, cumulative, with_switches
 from tests.conftest import max_errors
 
 TOL = 1e-5
@@ -161,7 +161,7 @@ def test_step_graphs_keying_on_cpu(photo):
 def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown optimization switch 'turbo'; known: fused_zero_conv"):
         with_switches(turbo=True)
-    with pytest.raises(ValueError, match="one of reference, fused, fast, got 'ludicrous'"):
+    with pytest.raises(ValueError, match="one of reference, fused, fast, cpu, got 'ludicrous'"):
         runner("ludicrous")
     with pytest.raises(ValueError, match="attention must be one of default, sdpa, plain, got 'flash'"):
         TorchOptimizations(attention="flash")
@@ -179,11 +179,49 @@ def test_cuda_graphs_refused_off_cuda():
 def test_presets_and_ablation_order():
     assert PRESETS["reference"] == TorchOptimizations()
     assert PRESETS["fused"] == TorchOptimizations(fused_zero_conv=True)
+    assert PRESETS["cpu"] == TorchOptimizations(channels_last=True)  # held to the reference as channels_last
     steps = cumulative()
     assert steps[0] == ("reference", PRESETS["reference"])
     assert [name for name, _ in steps][1:3] == ["+attention=sdpa", "+channels_last"]
     assert steps[-2][1] == PRESETS["fast"]  # the ablation ends at "fast", then adds compile
     assert steps[-1][1].compile
+
+
+def test_optimizations_with_an_engine_dir_are_refused():
+    with pytest.raises(ValueError, match="optimizations='fused' are switches of the torch backend"):
+        Runner(engine_dir="any/dir", optimizations="fused")
+
+
+# ---- bf16 on the CPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                           ("fpu avx2 fma", False)])
+def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(str(info)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import engine.runner
+
+    monkeypatch.setattr(engine.runner, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 on a CPU without AVX512-BF16 or AMX is emulated"):
+        runner("cpu", dtype=torch.bfloat16)
+
+
+def test_bf16_cpu_preset_close_to_fp32(reference, photo):
+    """The "cpu" preset in bf16 (plain attention, bf16 weights, fp32 latents and scheduler) against fp32."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 where the CPU lacks it: slower, same numbers
+        got = runner("cpu", dtype=torch.bfloat16).generate("a photo", photo, **ARGS).images
+    db = psnr(got, reference[1])
+    print(f"\nbf16, preset cpu: PSNR {db:.1f} dB against fp32")
+    assert db >= 35
 
 
 # ---- GPU only: skipped cleanly without CUDA ------------------------------------------------------------
