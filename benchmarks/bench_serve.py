@@ -125,8 +125,8 @@ def test_serve_load(bench_config):
     if not bench_config.real:
         pytest.skip("starts a Ray cluster for ~2 min: run with --benchmark or `python -m benchmarks.bench_serve`")
     if bench_config.size != "tiny":
-        # The serve figure is the tiny model's (its replicas load "tiny"); at sd15's 256² it would take
-        # ~10 minutes and measure the tiny model at a size nobody serves it at.
+        # The serve figure is the tiny model's (its replicas load "tiny"); at sd15's 256² it took 6
+        # minutes and measured the tiny model at a size nobody serves it at.
         pytest.skip("the serving load figure is taken with --size tiny (or python -m benchmarks.bench_serve)")
     rows = run(steps=bench_config.steps, size=bench_config.resolution)
     assert all(r["rps"] > 0 for r in rows)

@@ -32,6 +32,7 @@ from engine.registry import resolve
 from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("text_encoder", "hint_encoder", "controlnet", "unet", "scheduler", "vae", "total")
 
 
@@ -135,6 +136,10 @@ class Runner:
                                  f"{built.backend.device}; leave device unset")
             self.device = built.backend.device
             self.dtype = torch.float16 if built.manifest.precision == "fp16" else torch.float32
+            asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+            if asked is not None and asked != self.dtype:
+                raise ValueError(f"dtype {dtype!r}: this engine dir was built in {built.manifest.precision}; "
+                                 "leave dtype unset, or build another dir with --precision")
             self.controlnet_specs = built.controlnet_specs
             self.model = built.manifest.model["source"]
             self.tokenizer = built.tokenizer
@@ -152,7 +157,7 @@ class Runner:
         names = ["canny"] if names is None else names
         self.device = torch.device(device) if device is not None else _default_device()
         if isinstance(dtype, str):
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)
+            dtype = DTYPES.get(dtype, dtype)
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):

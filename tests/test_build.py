@@ -136,6 +136,12 @@ def test_changed_weight_rebuilds_only_its_graph(copy_dir, tiny_dir, tmp_path):
     assert [n for n in after if after[n].files != before[n].files] == ["unet"]
 
 
+def test_dtype_other_than_the_builds_refused(built):
+    with pytest.raises(ValueError, match="dtype 'fp16': this engine dir was built in fp32"):
+        _runner(built["dir"], dtype="fp16")
+    assert _runner(built["dir"], dtype=torch.float32).dtype == torch.float32
+
+
 def test_tampered_file_refused(copy_dir):
     path = copy_dir / "unet.onnx"
     data = bytearray(path.read_bytes())
