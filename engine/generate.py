@@ -392,7 +392,10 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         control_guidance_start=[float(s) for s in args.control_guidance_start],
         control_guidance_end=[float(s) for s in args.control_guidance_end],
         image=[str(p) for p in args.image], preprocess=modules,
+        dtype={"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(runner.dtype)],
     )
+    if args.optimizations is not None:
+        record["optimizations"] = args.optimizations
     if "canny" in modules:
         record.update(canny_low=args.canny_low, canny_high=args.canny_high)
 

@@ -7,7 +7,8 @@
 The last line is `Key: value` pairs; a value holding `,`, `:`, `"` or a newline is JSON-quoted. Each
 ControlNet is one pair whose quoted value is itself a list of pairs, as the A1111 ControlNet extension
 writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mode), plus `Image`: the
-control picture's path, so the file alone says how to reproduce it.
+control picture's path, and `Precision` (fp32, fp16, bf16) and `Optimizations` (a preset name, when one
+was chosen), so the file alone says how to reproduce it.
 
 `format_parameters` and `parse_parameters` are inverses on the dict the CLI records (keys named as
 `Runner`'s arguments); keys this module does not know are kept under `extra` when parsing. Text from
@@ -34,6 +35,7 @@ SCHEDULERS_BY_SAMPLER = {sampler: name for name, sampler in SAMPLERS.items()}
 # A1111's control modes; guess mode is the closest thing ours has to "ControlNet is more important".
 CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
 
+PRECISIONS = ("fp32", "fp16", "bf16")
 NEGATIVE = "Negative prompt:"
 CHUNK = "parameters"
 # A1111's own pair pattern: a key, then a JSON-quoted value or anything up to the next comma.
@@ -85,6 +87,11 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
     }
     if p.get("eta", 0.0) != 0.0:  # A1111 writes Eta only when it is not the sampler's default (0)
         pairs["Eta"] = _number(p["eta"])
+    # Not A1111's keys, but the image depends on them: a bf16 image rerun in fp32 differs.
+    if p.get("dtype"):
+        pairs["Precision"] = p["dtype"]
+    if p.get("optimizations"):
+        pairs["Optimizations"] = p["optimizations"]
     if p["num_images_per_prompt"] > 1:
         pairs["Batch size"] = p["num_images_per_prompt"]
         if batch_pos is not None:
@@ -142,6 +149,12 @@ def parse_parameters(text: str) -> dict:
     }
     if "Batch pos" in pairs:
         p["batch_pos"] = int(pairs.pop("Batch pos"))
+    if "Precision" in pairs:
+        p["dtype"] = pairs.pop("Precision")
+        if p["dtype"] not in PRECISIONS:
+            raise ValueError(f"unknown Precision {p['dtype']!r}; known: {', '.join(PRECISIONS)}")
+    if "Optimizations" in pairs:
+        p["optimizations"] = pairs.pop("Optimizations")
     for key in _PER_NET:
         p[key] = []
     guess = []

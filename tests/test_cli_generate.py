@@ -57,7 +57,7 @@ def test_parameters_text_round_trips():
         controlnet=["canny", "owner/net"], controlnet_conditioning_scale=[1.0, 0.35],
         control_guidance_start=[0.0, 0.1], control_guidance_end=[1.0, 0.9],
         image=["/pics/a, b.png", "c.png"], preprocess=["canny", None], canny_low=50, canny_high=150,
-        guess_mode=True,
+        guess_mode=True, dtype="bf16", optimizations="cpu",
     )
     text = pngmeta.format_parameters(p, batch_pos=2)
     assert text.splitlines()[-1].startswith("Steps: 7, Sampler: DPM++ 2M Karras, CFG scale: 0.30000000000000004")
@@ -107,7 +107,7 @@ def test_metadata_parses_back_into_the_parameters(run):
         scheduler="unipc", guidance_scale=7.5, width=64, height=64, model="tiny", eta=0.0,
         num_images_per_prompt=2, batch_pos=1, controlnet=["canny"], controlnet_conditioning_scale=[0.8],
         control_guidance_start=[0.0], control_guidance_end=[1.0], image=[PHOTO], preprocess=["canny"],
-        canny_low=50, canny_high=200, guess_mode=False,
+        canny_low=50, canny_high=200, guess_mode=False, dtype="fp32",
     )
 
 
@@ -118,6 +118,20 @@ def test_rerun_from_the_png_alone_gives_the_same_pixels(run, tmp_path):
     assert proc.stdout == ""
     for j in (0, 1):
         np.testing.assert_array_equal(pixels(tmp_path / f"again_{j}.png"), pixels(out.parent / f"astro_{j}.png"))
+
+
+def test_precision_and_preset_are_recorded_and_rerun(tmp_path):
+    """A bf16 image (preset "cpu") differs from the fp32 one: its PNG must bring both back on a rerun."""
+    first = tmp_path / "bf16.png"
+    proc = cli(*FAST, "--prompt", "an astronaut", "--image", PHOTO, "--seed", "3", "--dtype", "bf16",
+               "--optimizations", "cpu", "--out", str(first), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    p = pngmeta.read_parameters(first)
+    assert (p["dtype"], p["optimizations"]) == ("bf16", "cpu")
+    again = tmp_path / "again.png"
+    proc = cli("--from-png", str(first), "--out", str(again), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(pixels(again), pixels(first))
 
 
 # ---- failures ---------------------------------------------------------------------------------------
