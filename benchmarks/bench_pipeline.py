@@ -33,7 +33,8 @@ def setup(bench_config, tmp_path_factory):
 
     # The engine dir is built first, in its own process: a full-size export peaks at many GB, which
     # must be given back before this process loads its own copy of the weights.
-    engine_dir = _build_engine_dir(bench_config, tmp_path_factory) if "onnxruntime" in bench_config.backends else None
+    engine_dir, engine_build = (_build_engine_dir(bench_config, tmp_path_factory) if "onnxruntime" in bench_config.backends
+                                else (None, None))
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
     b = runner.backend
     pipe = StableDiffusionControlNetPipeline(
@@ -52,11 +53,12 @@ def setup(bench_config, tmp_path_factory):
     with PIL.Image.open(ASSET) as im:
         edges = canny(im.convert("RGB").resize((res, res), PIL.Image.LANCZOS))
     flops = per_sample_flops(bench_config.preset, res, res)
-    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir)
+    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
 
 
 def _build_engine_dir(bench_config, tmp_path_factory):
-    """An ONNX Runtime engine dir for the same random weights (seeded presets), sized for this run."""
+    """An ONNX Runtime engine dir for the same random weights (seeded presets), sized for this run; returns
+    it and what the build cost: wall seconds, and per artefact its files' bytes and export seconds."""
     import subprocess
     import sys
     import time
@@ -70,8 +72,13 @@ def _build_engine_dir(bench_config, tmp_path_factory):
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"engine build failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
-    print(f"built {out} in {time.perf_counter() - start:.0f} s")
-    return out
+    seconds = time.perf_counter() - start
+    print(f"built {out} in {seconds:.0f} s")
+    from engine import manifest
+
+    artefacts = {a.name: dict(bytes=sum((out / f).stat().st_size for f in a.files), build_s=a.build_s)
+                 for a in manifest.load(out).artefacts.values()}
+    return out, dict(seconds=seconds, artefacts=artefacts)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +167,8 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
 
         step_flops = 2 * (flops["controlnet_body"] + flops["unet"])
     _record(benchmark, bench_config, machine_info, rate, backend=backend, kind="step", flops=step_flops)
+    if backend == "onnxruntime":
+        benchmark.extra_info["engine_build"] = setup["engine_build"]
     _run(benchmark, bench_config, step)
     _after(benchmark)
 

@@ -69,6 +69,11 @@ def table(path: Path) -> str:
         floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
         lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | "
                      f"{ratio} | {floor} | {_psnr(r['info'])} |")
+    build = next((r["info"]["engine_build"] for r in rs if "engine_build" in r["info"]), None)
+    if build:
+        parts = ", ".join(f"{name} {a['bytes'] / 2**20:,.1f} MiB ({a['build_s']:.0f} s)"
+                          for name, a in build["artefacts"].items())
+        lines += ["", f"ONNX Runtime engine dir built in {build['seconds']:.0f} s (export, clean-up, save): {parts}."]
     return "\n".join(lines)
 
 

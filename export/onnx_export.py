@@ -16,6 +16,7 @@ rewrites the graph; `onnx.checker` then runs on the saved file (a path, so graph
 from __future__ import annotations
 
 import copy
+import gc
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -144,6 +145,10 @@ def export(module: torch.nn.Module, spec: ModelSpec, args: tuple, work_dir: Path
     shutil.rmtree(raw.parent)
     if config.slim:
         model = slim(model)
+        # onnxslim's graph (nodes and tensors referring to each other, numpy copies of the constants it
+        # read) is only freed by the cycle collector; collected now, not during save: the fp32 UNet's
+        # build peaked at 18.3 GB RSS without this.
+        gc.collect()
     check_io(model, spec)
     files = save(model, work_dir / f"{spec.name}.onnx", config.external_data_bytes)
     del model
