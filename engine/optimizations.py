@@ -14,9 +14,9 @@ Two things are deliberately not switches:
   (benchmarks/gpu_suite.py).
   bf16 on a CPU (`Runner(dtype="bf16")`) pays only where the CPU multiplies bf16 natively (AVX512-BF16 or
   AMX; `cpu_has_native_bf16`): there oneDNN's bf16 convolutions and matmuls run at ~2.3x the fp32 rate,
-  and a whole 256², 4-step generation of the full SD1.5 architecture took 8.8 s against diffusers' 19.0 s
+  and a whole 256², 4-step generation of the full SD1.5 architecture took 8.9 s against diffusers' 19.4 s
   in fp32 on a 2-core Zen 4 (2.17x), 49.4 dB PSNR from the fp32 image. diffusers cast to bf16 is as
-  fast (8.5 s): the gain is the precision's, not the engine's (benchmarks/README.md, rows torch-bf16 and
+  fast (8.8 s): the gain is the precision's, not the engine's (benchmarks/README.md, rows torch-bf16 and
   diffusers-bf16). Without native bf16 it is emulated and ~30x slower than fp32 (FACTS.md): the Runner
   warns. fp32 stays the CPU default, as in diffusers.
 - The ControlNet hint encoder once per image. Always on: the Runner encodes the control image once per
