@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the Runner's: canny, or the ControlNets --engine-dir was built for)")
     parser.add_argument("--backend", choices=BACKENDS, default=init["backend"], help=f"(default: {init['backend']})")
     parser.add_argument("--device", default=init["device"], help="e.g. cuda, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=init["dtype"],
+    parser.add_argument("--dtype", choices=list(pngmeta.PRECISIONS), default=init["dtype"],
                         help="(default: fp16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--optimizations", choices=list(PRESETS), default=init["optimizations"],
                         help="torch backend preset (default: reference; 'cpu' with --dtype bf16 on a CPU)")
@@ -364,6 +364,8 @@ def _as_pil(picture):
 
 
 def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> tuple[dict, list[Path]]:
+    from engine.runner import DTYPES
+
     for path in args.image:
         if not Path(path).is_file():
             raise FileNotFoundError(f"control image {path!r} does not exist")
@@ -392,7 +394,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         control_guidance_start=[float(s) for s in args.control_guidance_start],
         control_guidance_end=[float(s) for s in args.control_guidance_end],
         image=[str(p) for p in args.image], preprocess=modules,
-        dtype={"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(runner.dtype)],
+        dtype=next(name for name, dtype in DTYPES.items() if dtype == runner.dtype),
     )
     if args.optimizations is not None:
         record["optimizations"] = args.optimizations
