@@ -27,13 +27,14 @@ MAX_NETS_PER_LAUNCH = 4
 
 
 @triton.jit
-def _net_tile(
-    f_ptr, w_ptr, ck, C, P, pid_b, offs_c, offs_p,
+def _net_term(
+    f_ptr, w_ptr, b_ptr, scale_ptr, ck, C, P, pid_b, offs_c, offs_p,
     stride_fb, stride_fc, stride_fp, stride_wc, stride_wk,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """W[offs_c, :] @ F[pid_b, :, offs_p] in fp32 for one net, masked at every edge."""
+    """scale * (W[offs_c, :] @ F[pid_b, :, offs_p] + b[offs_c]) in fp32 for one net, masked at every
+    edge. The bias is added once per net, inside the scale."""
     mask_c = offs_c < C
     mask_p = offs_p < P
     part = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
@@ -56,7 +57,8 @@ def _net_tile(
             w = w.to(tl.float32)
             f = f.to(tl.float32)
         part = tl.dot(w, f, part, input_precision=DOT_PRECISION)
-    return part
+    bias = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return tl.load(scale_ptr) * (part + bias[:, None])
 
 
 @triton.jit
@@ -99,26 +101,22 @@ def _zero_conv_add_kernel(
     mask = mask_c[:, None] & mask_p[None, :]
 
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    # Each net: scale * (W @ F + b). The bias is added once per net, inside the scale.
-    part = _net_tile(f0_ptr, w0_ptr, ck0, C, P, pid_b, offs_c, offs_p, stride_f0b, stride_f0c, stride_f0p,
-                     stride_w0c, stride_w0k, BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
-    bias = tl.load(b0_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    acc += tl.load(scales_ptr + 0) * (part + bias[:, None])
+    # Each net: scale * (W @ F + b); NUM_NETS is a compile-time constant, so the unused terms vanish.
+    acc += _net_term(f0_ptr, w0_ptr, b0_ptr, scales_ptr + 0, ck0, C, P, pid_b, offs_c, offs_p,
+                     stride_f0b, stride_f0c, stride_f0p, stride_w0c, stride_w0k,
+                     BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
     if NUM_NETS > 1:
-        part = _net_tile(f1_ptr, w1_ptr, ck1, C, P, pid_b, offs_c, offs_p, stride_f1b, stride_f1c, stride_f1p,
-                         stride_w1c, stride_w1k, BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
-        bias = tl.load(b1_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        acc += tl.load(scales_ptr + 1) * (part + bias[:, None])
+        acc += _net_term(f1_ptr, w1_ptr, b1_ptr, scales_ptr + 1, ck1, C, P, pid_b, offs_c, offs_p,
+                         stride_f1b, stride_f1c, stride_f1p, stride_w1c, stride_w1k,
+                         BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
     if NUM_NETS > 2:
-        part = _net_tile(f2_ptr, w2_ptr, ck2, C, P, pid_b, offs_c, offs_p, stride_f2b, stride_f2c, stride_f2p,
-                         stride_w2c, stride_w2k, BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
-        bias = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        acc += tl.load(scales_ptr + 2) * (part + bias[:, None])
+        acc += _net_term(f2_ptr, w2_ptr, b2_ptr, scales_ptr + 2, ck2, C, P, pid_b, offs_c, offs_p,
+                         stride_f2b, stride_f2c, stride_f2p, stride_w2c, stride_w2k,
+                         BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
     if NUM_NETS > 3:
-        part = _net_tile(f3_ptr, w3_ptr, ck3, C, P, pid_b, offs_c, offs_p, stride_f3b, stride_f3c, stride_f3p,
-                         stride_w3c, stride_w3k, BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
-        bias = tl.load(b3_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        acc += tl.load(scales_ptr + 3) * (part + bias[:, None])
+        acc += _net_term(f3_ptr, w3_ptr, b3_ptr, scales_ptr + 3, ck3, C, P, pid_b, offs_c, offs_p,
+                         stride_f3b, stride_f3c, stride_f3p, stride_w3c, stride_w3k,
+                         BLOCK_C, BLOCK_P, BLOCK_K, DOT_PRECISION, UPCAST)
 
     # The skip tile is read after the dots and written back by the same program, so out may alias
     # skip: no other program touches these elements.
