@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 # Triton runs on the CPU only under its interpreter, chosen when triton is first imported (diffusers and
@@ -14,7 +16,14 @@ import numpy as np
 import PIL.Image
 import pytest
 
-ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "engine" / "assets"
+
+
+def run_fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter with the repository importable (for import-time behaviour)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")

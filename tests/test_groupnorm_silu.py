@@ -6,15 +6,12 @@ small and deliberately odd: P = 35 pixels spans two splits of 16-pixel tiles wit
 by the op's own empty_like, so checked for being fully overwritten by the finite check) and inputs carry
 a large mean, which E[x²] - mean² variance would get wrong.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import kernels
 from kernels import groupnorm_silu as gn
+from tests.conftest import run_fresh_python
 
 HAS_TRITON = gn.triton_available()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,7 +128,5 @@ def test_import_without_triton():
         "assert torch.allclose(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)))\n"
         "assert 'kernels.groupnorm_silu_triton' not in sys.modules\n"
     )
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = run_fresh_python(code)
     assert done.returncode == 0, done.stderr

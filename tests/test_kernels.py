@@ -5,8 +5,6 @@ kernels.zero_conv_triton (imported lazily on the first Triton call) decorates it
 Shapes are deliberately not multiples of any block size (C=40 spans 1.25 blocks of 32, H*W=63).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from kernels import zero_conv  # noqa: E402
+from tests.conftest import run_fresh_python  # noqa: E402
 
 HAS_TRITON = zero_conv.importlib.util.find_spec("triton") is not None
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,9 +176,7 @@ def test_import_and_fallback_without_triton():
         "assert torch.equal(o, torch.full_like(s, 7.0)), o\n"
         "assert 'kernels.zero_conv_triton' not in sys.modules\n"
     )
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = run_fresh_python(code)
     assert done.returncode == 0, done.stderr
 
 
