@@ -121,10 +121,16 @@ def _run(benchmark, bench_config, fn):
 # "torch-fused": the torch backend with the fused zero-conv residual path (engine.optimizations).
 # "-bf16": bf16 weights (the engine: preset "cpu", fp32 latents and scheduler; diffusers: the pipeline
 # cast to bf16, what its users would do); their floor is taken at the bf16 matmul rate.
-STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "onnxruntime", "tensorrt"]
+# "torch-compiled-bf16": preset "cpu-compiled", the step compiled with frozen weights over the same bf16
+# modules; its 1-2 minutes of compilation fall in the untimed warm-up call.
+STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "torch-compiled-bf16",
+                 "onnxruntime", "tensorrt"]
 
 
 def _skip_unless_selected(bench_config, backend: str) -> None:
+    if "-compiled" in backend and not bench_config.real:
+        pytest.skip("compiled rows run with --benchmark only: their ~90 s of compilation is no smoke check "
+                    "(tests/test_optimizations.py holds the compiled path to the reference)")
     if backend.endswith("-bf16"):
         from engine.optimizations import cpu_has_native_bf16
 
@@ -229,6 +235,8 @@ def engine_runner(setup, bench_config, backend: str):
         return _fused_runner(setup)
     if backend == "torch-bf16":
         return bf16_setup(setup)["runner"]
+    if backend == "torch-compiled-bf16":
+        return bf16_setup(setup)["compiled"]
     if backend == "onnxruntime" and setup["engine_dir"] is not None:
         if "ort_runner" not in setup:
             from engine import Runner
@@ -265,8 +273,8 @@ def _fused_runner(setup):
 
 
 def bf16_setup(setup) -> dict:
-    """bf16 copies of the same weights, cast one module at a time, shared by the engine's bf16 Runner
-    (preset "cpu") and a diffusers pipeline cast to bf16."""
+    """bf16 copies of the same weights, cast one module at a time, shared by the engine's bf16 Runners
+    (presets "cpu" and "cpu-compiled") and a diffusers pipeline cast to bf16."""
     import copy
     from types import SimpleNamespace
 
@@ -288,7 +296,10 @@ def bf16_setup(setup) -> dict:
         own = {name: copy.deepcopy(half[name]) for name in ("unet", "controlnet", "vae")}
         sd = SimpleNamespace(text_encoder=half["text_encoder"], unet=own["unet"], vae=own["vae"])
         runner = _runner_over(setup, sd, [own["controlnet"]], torch.bfloat16, PRESETS["cpu"])
-        setup["bf16"] = dict(pipe=pipe16, runner=runner)
+        # Same model-level switches (channels-last), so the compiled Runner shares those modules; its
+        # frozen weights are inductor's own packed copies.
+        compiled = _runner_over(setup, sd, [own["controlnet"]], torch.bfloat16, PRESETS["cpu-compiled"])
+        setup["bf16"] = dict(pipe=pipe16, runner=runner, compiled=compiled)
     return setup["bf16"]
 
 

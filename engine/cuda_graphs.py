@@ -126,12 +126,14 @@ class StepGraphs:
         return graph, output
 
 
-def compile_step(fn: Callable) -> Callable:
+def compile_step(fn: Callable, freeze_weights: bool = False) -> Callable:
     """torch.compile of the step (inductor, default mode: no autotuning, no inductor CUDA graphs, which
-    would fight StepGraphs' own). Flags are set here, when asked for, never at import."""
-    import torch._inductor.config as inductor_config
-
-    # 1x1 convs (the attention blocks' proj_in/proj_out, the zero convs off the fused path) as matmuls,
-    # which inductor can fuse with their neighbours: diffusion-fast's recipe.
-    inductor_config.conv_1x1_as_mm = True
-    return torch.compile(fn, fullgraph=False, dynamic=False)
+    would fight StepGraphs' own). Inductor flags go in as this compilation's options, never into the
+    global config."""
+    options = {
+        # 1x1 convs (the attention blocks' proj_in/proj_out, the zero convs off the fused path) as matmuls,
+        # which inductor can fuse with their neighbours: diffusion-fast's recipe.
+        "conv_1x1_as_mm": True,
+        "freezing": freeze_weights,  # TorchOptimizations.freeze_weights says what this buys
+    }
+    return torch.compile(fn, fullgraph=False, dynamic=False, options=options)

@@ -79,13 +79,26 @@ class TorchOptimizations:
     loop), ~20 small launches per step."""
 
     compile: bool = False
-    """torch.compile (inductor, no autotuning) of the step function (engine/cuda_graphs.compile_step).
-    Speed: fuses the elementwise tails of convs and attention into their neighbours. The step
+    """torch.compile (inductor, no autotuning) of the step function (engine/cuda_graphs.compile_step), on
+    any device. Speed: fuses the elementwise tails of convs and attention into their neighbours. The step
     traces as one graph per active-net set with no graph breaks (checked on the CPU with dynamo's eager
     backend: 2 graphs for a window, 0 breaks).
-    Costs: 1-3 minutes of compilation per active-net set on first use. The scales are tensors and the
-    guidance window only decides which nets run (a set already seen), so changing either never
-    recompiles. Quality: inductor reorders fp16 arithmetic: not bitwise; held by the GPU suite's PSNR."""
+    Costs: 1-3 minutes of compilation per active-net set and image size on first use (75-105 s for the
+    full SD1.5 step on 2 CPU cores; 60-90 s even for the tiny model, most of it fixed cost). The scales
+    are tensors and the guidance window only decides which nets run (a set already seen), so changing
+    either never recompiles. On the CPU alone it is a loss (bf16 step 1.74 s against 1.51 s eager): pair
+    it with freeze_weights there. Quality: inductor reorders arithmetic: not bitwise; fp32 within 1e-5
+    of the reference on the CPU (tests/test_optimizations.py), fp16 held by the GPU suite's PSNR."""
+
+    freeze_weights: bool = False
+    """Inductor's freezing (needs compile): the weights become constants of the compiled step, folded and
+    pre-packed once into oneDNN's blocked layouts, with bias and activation fused into the conv or linear
+    that feeds them. Speed: on the CPU this is what makes compile pay. Eager oneDNN re-lays-out every
+    weight on every call; frozen, the full SD1.5 step at 256² took 1.29 s in bf16 (eager 1.51 s; floor at
+    the measured bf16 matmul rate 1.14 s) and 2.73 s in fp32 (eager ~3.2 s), 2-core Zen 4. Costs: the
+    packed weights are a second copy beside the modules' (peak RSS 5.8 GB in bf16, 11.2 GB in fp32), and
+    weights are read once, at compilation: changing a model's weights afterwards has no effect (the
+    Runner never does). Quality: same math, other kernels: fp32 within 1e-5 of the reference."""
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
@@ -93,6 +106,8 @@ class TorchOptimizations:
         if self.fused_qkv and self.attention == "plain":
             raise ValueError("fused_qkv needs SDPA (FusedAttnProcessor2_0): use attention='default' or 'sdpa', "
                              "not 'plain'")
+        if self.freeze_weights and not self.compile:
+            raise ValueError("freeze_weights is a step of torch.compile: set compile=True with it")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
@@ -111,6 +126,9 @@ PRESETS = {
     # 1.68 s), as was plain attention (1.65 s), which is therefore not in it (medians of 4, interleaved,
     # full SD1.5 architecture, 2-core Zen 4).
     "cpu": TorchOptimizations(channels_last=True),
+    # "cpu" plus the step compiled with frozen, pre-packed weights: the fastest CPU path, for servers and
+    # batch jobs that can pay 1-2 minutes of compilation per image size and active-net set on first use.
+    "cpu-compiled": TorchOptimizations(channels_last=True, compile=True, freeze_weights=True),
 }
 
 # The ablation's order: each step adds one switch to all before it (benchmarks/gpu_suite.py).

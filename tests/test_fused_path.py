@@ -66,5 +66,5 @@ def test_fused_equals_reference(runners, photo, monkeypatch, case, impl):
 
 
 def test_unknown_optimization_preset():
-    with pytest.raises(ValueError, match="one of reference, fused, fast, cpu, got 'turbo'"):
+    with pytest.raises(ValueError, match="one of reference, fused, fast, cpu, cpu-compiled, got 'turbo'"):
         Runner(model="tiny", controlnet="canny", device="cpu", optimizations="turbo")

@@ -1,7 +1,7 @@
 """Every torch-backend switch that runs on the CPU equals the reference path (fp32, tiny model, 1e-5).
 
-GPU-only switches (fp16, cuda_graphs, compile) have tests that skip without CUDA; the GPU suite
-(benchmarks/gpu_suite.py) runs them. Each Runner here shares nothing with the others: switches change the
+GPU-only switches (fp16, cuda_graphs) have tests that skip without CUDA; the GPU suite
+(benchmarks/gpu_suite.py) runs them. compile runs here too, in the "cpu-compiled" preset. Each Runner here shares nothing with the others: switches change the
 models in place (fused QKV, class swaps, channels-last), so each gets its own freshly built tiny model.
 """
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_step_graphs_keying_on_cpu(photo):
 def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown optimization switch 'turbo'; known: fused_zero_conv"):
         with_switches(turbo=True)
-    with pytest.raises(ValueError, match="one of reference, fused, fast, cpu, got 'ludicrous'"):
+    with pytest.raises(ValueError, match="one of reference, fused, fast, cpu, cpu-compiled, got 'ludicrous'"):
         runner("ludicrous")
     with pytest.raises(ValueError, match="attention must be one of default, sdpa, plain, got 'flash'"):
         TorchOptimizations(attention="flash")
@@ -169,6 +169,8 @@ def test_unknown_names_are_clear_errors():
         TorchOptimizations(fused_qkv=True, attention="plain")
     with pytest.raises(ValueError, match="channels_last must be True or False, got 'yes'"):
         TorchOptimizations(channels_last="yes")
+    with pytest.raises(ValueError, match="freeze_weights is a step of torch.compile: set compile=True"):
+        TorchOptimizations(freeze_weights=True)
 
 
 def test_cuda_graphs_refused_off_cuda():
@@ -180,6 +182,7 @@ def test_presets_and_ablation_order():
     assert PRESETS["reference"] == TorchOptimizations()
     assert PRESETS["fused"] == TorchOptimizations(fused_zero_conv=True)
     assert PRESETS["cpu"] == TorchOptimizations(channels_last=True)  # held to the reference as channels_last
+    assert PRESETS["cpu-compiled"] == with_switches("cpu", compile=True, freeze_weights=True)
     steps = cumulative()
     assert steps[0] == ("reference", PRESETS["reference"])
     assert [name for name, _ in steps][1:3] == ["+attention=sdpa", "+channels_last"]
@@ -190,6 +193,22 @@ def test_presets_and_ablation_order():
 def test_optimizations_with_an_engine_dir_are_refused():
     with pytest.raises(ValueError, match="optimizations='fused' are switches of the torch backend"):
         Runner(engine_dir="any/dir", optimizations="fused")
+
+
+def test_compiled_step_with_frozen_weights_equals_reference(reference, photo):
+    """Preset "cpu-compiled" (inductor, frozen pre-packed weights) in fp32. A new conditioning scale reuses
+    the compiled step (the scales are inputs, not frozen constants) and still takes effect. One active
+    set only: each compilation costs ~80 s on 2 cores (C++ code generation and g++), and the step
+    function's handling of several sets is held eagerly by test_step_function_equals_reference."""
+    from torch._dynamo.utils import counters
+
+    r = runner("cpu-compiled")
+    check("cpu-compiled", r.generate("a photo", photo, **ARGS).images, reference[1])
+    graphs = counters["stats"]["unique_graphs"]
+    args = dict(ARGS, controlnet_conditioning_scale=0.4)
+    got = r.generate("a photo", photo, **args).images
+    assert counters["stats"]["unique_graphs"] == graphs, "a new scale recompiled the step"
+    check("cpu-compiled, scale 0.4", got, runner("reference").generate("a photo", photo, **args).images)
 
 
 # ---- bf16 on the CPU ------------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ class TorchBackend:
         if optimizations.cuda_graphs or optimizations.compile:
             from engine import cuda_graphs
 
-            step = cuda_graphs.compile_step(self.step_fn) if optimizations.compile else self.step_fn
+            step = (cuda_graphs.compile_step(self.step_fn, optimizations.freeze_weights) if optimizations.compile
+                    else self.step_fn)
             self.step_runner = cuda_graphs.StepGraphs(step, torch.device(device)) if optimizations.cuda_graphs else step
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
