@@ -203,3 +203,42 @@ def swap_resnet(block) -> bool:
 
 
 _FUSED_CLASSES: dict = {}
+
+
+class NativeAttnProcessor:
+    """diffusers' AttnProcessor2_0 with the attention product by kernels.attention, which runs the native
+    bf16 kernel on CPUs with AVX512-BF16 and scaled_dot_product_attention elsewhere. q, k and v stay in
+    the (batch, tokens, heads, head dim) layout the projections produce, so no transposes are copied.
+    Spatial norms, masks and q/k norms (none in SD1.5) go to AttnProcessor2_0 unchanged."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if (attention_mask is not None or attn.spatial_norm is not None or attn.norm_q is not None
+                or attn.norm_k is not None or attn.norm_cross):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        from kernels.attention import attention
+
+        residual = hidden_states
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:
+            b, c, h, w = image_shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        batch, heads = query.shape[0], attn.heads
+        head_dim = key.shape[-1] // heads
+        out = attention(query.view(batch, -1, heads, head_dim), key.view(batch, -1, heads, head_dim),
+                        value.view(batch, -1, heads, head_dim))
+        out = attn.to_out[1](attn.to_out[0](out.view(batch, -1, heads * head_dim).to(query.dtype)))
+        if image_shape is not None:
+            out = out.transpose(-1, -2).reshape(image_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor

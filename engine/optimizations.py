@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-ATTENTION = ("default", "sdpa", "plain")
+ATTENTION = ("default", "sdpa", "plain", "native")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,11 @@ class TorchOptimizations:
     so the reference already has it), "sdpa" sets AttnProcessor2_0 explicitly, "plain" the unfused
     AttnProcessor (softmax(QK^T)V as three ops, an (HW)^2 score matrix in memory: 4096^2 per head at
     512²). Speed: SDPA picks flash / memory-efficient kernels on a GPU and never materialises the
-    scores; "plain" exists to measure what that buys. Quality: same math; fp32 within 1e-5 on the CPU."""
+    scores; "plain" exists to measure what that buys. "native": the product by kernels.attention, a
+    bf16 kernel for CPUs with AVX512-BF16 (torch's CPU flash attention runs bf16 at its fp32 speed; this
+    one is 1.4-2.6x faster on the SD1.5 shapes, kernels/attention.py), SDPA for every other dtype and
+    device, so fp32 is the reference exactly. Quality: same math, probabilities rounded to bf16 as
+    torch's bf16 kernels do; within SDPA-bf16's error of fp32 (tests/test_attention.py)."""
 
     fused_qkv: bool = False
     """One matmul for Q, K and V in self-attention (K and V in cross-attention): diffusers'
@@ -95,7 +99,9 @@ class TorchOptimizations:
     pre-packed once into oneDNN's blocked layouts, with bias and activation fused into the conv or linear
     that feeds them. Speed: on the CPU this is what makes compile pay. Eager oneDNN re-lays-out every
     weight on every call; frozen, the full SD1.5 step at 256² took 1.29 s in bf16 (eager 1.51 s; floor at
-    the measured bf16 matmul rate 1.14 s) and 2.73 s in fp32 (eager ~3.2 s), 2-core Zen 4. Costs: the
+    the measured bf16 matmul rate 1.14 s; 1.27 s with native attention) and 2.73 s in fp32 (eager
+    ~3.2 s), alone in a process on a 2-core Zen 4; in the benchmark's process, which holds every
+    backend's models, 1.54 s against eager's 1.62 s (benchmarks/README.md). Costs: the
     packed weights are a second copy beside the modules' (peak RSS 5.8 GB in bf16, 11.2 GB in fp32), and
     weights are read once, at compilation: changing a model's weights afterwards has no effect (the
     Runner never does). Quality: same math, other kernels: fp32 within 1e-5 of the reference."""
@@ -103,9 +109,9 @@ class TorchOptimizations:
     def __post_init__(self):
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
-        if self.fused_qkv and self.attention == "plain":
+        if self.fused_qkv and self.attention in ("plain", "native"):
             raise ValueError("fused_qkv needs SDPA (FusedAttnProcessor2_0): use attention='default' or 'sdpa', "
-                             "not 'plain'")
+                             f"not {self.attention!r}")
         if self.freeze_weights and not self.compile:
             raise ValueError("freeze_weights is a step of torch.compile: set compile=True with it")
         for f in fields(self):
@@ -123,12 +129,12 @@ PRESETS = {
                                groupnorm_silu=True, cuda_graphs=True),
     # For the CPU, with dtype="bf16" where it is native. oneDNN's bf16 convolutions want NHWC: the VAE
     # decode at 256² took 1.49 s against 1.76 s in NCHW; the step was unchanged within noise (1.72 vs
-    # 1.68 s), as was plain attention (1.65 s), which is therefore not in it (medians of 4, interleaved,
-    # full SD1.5 architecture, 2-core Zen 4).
-    "cpu": TorchOptimizations(channels_last=True),
+    # 1.68 s), as was plain attention (1.65 s). The native bf16 attention took the step's attention from
+    # 216 to 100 ms (profiled, full SD1.5 architecture at 256², 2-core Zen 4); in fp32 it is SDPA.
+    "cpu": TorchOptimizations(channels_last=True, attention="native"),
     # "cpu" plus the step compiled with frozen, pre-packed weights: the fastest CPU path, for servers and
     # batch jobs that can pay 1-2 minutes of compilation per image size and active-net set on first use.
-    "cpu-compiled": TorchOptimizations(channels_last=True, compile=True, freeze_weights=True),
+    "cpu-compiled": TorchOptimizations(channels_last=True, attention="native", compile=True, freeze_weights=True),
 }
 
 # The ablation's order: each step adds one switch to all before it (benchmarks/gpu_suite.py).
@@ -205,7 +211,10 @@ def set_attention(model, attention: str) -> None:
         return
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+    from engine.modules import NativeAttnProcessor
+
+    processors = {"sdpa": AttnProcessor2_0, "plain": AttnProcessor, "native": NativeAttnProcessor}
+    model.set_attn_processor(processors[attention]())
 
 
 def fuse_qkv(model) -> None:

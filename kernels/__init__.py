@@ -1,4 +1,5 @@
-"""Fused kernels for the ControlNet zero-conv residual addition (see kernels/zero_conv.py).
+"""Fused kernels: the ControlNet zero-conv residual addition (kernels/zero_conv.py), GroupNorm + SiLU
+(kernels/groupnorm_silu.py) and bf16 CPU attention (kernels/attention.py).
 
 Importing this package imports torch only; triton and the compiled native modules load on the
 first call that needs them.
@@ -12,8 +13,11 @@ from kernels.zero_conv import (
 )
 from kernels.zero_conv_torch import combine_residuals_torch, zero_conv_add_reference, zero_conv_add_torch
 from kernels.groupnorm_silu import GN_IMPLS, group_norm_silu, group_norm_silu_reference, group_norm_silu_torch
+from kernels.attention import ATTENTION_IMPLS, attention
 
 __all__ = [
+    "ATTENTION_IMPLS",
+    "attention",
     "GN_IMPLS",
     "group_norm_silu",
     "group_norm_silu_reference",

@@ -1,4 +1,5 @@
-"""Build the native modules (kernels/_zero_conv_cpu, and kernels/_zero_conv_cuda with nvcc) via CMake.
+"""Build the native modules (kernels/_zero_conv_cpu, kernels/_attention_cpu, and kernels/_zero_conv_cuda with
+nvcc) via CMake.
 
     python -m kernels.build_native            # in place, into kernels/
     python -m kernels.build_native --no-cuda  # CPU module only
@@ -51,7 +52,7 @@ def build(output_dir: str | Path | None = None, build_dir: str | Path | None = N
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {done.returncode}):\n{done.stdout or ''}")
-    return sorted(output_dir.glob("_zero_conv_*"))
+    return sorted([*output_dir.glob("_zero_conv_*"), *output_dir.glob("_attention_*")])
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ CPU_SWITCHES = {
     "channels_last": dict(channels_last=True),
     "attention=sdpa": dict(attention="sdpa"),
     "attention=plain": dict(attention="plain"),
+    "attention=native": dict(attention="native"),  # fp32: the processor around SDPA
     "fused_qkv": dict(fused_qkv=True),
     "fused_zero_conv": dict(fused_zero_conv=True),
     "groupnorm_silu(torch)": dict(groupnorm_silu=True),
@@ -163,7 +164,7 @@ def test_unknown_names_are_clear_errors():
         with_switches(turbo=True)
     with pytest.raises(ValueError, match="one of reference, fused, fast, cpu, cpu-compiled, got 'ludicrous'"):
         runner("ludicrous")
-    with pytest.raises(ValueError, match="attention must be one of default, sdpa, plain, got 'flash'"):
+    with pytest.raises(ValueError, match="attention must be one of default, sdpa, plain, native, got 'flash'"):
         TorchOptimizations(attention="flash")
     with pytest.raises(ValueError, match="fused_qkv needs SDPA"):
         TorchOptimizations(fused_qkv=True, attention="plain")
@@ -181,7 +182,7 @@ def test_cuda_graphs_refused_off_cuda():
 def test_presets_and_ablation_order():
     assert PRESETS["reference"] == TorchOptimizations()
     assert PRESETS["fused"] == TorchOptimizations(fused_zero_conv=True)
-    assert PRESETS["cpu"] == TorchOptimizations(channels_last=True)  # held to the reference as channels_last
+    assert PRESETS["cpu"] == TorchOptimizations(channels_last=True, attention="native")  # native: SDPA in fp32
     assert PRESETS["cpu-compiled"] == with_switches("cpu", compile=True, freeze_weights=True)
     steps = cumulative()
     assert steps[0] == ("reference", PRESETS["reference"])
@@ -232,7 +233,8 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
 
 
 def test_bf16_cpu_preset_close_to_fp32(reference, photo):
-    """The "cpu" preset in bf16 (plain attention, bf16 weights, fp32 latents and scheduler) against fp32."""
+    """The "cpu" preset in bf16 (native bf16 attention where the CPU has it, bf16 weights, fp32 latents and
+    scheduler) against fp32."""
     import warnings
 
     with warnings.catch_warnings():
