@@ -99,11 +99,13 @@ def plot(paths: list[Path]) -> Path | None:
     bars = []
     for path in paths:
         _, rs = rows(path)
-        bars += [(f"{r['backend']}\n{path.stem.split('-')[1]}", r["median"] * 1e3) for r in rs if r["info"].get("kind") == "step"]
+        run = "-".join(path.stem.split("-")[:2])  # e.g. cpu-sd15
+        bars += [(f"{r['backend']}\n{run}", r["median"] * 1e3) for r in rs if r["info"].get("kind") == "step"]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(bars)), 3.2))
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(bars)), 4.2))
     ax.bar([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
+    ax.tick_params(axis="x", labelsize=8, labelrotation=45)
     ax.set_ylabel("ms per denoising step (batch 2)")
     ax.set_title("Time per step by backend")
     fig.tight_layout()
