@@ -15,30 +15,21 @@ impl=None picks native where it applies. ENGINE_DISABLE_NATIVE=1 turns it off.
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 
+from kernels.native import _load
+from kernels.zero_conv import _disabled
+
 ATTENTION_IMPLS = ("native", "torch")
-_module: list = []  # [module or None], loaded on first use
-
-
-def _native_module():
-    if not _module:
-        try:
-            _module.append(importlib.import_module("kernels._attention_cpu"))
-        except ImportError:
-            _module.append(None)
-    return _module[0]
+NATIVE_MODULE = "_attention_cpu"
 
 
 def native_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the native kernel cannot take these tensors, or None when it can."""
-    if os.environ.get("ENGINE_DISABLE_NATIVE", "0") not in ("", "0"):
+    if _disabled("native"):
         return "ENGINE_DISABLE_NATIVE is set"
-    module = _native_module()
+    module = _load(NATIVE_MODULE)
     if module is None:
         return "kernels._attention_cpu is not built (python -m kernels.build_native)"
     if not module.supported():
@@ -71,7 +62,7 @@ def attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     def strides(t):  # (batch, head, token)
         return (t.stride(0), t.stride(2), t.stride(1))
 
-    _native_module().attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, M, D,
+    _load(NATIVE_MODULE).attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, M, D,
                                     strides(q), strides(k), strides(v), strides(out), D ** -0.5,
                                     torch.get_num_threads())
     return out
