@@ -203,8 +203,11 @@ def test_compiled_step_with_frozen_weights_equals_reference(reference, photo):
     function's handling of several sets is held eagerly by test_step_function_equals_reference."""
     from torch._dynamo.utils import counters
 
+    packed = counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"]
     r = runner("cpu-compiled")
     check("cpu-compiled", r.generate("a photo", photo, **ARGS).images, reference[1])
+    # Freezing took effect: the convs run from pre-packed weights (without it they stay graph inputs).
+    assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > packed, "no conv weight was pre-packed"
     graphs = counters["stats"]["unique_graphs"]
     args = dict(ARGS, controlnet_conditioning_scale=0.4)
     got = r.generate("a photo", photo, **args).images
