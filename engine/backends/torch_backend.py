@@ -154,5 +154,23 @@ class TorchBackend:
         device = sample.device
         # Scales arrive as CPU tensors; the graph's buffers live on the device.
         scales = [c.scales.to(device, torch.float32) for c in calls]
-        return self.step_runner(key, sample, timestep.to(device), embeddings, control_sample, control_embeddings,
-                                [c.hint for c in calls], scales)
+        inputs = (sample, timestep.to(device), embeddings, control_sample, control_embeddings,
+                  [c.hint for c in calls], scales)
+        if self.optimizations.compile:
+            inputs = _as_inference(inputs)
+        return self.step_runner(key, *inputs)
+
+
+def _as_inference(x, copies=None):
+    """Tensors as inference tensors, copying those made outside inference mode (the loop's latents and
+    embeddings; under 1 MB a step at 512²), one copy per tensor so inputs passed twice stay one tensor. Dynamo guards
+    on both the kind and the aliasing: a step compiled for one kind recompiled for the other, a minute on
+    a CPU, when a caller's tensors changed kind (the benchmark's step inputs, then a generation's)."""
+    copies = {} if copies is None else copies
+    if isinstance(x, torch.Tensor):
+        if x.is_inference():
+            return x
+        if id(x) not in copies:
+            copies[id(x)] = x.clone()
+        return copies[id(x)]
+    return type(x)(_as_inference(v, copies) for v in x)
