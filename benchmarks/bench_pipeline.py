@@ -110,12 +110,26 @@ def _after(benchmark):
         benchmark.extra_info["x_floor"] = stats.stats.median * 1e3 / benchmark.extra_info["floor_ms"]
 
 
-def _run(benchmark, bench_config, fn):
-    """Time fn; returns its last result."""
-    if bench_config.real:
-        fn()  # warm-up outside the timed rounds (first-call allocations, oneDNN kernel selection)
-        return benchmark.pedantic(fn, rounds=bench_config.rounds, iterations=1)
-    return benchmark(fn)
+STEP_ROUNDS, STEP_WARMUPS = 5, 2  # a step is 1-4 s at full size: more rounds cost little and steady the median
+GENERATE_ROUNDS = 3
+
+
+def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
+    """Time fn over `rounds` rounds after `warmups` untimed calls (first-call allocations, oneDNN kernel
+    selection, compilation) and a garbage collection; returns its last result. Without --benchmark: one
+    untimed call. With one warm-up, no collection and 3 rounds, the steps right after building a backend or
+    compiling it ran slow: the compiled bf16 step 1.33-1.59 s, against ~1.27 s a step inside the
+    generation timed next (results/cpu-sd15-20261201-083602.json, as of its commit). Generate rows take no
+    warm-up: their backend's step row has just warmed it, and a warm-up generation of the full model costs
+    7-20 s; a cold first round shows in the IQR, not the median."""
+    import gc
+
+    if not bench_config.real:
+        return benchmark(fn)
+    for _ in range(warmups):
+        fn()
+    gc.collect()
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1)
 
 
 # "torch-fused": the torch backend with the fused zero-conv residual path (engine.optimizations).
@@ -125,6 +139,28 @@ def _run(benchmark, bench_config, fn):
 # modules; its 1-2 minutes of compilation fall in the untimed warm-up call.
 STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "torch-compiled-bf16",
                  "onnxruntime", "tensorrt"]
+# What each backend adds to `setup` beyond the shared fp32 modules. Once the last backend that uses a
+# resource is done, the resource is dropped: at full size each is GBs (bf16 copies 2.6-2.9 GB, the frozen
+# step's packed weights ~2.4 GB more, ONNX Runtime's graphs 5.3 GB), and holding them all at once took the
+# sd15 run's peak RSS to 23.1 GB of this machine's 24.
+RESOURCES = {"diffusers-bf16": "bf16_pipe", "torch-fused": "fused_runner", "torch-bf16": "bf16_engine",
+             "torch-compiled-bf16": "bf16_engine", "onnxruntime": "ort_runner"}
+
+
+@pytest.fixture(scope="module", params=STEP_BACKENDS)
+def backend(request, setup):
+    """The backend under test. Module-scoped, so pytest runs each backend's step and generate rows
+    together, then releases what only that backend needed."""
+    yield request.param
+    resource = RESOURCES.get(request.param)
+    later = STEP_BACKENDS[STEP_BACKENDS.index(request.param) + 1:]
+    if resource in setup and not any(RESOURCES.get(b) == resource for b in later):
+        import gc
+
+        del setup[resource]
+        if resource == "bf16_engine":
+            torch._dynamo.reset()  # compiled code, and the frozen weights in it, live in dynamo's caches
+        gc.collect()
 
 
 def _skip_unless_selected(bench_config, backend: str) -> None:
@@ -142,7 +178,6 @@ def _skip_unless_selected(bench_config, backend: str) -> None:
         pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
 def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request, backend):
     _skip_unless_selected(bench_config, backend)
     x = step_inputs
@@ -151,7 +186,7 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
     rate = request.getfixturevalue("matmul_rate_bf16" if bf16 else "matmul_rate")
     benchmark.group = f"step {bench_config.size} {bench_config.resolution}px batch 2"
     if backend.startswith("diffusers"):
-        pipe = bf16_setup(setup)["pipe"] if bf16 else setup["pipe"]
+        pipe = bf16_pipe(setup) if bf16 else setup["pipe"]
         dtype = pipe.unet.dtype
         sample, embeddings, control = (x[k].to(dtype) for k in ("sample", "embeddings", "control"))
 
@@ -175,17 +210,16 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
     _record(benchmark, bench_config, machine_info, rate, backend=backend, kind="step", flops=step_flops)
     if backend == "onnxruntime":
         benchmark.extra_info["engine_build"] = setup["engine_build"]
-    _run(benchmark, bench_config, step)
+    _run(benchmark, bench_config, step, STEP_ROUNDS, STEP_WARMUPS)
     _after(benchmark)
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
 def test_generate(benchmark, setup, bench_config, machine_info, matmul_rate, backend):
     _skip_unless_selected(bench_config, backend)
     res, steps = bench_config.resolution, bench_config.steps
     benchmark.group = f"generate {bench_config.size} {res}px {steps} steps"
     if backend.startswith("diffusers"):
-        pipe = bf16_setup(setup)["pipe"] if backend.endswith("-bf16") else setup["pipe"]
+        pipe = bf16_pipe(setup) if backend.endswith("-bf16") else setup["pipe"]
 
         def generate():
             return _diffusers_images(pipe, setup, bench_config)
@@ -196,7 +230,7 @@ def test_generate(benchmark, setup, bench_config, machine_info, matmul_rate, bac
             return runner.generate(PROMPT, setup["edges"], seed=0, preprocess=False, **_generate_kwargs(bench_config)).images
 
     _record(benchmark, bench_config, machine_info, matmul_rate, backend=backend, kind="generate", steps=steps)
-    images = _run(benchmark, bench_config, generate)
+    images = _run(benchmark, bench_config, generate, GENERATE_ROUNDS, warmups=0)
     if backend == "diffusers":
         setup["reference_images"] = images
     benchmark.extra_info.update(image_error(images, reference_images(setup, bench_config)))
@@ -234,9 +268,9 @@ def engine_runner(setup, bench_config, backend: str):
     if backend == "torch-fused":
         return _fused_runner(setup)
     if backend == "torch-bf16":
-        return bf16_setup(setup)["runner"]
+        return bf16_engine(setup)["runner"]
     if backend == "torch-compiled-bf16":
-        return bf16_setup(setup)["compiled"]
+        return bf16_engine(setup)["compiled"]
     if backend == "onnxruntime" and setup["engine_dir"] is not None:
         if "ort_runner" not in setup:
             from engine import Runner
@@ -272,35 +306,46 @@ def _fused_runner(setup):
     return setup["fused_runner"]
 
 
-def bf16_setup(setup) -> dict:
-    """bf16 copies of the same weights, cast one module at a time, shared by the engine's bf16 Runners
-    (presets "cpu" and "cpu-compiled") and a diffusers pipeline cast to bf16."""
+def _bf16_copy(module):
     import copy
-    from types import SimpleNamespace
+
+    return copy.deepcopy(module).to(torch.bfloat16)
+
+
+def bf16_pipe(setup):
+    """diffusers' pipeline over bf16 copies of the same weights, cast one module at a time: what its users
+    would do."""
+    import copy
 
     from diffusers import StableDiffusionControlNetPipeline
 
-    from engine.optimizations import PRESETS
-
-    if "bf16" not in setup:
+    if "bf16_pipe" not in setup:
         pipe = setup["pipe"]
-        half = {name: copy.deepcopy(getattr(pipe, name)).to(torch.bfloat16)
-                for name in ("vae", "text_encoder", "unet", "controlnet")}
+        half = {name: _bf16_copy(getattr(pipe, name)) for name in ("vae", "text_encoder", "unet", "controlnet")}
         pipe16 = StableDiffusionControlNetPipeline(
-            **half, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+            **half, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe16.set_progress_bar_config(disable=True)
-        # The preset's switches change the models in place (channels-last weights): the engine gets its
-        # own copies, so the diffusers row runs diffusers' models as its users would.
-        own = {name: copy.deepcopy(half[name]) for name in ("unet", "controlnet", "vae")}
-        sd = SimpleNamespace(text_encoder=half["text_encoder"], unet=own["unet"], vae=own["vae"])
-        runner = _runner_over(setup, sd, [own["controlnet"]], torch.bfloat16, PRESETS["cpu"])
-        # Same model-level switches (channels-last), so the compiled Runner shares those modules; its
-        # frozen weights are inductor's own packed copies.
-        compiled = _runner_over(setup, sd, [own["controlnet"]], torch.bfloat16, PRESETS["cpu-compiled"])
-        setup["bf16"] = dict(pipe=pipe16, runner=runner, compiled=compiled)
-    return setup["bf16"]
+        setup["bf16_pipe"] = pipe16
+    return setup["bf16_pipe"]
+
+
+def bf16_engine(setup) -> dict:
+    """The engine's bf16 Runners over their own bf16 copies of the same weights (the presets' switches
+    change models in place: channels-last): "cpu" eager, and "cpu-compiled" over the same modules (its
+    frozen weights are inductor's own packed copies)."""
+    from types import SimpleNamespace
+
+    from engine.optimizations import PRESETS
+
+    if "bf16_engine" not in setup:
+        pipe = setup["pipe"]
+        sd = SimpleNamespace(**{name: _bf16_copy(getattr(pipe, name)) for name in ("text_encoder", "unet", "vae")})
+        nets = [_bf16_copy(pipe.controlnet)]
+        setup["bf16_engine"] = dict(runner=_runner_over(setup, sd, nets, torch.bfloat16, PRESETS["cpu"]),
+                                    compiled=_runner_over(setup, sd, nets, torch.bfloat16, PRESETS["cpu-compiled"]))
+    return setup["bf16_engine"]
 
 
 def engine_backend(setup, bench_config, backend: str):

@@ -42,7 +42,12 @@ def rows(path: Path) -> tuple[dict, list[dict]]:
     for r in out:
         base = next((b for b in out if b["group"] == r["group"] and b["backend"] in BASELINES), None)
         r["vs_baseline"] = base["median"] / r["median"] if base else None
-    return data, out
+    # Each group's rows together, groups in the order they first ran (bench_pipeline runs a backend's step
+    # and generate rows one after the other).
+    first = {}
+    for r in out:
+        first.setdefault(r["group"], len(first))
+    return data, sorted(out, key=lambda r: first[r["group"]])
 
 
 def _ms(seconds: float) -> str:
