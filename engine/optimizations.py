@@ -90,21 +90,25 @@ class TorchOptimizations:
     Costs: 1-3 minutes of compilation per active-net set and image size on first use (75-105 s for the
     full SD1.5 step on 2 CPU cores; 60-90 s even for the tiny model, most of it fixed cost). The scales
     are tensors and the guidance window only decides which nets run (a set already seen), so changing
-    either never recompiles. On the CPU alone it is a loss (bf16 step 1.74 s against 1.51 s eager): pair
-    it with freeze_weights there. Quality: inductor reorders arithmetic: not bitwise; fp32 within 1e-5
-    of the reference on the CPU (tests/test_optimizations.py), fp16 held by the GPU suite's PSNR."""
+    either never recompiles; nor do inputs made inside or outside inference mode (the backend hands the
+    step inference tensors, TorchBackend._run_step). On the CPU alone it buys nothing (bf16 step 1.49 s,
+    as eager): pair it with freeze_weights there. Quality: inductor reorders arithmetic: not bitwise; fp32
+    within 1e-5 of the reference on the CPU (tests/test_optimizations.py), fp16 held by the GPU suite's
+    PSNR."""
 
     freeze_weights: bool = False
     """Inductor's freezing (needs compile): the weights become constants of the compiled step, folded and
     pre-packed once into oneDNN's blocked layouts, with bias and activation fused into the conv or linear
-    that feeds them. Speed: on the CPU this is what makes compile pay. Eager oneDNN re-lays-out every
-    weight on every call; frozen, the full SD1.5 step at 256² took 1.29 s in bf16 (eager 1.51 s; floor at
-    the measured bf16 matmul rate 1.14 s; 1.27 s with native attention) and 2.73 s in fp32 (eager
-    ~3.2 s), alone in a process on a 2-core Zen 4; in the benchmark's process, which holds every
-    backend's models, 1.54 s against eager's 1.62 s (benchmarks/README.md). Costs: the
-    packed weights are a second copy beside the modules' (peak RSS 5.8 GB in bf16, 11.2 GB in fp32), and
-    weights are read once, at compilation: changing a model's weights afterwards has no effect (the
-    Runner never does). Quality: same math, other kernels: fp32 within 1e-5 of the reference."""
+    that feeds them (engine/cuda_graphs.compile_step says how the flag is set). Speed: on the CPU this is
+    what makes compile pay. Unfrozen, every conv re-lays-out its weight on every call: 80 ms of the step
+    went to three 2560->1280 convs at 4x4 (70 GFLOP/s), and the step took 83 k page faults. Frozen, the
+    full SD1.5 step at 256² in bf16 took 1.29 s against 1.49 s compiled unfrozen (1.15x against 1.35x the
+    floor at the measured bf16 matmul rate; 4 page faults a step), alone in a process on a 2-core Zen 4,
+    and 1.21 s in the benchmark's process, 1.05x its floor (benchmarks/README.md). Costs: the packed
+    weights are a second copy beside the modules' (peak RSS 5.8 GB in bf16 alone in a process against
+    4.5 GB eager), and weights are read once, at compilation: changing a model's weights afterwards
+    has no effect (the Runner never does). Quality: same math, other kernels: fp32 within 2e-6 of the
+    reference (tests/test_optimizations.py)."""
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
