@@ -131,17 +131,16 @@ def compile_step(fn: Callable, freeze_weights: bool = False) -> Callable:
     would fight StepGraphs' own). Inductor flags go in as this compilation's options, never into the
     global config.
 
-    Freezing (TorchOptimizations.freeze_weights says what it buys) cannot be such an option alone: dynamo
+    Freezing (TorchOptimizations.freeze_weights says what it buys) cannot be such an option: dynamo
     decides whether the parameters become constants while it traces, from the global
     `torch._inductor.config.freezing` (torch._dynamo.utils.is_parameter_freezing), and with the option
-    alone the weights stayed graph inputs and no conv or linear was pre-packed. So every call of the
-    frozen step patches that flag for its own duration (tracing and recompiles happen inside a call), and
+    the weights stayed graph inputs and no conv or linear was pre-packed. So every call of the frozen
+    step patches that flag for its own duration (tracing and recompiles happen inside a call), and
     restores it after."""
     options = {
         # 1x1 convs (the attention blocks' proj_in/proj_out, the zero convs off the fused path) as matmuls,
         # which inductor can fuse with their neighbours: diffusion-fast's recipe.
         "conv_1x1_as_mm": True,
-        "freezing": freeze_weights,
     }
     compiled = torch.compile(fn, fullgraph=False, dynamic=False, options=options)
     if not freeze_weights:

@@ -163,9 +163,10 @@ class TorchBackend:
 
 def _as_inference(x, copies=None):
     """Tensors as inference tensors, copying those made outside inference mode (the loop's latents and
-    embeddings; under 1 MB a step at 512²), one copy per tensor so inputs passed twice stay one tensor. Dynamo guards
-    on both the kind and the aliasing: a step compiled for one kind recompiled for the other, a minute on
-    a CPU, when a caller's tensors changed kind (the benchmark's step inputs, then a generation's)."""
+    embeddings; under 1 MB a step at 512²), one copy per tensor so inputs passed twice stay one tensor.
+    Dynamo guards on both the kind and the aliasing: a step compiled for one kind recompiled for the
+    other, a minute on a CPU, when a caller's tensors changed kind (the benchmark's step inputs, then a
+    generation's)."""
     copies = {} if copies is None else copies
     if isinstance(x, torch.Tensor):
         if x.is_inference():
