@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine import preprocess as pre
-from engine.backends import check_backend_name
+from engine.backends import check_backend_name, check_request
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.modules import block_scales
 from engine.optimizations import TorchOptimizations, cpu_has_native_bf16, resolve_optimizations
@@ -305,6 +305,7 @@ class Runner:
             if height < 8 or width < 8:
                 raise ValueError(f"control image is too small: {width}x{height} after rounding down to multiples of 8")
         batch = len(prompts) * per_prompt
+        check_request(self.backend, batch, height, width)
         latent_shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__

@@ -247,10 +247,13 @@ class _Builder:
             return self._row(entry, "reused", 0.0, "plan")
         plan = self.scratch / f"{spec.name}.plan"
         cache = self.out / tb.timing_cache_name(self.versions["tensorrt"], self.gpu)
+        _free_gpu_memory()  # the builder times only the tactics that fit in what is free
         tb.build_plan(self.out / entry.onnx, plan, entry.profile, self.config.precision, tb.TrtBuildConfig(timing_cache=cache))
         model = TrtModel(runtime, plan, entry)
         runtime.allocate_shared_memory()
         verified = self._verify(spec, entry, model.run)
+        runtime.release(model)  # engine, context, scratch block: the next plan's builder needs the memory
+        del model
         fs.move_into([plan], self.out)
         entry.files = {**{k: v for k, v in entry.files.items() if not k.endswith(".plan")}, plan.name: mf.file_sha256(self.out / plan.name)}
         entry.plan, entry.plan_key, entry.plan_verify = plan.name, plan_key, verified
@@ -303,6 +306,14 @@ class _Builder:
         self._write_manifest()
 
 
+def _free_gpu_memory() -> None:
+    """Drop what the last artefact left on the GPU (a verified plan's engine, the fp16 export's tensors in
+    torch's caching allocator) so TensorRT's builder sees the whole free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _trim_heap() -> None:
     """Hand freed memory back to the OS (glibc keeps it otherwise, and the next export stacks on top)."""
     try:
@@ -337,9 +348,9 @@ def build(config: BuildConfig, log=print) -> BuildResult:
         builder.support_files()
         runtime = None
         if builder.backend == "tensorrt":
-            from engine.backends.tensorrt_backend import TrtRuntime
+            from engine.backends.tensorrt_backend import TrtRunConfig, TrtRuntime
 
-            runtime = TrtRuntime.create()
+            runtime = TrtRuntime.create(TrtRunConfig(cuda_graphs=False))  # verification runs each plan once
         bar = _progress(builder.specs, config.progress, "build")
         rows = []
         for spec in bar:  # graph, then its plan, then its torch module is let go

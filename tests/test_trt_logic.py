@@ -1,10 +1,9 @@
-"""TensorRT logic that needs no TensorRT: profiles from the specs, precision flags per version, plan
-cache keys, buffer shapes, and the builder's calls against a stand-in `tensorrt` module. The runtime
-test at the end runs only where TensorRT and a CUDA GPU are present."""
+"""TensorRT logic that needs no TensorRT: profiles from the specs, plan cache keys and buffer shapes.
+The builder's, runtime's and refitter's calls against per-version fakes are in tests/test_trt_fakes.py.
+The runtime test at the end runs only where TensorRT and a CUDA GPU are present."""
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import pytest
 import torch
@@ -78,20 +77,11 @@ def test_buffer_shapes_from_inputs():
         solve_variables(list(hint.inputs), {"control_map": (1, 3, 100, 96)})
 
 
-def test_precision_flags_per_version():
-    assert tb.network_flags(10, "fp16") == dict(strongly_typed=False, fp16_flag=True)
-    assert tb.network_flags(10, "fp32") == dict(strongly_typed=False, fp16_flag=False)
-    assert tb.network_flags(11, "fp16") == dict(strongly_typed=True, fp16_flag=False)
-    with pytest.raises(ValueError, match="need 10 or newer"):
-        tb.network_flags(8, "fp16")
-    with pytest.raises(ValueError, match="fp32 or fp16"):
-        tb.network_flags(10, "int8")
-
-
 def test_plan_key_and_timing_cache_name():
     profile = specs()["unet"].profile(Sizes(), 8)
     key = tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3")
     assert key == tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3")
+    assert key != tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3", tb.TrtBuildConfig(refittable=False))
     other_sizes = specs()["unet"].profile(dataclasses.replace(Sizes(), max_size=768), 8)
     changed = [tb.plan_key("abd", profile, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3"),
                tb.plan_key("abc", other_sizes, "fp16", "10.9.0", "NVIDIA H100 80GB HBM3"),
@@ -100,95 +90,6 @@ def test_plan_key_and_timing_cache_name():
                tb.plan_key("abc", profile, "fp16", "10.9.0", "NVIDIA L4")]
     assert len({key, *changed}) == 6
     assert tb.timing_cache_name("10.9.0", "NVIDIA H100 80GB HBM3") == "timing-trt10.9.0-nvidia-h100-80gb-hbm3.cache"
-
-
-def fake_tensorrt(version: str, parse_ok: bool = True):
-    """Just enough of the tensorrt module for build_plan, recording what it is asked to do."""
-    calls = {"flags": [], "shapes": {}, "creation": None}
-
-    class Config:
-        builder_optimization_level = 0
-
-        def set_flag(self, flag):
-            calls["flags"].append(flag)
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["workspace"] = size
-
-        def add_optimization_profile(self, profile):
-            calls["profiles"] = calls.get("profiles", 0) + 1
-
-        def create_timing_cache(self, data):
-            calls["cache_in"] = data
-            return "cache"
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            calls["cache_set"] = cache
-
-        def get_timing_cache(self):
-            return types.SimpleNamespace(serialize=lambda: b"TIMING")
-
-    class Profile:
-        def set_shape(self, name, low, opt, high):
-            calls["shapes"][name] = (low, opt, high)
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, creation):
-            calls["creation"] = creation
-            return "network"
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            return b"PLAN"
-
-    class Parser:
-        num_errors = 0 if parse_ok else 1
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            calls["parsed"] = path
-            return parse_ok
-
-        def get_error(self, i):
-            return "Unsupported op FancyOp"
-
-    trt = types.SimpleNamespace(
-        __version__=version, Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
-        Builder=Builder, OnnxParser=Parser, NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
-        BuilderFlag=types.SimpleNamespace(FP16="FP16"), MemoryPoolType=types.SimpleNamespace(WORKSPACE="WS"),
-    )
-    return trt, calls
-
-
-@pytest.mark.parametrize("version,strongly_typed,fp16_flag", [("10.9.0", False, True), ("11.4.0", True, False)])
-def test_build_plan_calls(tmp_path, version, strongly_typed, fp16_flag):
-    trt, calls = fake_tensorrt(version)
-    profile = specs()["controlnet_canny"].profile(Sizes(), 8)
-    cache = tmp_path / "timing.cache"
-    tb.build_plan(tmp_path / "net.onnx", tmp_path / "net.plan", profile, "fp16", tb.TrtBuildConfig(timing_cache=cache), trt=trt)
-    assert (tmp_path / "net.plan").read_bytes() == b"PLAN" and cache.read_bytes() == b"TIMING"
-    assert calls["creation"] == (1 if strongly_typed else 0)
-    assert (calls["flags"] == ["FP16"]) == fp16_flag
-    assert calls["shapes"] == {name: tuple(v) for name, v in profile.items()} and calls["profiles"] == 1
-    assert calls["cache_in"] == b""  # no cache yet; the next build reads the written one
-    assert not list(tmp_path.glob(".*tmp*"))
-
-
-def test_build_plan_parse_error(tmp_path):
-    trt, _ = fake_tensorrt("10.9.0", parse_ok=False)
-    with pytest.raises(RuntimeError, match="Unsupported op FancyOp"):
-        tb.build_plan(tmp_path / "x.onnx", tmp_path / "x.plan", {"sample": [[1], [1], [1]]}, "fp32", trt=trt)
-    assert not (tmp_path / "x.plan").exists()
 
 
 def test_auto_backend_without_tensorrt_picks_onnxruntime():

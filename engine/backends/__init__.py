@@ -35,6 +35,22 @@ def sum_residuals(outputs: list, batch: int) -> list:
     return residuals
 
 
+def check_request(backend, images: int, height: int, width: int) -> None:
+    """A request against the range a backend's engines were built for, before any model work: backends
+    with fixed ranges (TensorRT: its plans' optimisation profiles) expose the manifest's `sizes`; the
+    others (torch, ONNX Runtime's dynamic graphs) take any size and have none."""
+    sizes = getattr(backend, "sizes", None)
+    if sizes is None:
+        return
+    if images > sizes["max_batch"]:
+        raise ValueError(f"{images} images in one call, but this engine dir's {backend.name} plans take at most "
+                         f"{sizes['max_batch']}: ask for fewer, or rebuild with --max-batch {images}")
+    for value, what in ((height, "height"), (width, "width")):
+        if not sizes["min_size"] <= value <= sizes["max_size"]:
+            raise ValueError(f"{what} {value} is outside this engine dir's {backend.name} plans' range "
+                             f"{sizes['min_size']}-{sizes['max_size']} px: rebuild with --min-size/--max-size to cover it")
+
+
 def check_backend_name(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

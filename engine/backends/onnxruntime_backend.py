@@ -98,8 +98,10 @@ class OrtModel:
         return outputs
 
 
-def _timestep(t) -> torch.Tensor:
-    return torch.as_tensor(t).reshape(1).to(dtype=torch.float32, device="cpu")
+def _timestep(t, device: torch.device) -> torch.Tensor:
+    """The loop's timestep as the graphs' (1,) float32 input, on the model's device: the loop's timesteps
+    live on the Runner's device, and a round trip through the host would sync twice per engine call."""
+    return torch.as_tensor(t).reshape(1).to(dtype=torch.float32, device=device)
 
 
 class GraphBackend:
@@ -128,8 +130,10 @@ class GraphBackend:
         return self.hint_encoders[k].run({"control_map": control_map})[0]
 
     def controlnet(self, k, sample, timestep, embeddings, hint, scales) -> tuple[torch.Tensor, ...]:
-        feeds = dict(sample=sample, timestep=_timestep(timestep), encoder_hidden_states=embeddings, hint=hint, scales=scales)
-        return tuple(r.float() for r in self.controlnet_bodies[k].run(feeds))
+        model = self.controlnet_bodies[k]
+        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), encoder_hidden_states=embeddings,
+                     hint=hint, scales=scales)
+        return tuple(r.float() for r in model.run(feeds))
 
     def combine(self, outputs: list, batch: int) -> list[torch.Tensor]:
         from engine.backends import sum_residuals
@@ -138,7 +142,7 @@ class GraphBackend:
 
     def unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
         model = self.unet_model
-        feeds = dict(sample=sample, timestep=_timestep(timestep), encoder_hidden_states=embeddings)
+        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), encoder_hidden_states=embeddings)
         variables = solve_variables(model.inputs[:1], {"sample": tuple(sample.shape)})
         shapes = [io.shape(variables) for io in model.inputs[3:]]
         if residuals is None:  # no ControlNet ran this step: adding zeros leaves the UNet's skips exact
