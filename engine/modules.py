@@ -148,7 +148,8 @@ class VaeDecoder(nn.Module):
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     from kernels import group_norm_silu
 
-    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    # kernel_impl: set once by TorchBackend.__init__ (a compiled step must not choose per call)
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, impl=getattr(norm, "kernel_impl", None))
 
 
 class GroupNormSiLU(nn.GroupNorm):

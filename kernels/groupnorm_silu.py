@@ -62,10 +62,18 @@ def _(x, weight, bias, num_groups, eps, impl):
     return torch.empty_like(x)
 
 
+def choose_impl(device: torch.device) -> str:
+    """The implementation impl=None picks on this device: Triton on CUDA when available, else torch.
+    The engine calls this once per backend (TorchBackend.__init__) and passes the answer to every call."""
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+
+
 def _resolve(impl: str | None, x: torch.Tensor) -> str:
     if impl is not None:
         if impl not in GN_IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {GN_IMPLS} or None")
+        if torch.compiler.is_compiling():  # chosen, and its off switch checked, before tracing (zero_conv._resolve)
+            return impl
         if impl == "triton" and _disabled("triton"):
             raise RuntimeError("impl='triton' was asked for but ENGINE_DISABLE_TRITON is set")
         return impl
@@ -73,7 +81,7 @@ def _resolve(impl: str | None, x: torch.Tensor) -> str:
         # Decided at trace time without triton_available()'s find_spec, which dynamo cannot trace (a
         # graph break at each of a step's ~60 calls); inductor on CUDA needs triton installed anyway.
         return "triton" if x.device.type == "cuda" and not _disabled("triton") else "torch"
-    return "triton" if x.device.type == "cuda" and triton_available() else "torch"
+    return choose_impl(x.device)
 
 
 def group_norm_silu(

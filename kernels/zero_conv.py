@@ -73,9 +73,15 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _resolve(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation to run. The engine resolves it once per backend (TorchBackend.__init__) and
+    passes it in: a compiled step must not read os.environ or look up modules at each of its ~100
+    kernel calls (dynamo guards on every environment read and breaks the graph at importlib), so an
+    explicit impl is only name-checked while tracing; its off switch was checked when it was chosen."""
     if impl is not None:
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is not one of {IMPLS} or None")
+        if torch.compiler.is_compiling():
+            return impl
         if impl == "triton" and _disabled("triton"):
             raise RuntimeError("impl='triton' was asked for but ENGINE_DISABLE_TRITON is set")
         if impl == "native" and _disabled("native"):

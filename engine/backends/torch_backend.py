@@ -58,13 +58,22 @@ class TorchBackend:
         # Global-pool (shuffle) nets average their residuals over the image: nothing to fuse.
         self.fused = optimizations.fused_zero_conv and not any(b.global_pool for b in self.controlnet_bodies)
         self.zero_convs = [fused.zero_conv_params(net) for net in controlnets] if self.fused else []
-        # Under torch.compile the kernel is chosen once, here: the per-call choice looks up modules
-        # (importlib), which dynamo cannot trace, a graph break at each of the 13 injection points.
+        # Kernels are chosen once, here: the per-call choice reads os.environ and looks up modules
+        # (importlib), which under torch.compile is an environment guard or a graph break at each of the
+        # step's ~100 kernel calls (13 zero-conv points, ~60 GroupNorm+SiLU).
         self.zero_conv_impl = None
-        if self.fused and optimizations.compile:
+        if self.fused:
             from kernels.zero_conv import _resolve
 
             self.zero_conv_impl = _resolve(None, torch.device(device), dtype)
+        if optimizations.groupnorm_silu:
+            from kernels.groupnorm_silu import choose_impl
+
+            impl = choose_impl(torch.device(device))
+            for model in [sd.unet, *controlnets, sd.vae]:
+                for module in model.modules():
+                    if isinstance(module, torch.nn.GroupNorm):
+                        module.kernel_impl = impl  # read by engine.modules._norm_silu
         self.step_runner = None  # None: eager calls, as the reference
         if optimizations.cuda_graphs or optimizations.compile:
             from engine import cuda_graphs
