@@ -1,8 +1,8 @@
 """Fused zero-conv residual add vs torch's unfused path at SD1.5's 13 injection points.
 
-Shapes (one CFG step at 512x512: batch 2, latent 64x64; Ck == C, one ControlNet):
-    64x64: 320 x4 (conv_in + 2 resnets + downsample)   32x32: 320, 640, 640
-    16x16: 640, 1280, 1280                              8x8: 1280 x3, mid block 1280
+Shapes (one CFG step at 512x512: batch 2, latent 64x64; Ck == C, one ControlNet), 13 points:
+    64x64: 320 x3 (conv_in + 2 resnets)   32x32: 320 (downsample), 640 x2
+    16x16: 640 (downsample), 1280 x2      8x8: 1280 (downsample), 1280 x2, mid block 1280
 
 Bytes the fused op must move per injection point: read skip (B*C*H*W), read features (B*Ck*H*W),
 write out (B*C*H*W), read weights (C*Ck, plus C of bias). Weights are not negligible at low
@@ -26,7 +26,7 @@ import torch
 import kernels
 from kernels import native
 
-SD15_POINTS = [(320, 64)] * 4 + [(320, 32), (640, 32), (640, 32), (640, 16), (1280, 16), (1280, 16)] + [(1280, 8)] * 4
+SD15_POINTS = [(320, 64)] * 3 + [(320, 32), (640, 32), (640, 32), (640, 16), (1280, 16), (1280, 16)] + [(1280, 8)] * 4
 DISTINCT = sorted(set(SD15_POINTS), key=lambda cs: (-cs[1], cs[0]))
 BATCH = 2
 HAS_CUDA = torch.cuda.is_available()
@@ -34,13 +34,18 @@ HAS_NATIVE_CPU = native.module_for(torch.device("cpu")) is not None
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 
 
-def make_point(C, S, device, dtype, nets=1, seed=0):
+def make_point(C, S, device, dtype, nets=1, seed=0, channels_last=False):
+    """One injection point's tensors. channels_last: the layout the engine's "fast" preset runs in; the
+    scales then come as device tensors, as the engine passes them (python floats would cost a
+    host-to-device copy per call)."""
     g = torch.Generator().manual_seed(seed)
-    skip = torch.randn(BATCH, C, S, S, generator=g).to(device, dtype)
-    features = [torch.randn(BATCH, C, S, S, generator=g).to(device, dtype) for _ in range(nets)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    skip = torch.randn(BATCH, C, S, S, generator=g).to(device, dtype).to(memory_format=fmt)
+    features = [torch.randn(BATCH, C, S, S, generator=g).to(device, dtype).to(memory_format=fmt) for _ in range(nets)]
     weights = [(torch.randn(C, C, 1, 1, generator=g) / C**0.5).to(device, dtype) for _ in range(nets)]
     biases = [torch.randn(C, generator=g).to(device, dtype) for _ in range(nets)]
-    return skip, features, weights, biases, [0.8] * nets
+    scales = [torch.tensor(0.8, device=device) for _ in range(nets)] if channels_last else [0.8] * nets
+    return skip, features, weights, biases, scales
 
 
 def bytes_moved(skip, features, weights):

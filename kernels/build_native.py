@@ -29,8 +29,9 @@ def _pybind11_cmake_dir() -> str:
 
 
 def build(output_dir: str | Path | None = None, build_dir: str | Path | None = None, cuda: bool = True,
-          verbose: bool = False) -> list[Path]:
-    """Configure and build with CMake; return the module files written to output_dir (default kernels/)."""
+          verbose: bool = False, jobs: int | None = None) -> list[Path]:
+    """Configure and build with CMake; return the module files written to output_dir (default kernels/).
+    jobs: parallel compile jobs (default: every core)."""
     cmake = shutil.which("cmake")
     if cmake is None:
         raise RuntimeError("cmake was not found on PATH; it is needed to build the native kernels")
@@ -48,7 +49,7 @@ def build(output_dir: str | Path | None = None, build_dir: str | Path | None = N
     if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
         configure += ["-G", "Ninja"]
     out = None if verbose else subprocess.PIPE
-    for cmd in (configure, [cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)]):
+    for cmd in (configure, [cmake, "--build", str(build_dir), "--parallel", str(jobs or os.cpu_count() or 1)]):
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {done.returncode}):\n{done.stdout or ''}")

@@ -84,14 +84,16 @@ def zero_conv_add_native(out, skip, features, weights, biases, scales, strides) 
                                  [net[:9] for net in nets], [float(s) for s in scales.tolist()],
                                  layout == "nchw", torch.get_num_threads())
         return out
-    # CUDA: at most module.max_nets per launch; later launches read out as their skip.
-    stream = torch.cuda.current_stream(skip.device).cuda_stream
-    current_skip, current_sk = skip, sk
-    current_sm = skip_sm
-    for start in range(0, len(nets), module.max_nets):
-        chunk = [net[:9] + (1,) for net in nets[start:start + module.max_nets]]
-        module.zero_conv_add(_DTYPE_CODES[skip.dtype], out.data_ptr(), current_skip.data_ptr(), B, m, n,
-                             (so[0], out_sm, 1), (current_sk[0], current_sm, 1), chunk,
-                             scales[start:].data_ptr(), layout == "nchw", stream)
-        current_skip, current_sk, current_sm = out, so, out_sm
+    # CUDA: at most module.max_nets per launch; later launches read out as their skip. The module
+    # launches on the current device: make it the tensors' one (multi-GPU machines).
+    with torch.cuda.device(skip.device):
+        stream = torch.cuda.current_stream(skip.device).cuda_stream
+        current_skip, current_sk = skip, sk
+        current_sm = skip_sm
+        for start in range(0, len(nets), module.max_nets):
+            chunk = [net[:9] + (1,) for net in nets[start:start + module.max_nets]]
+            module.zero_conv_add(_DTYPE_CODES[skip.dtype], out.data_ptr(), current_skip.data_ptr(), B, m, n,
+                                 (so[0], out_sm, 1), (current_sk[0], current_sm, 1), chunk,
+                                 scales[start:].data_ptr(), layout == "nchw", stream)
+            current_skip, current_sk, current_sm = out, so, out_sm
     return out

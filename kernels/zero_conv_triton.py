@@ -156,20 +156,28 @@ def _autotune_configs() -> list[triton.Config]:
 # Under the interpreter every program is a Python call: small fixed tiles keep tests exercising the
 # masks (C=40 spans two channel blocks) without autotuning's repeated runs.
 _INTERPRETER_BLOCKS = {"BLOCK_C": 32, "BLOCK_P": 32, "BLOCK_K": 16}
-_tuned_kernel = None
+# ENGINE_TRITON_FIXED_CONFIG=1: one config, no autotuning (the GPU suite's test runs: each tuned shape
+# would otherwise time every config, ~90 compiles over the test files). Read once, when the kernel is built.
+FIXED_CONFIG_VARIABLE = "ENGINE_TRITON_FIXED_CONFIG"
+_tuned_kernels: dict[bool, object] = {}
 
 
-def _kernel():
-    """The autotuned kernel on a GPU, built on first use; the plain kernel under the interpreter."""
-    global _tuned_kernel
+def _kernel(in_place: bool):
+    """The autotuned kernel on a GPU, built on first use; the plain kernel under the interpreter.
+
+    Autotuning runs each config on the real buffers. In place (out is skip) a config's run would feed
+    the next one its result, so that kernel restores out before each (restore_value: a copy of out per
+    config tried); out of place nothing needs restoring, and timing the copy would only skew the choice."""
     if interpreting():
         return _zero_conv_add_kernel
-    if _tuned_kernel is None:
-        # restore_value: autotuning runs each config on the real buffers, and out may be skip itself.
-        _tuned_kernel = triton.autotune(
-            configs=_autotune_configs(), key=["C", "P", "ck0", "NUM_NETS"], restore_value=["out_ptr"]
+    if in_place not in _tuned_kernels:
+        configs = _autotune_configs()
+        if os.environ.get(FIXED_CONFIG_VARIABLE, "0") not in ("", "0"):
+            configs = configs[:1]
+        _tuned_kernels[in_place] = triton.autotune(
+            configs=configs, key=["C", "P", "ck0", "NUM_NETS"], restore_value=["out_ptr"] if in_place else [],
         )(_zero_conv_add_kernel)
-    return _tuned_kernel
+    return _tuned_kernels[in_place]
 
 
 def zero_conv_add_triton(out, skip, features, weights, biases, scales, strides) -> torch.Tensor:
@@ -184,7 +192,6 @@ def zero_conv_add_triton(out, skip, features, weights, biases, scales, strides) 
     P = H * W
     if B == 0 or C == 0 or P == 0:
         return out
-    kernel = _kernel()
     fixed = _INTERPRETER_BLOCKS if interpreting() else {}
     precision = "ieee" if skip.dtype == torch.float32 else "tf32"
     current_skip = skip
@@ -201,6 +208,7 @@ def zero_conv_add_triton(out, skip, features, weights, biases, scales, strides) 
         def grid(meta):
             return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
 
+        kernel = _kernel(in_place=out.data_ptr() == current_skip.data_ptr())
         kernel[grid](
             out, current_skip, *fs, *ws, *bs, scales[start:stop], *cks, C, P,
             *strides(out), *strides(current_skip), *f_strides, *w_strides,

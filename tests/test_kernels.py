@@ -51,6 +51,16 @@ def check(impl, out, ref):
 
 
 @pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    """fp32 means fp32: cuDNN's convolutions (the torch path's 1x1 conv) default to TF32 on Ampere and
+    later, 10-bit mantissas, far outside the fp32 tolerance."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module", autouse=True)
 def report_errors():
     yield
     for (impl, dtype), (a, r) in sorted(ERRORS.items(), key=str):
