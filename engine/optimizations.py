@@ -83,7 +83,7 @@ class TorchOptimizations:
     loop), ~20 small launches per step."""
 
     compile: bool = False
-    """torch.compile (inductor, no autotuning) of the step function (engine/cuda_graphs.compile_step), on
+    """torch.compile (inductor, no autotuning) of the step function (engine/compile.compile_step), on
     any device. Speed: fuses the elementwise tails of convs and attention into their neighbours. The step
     traces as one graph per active-net set with no graph breaks (checked on the CPU with dynamo's eager
     backend: 2 graphs for a window, 0 breaks).
@@ -99,7 +99,7 @@ class TorchOptimizations:
     freeze_weights: bool = False
     """Inductor's freezing (needs compile): the weights become constants of the compiled step, folded and
     pre-packed once into oneDNN's blocked layouts, with bias and activation fused into the conv or linear
-    that feeds them (engine/cuda_graphs.compile_step says how the flag is set). Speed: on the CPU this is
+    that feeds them (engine/compile.compile_step says how the flag is set). Speed: on the CPU this is
     what makes compile pay. Unfrozen, every conv re-lays-out its weight on every call: 80 ms of the step
     went to three 2560->1280 convs at 4x4 (70 GFLOP/s), and the step took 83 k page faults. Frozen, the
     full SD1.5 step at 256² in bf16 took 1.29 s against 1.49 s compiled unfrozen (1.15x against 1.35x the

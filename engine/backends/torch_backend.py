@@ -77,9 +77,9 @@ class TorchBackend:
         self.step_runner = None  # None: eager calls, as the reference
         if optimizations.cuda_graphs or optimizations.compile:
             from engine import cuda_graphs
+            from engine.compile import compile_step
 
-            step = (cuda_graphs.compile_step(self.step_fn, optimizations.freeze_weights) if optimizations.compile
-                    else self.step_fn)
+            step = compile_step(self.step_fn, optimizations.freeze_weights) if optimizations.compile else self.step_fn
             self.step_runner = cuda_graphs.StepGraphs(step, torch.device(device)) if optimizations.cuda_graphs else step
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
