@@ -361,7 +361,7 @@ def tensorrt_row(cfg, state) -> dict:
         start = time.perf_counter()
         code = build_main(["--model", str(tiny["model"]), "--controlnet", str(tiny["canny"]), "--out", str(out),
                            "--backend", "tensorrt", "--precision", "fp16", "--min-size", "64", "--max-size", "128",
-                           "--no-progress"])
+                           "--no-slim", "--no-progress"])  # onnxslim is not on the GPU image
         if code != 0:
             raise RuntimeError(f"engine.build --backend tensorrt exited {code}")
         build_s = time.perf_counter() - start
