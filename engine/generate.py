@@ -5,6 +5,10 @@ carry their own parameters.
         --steps 4 --height 64 --width 64 --seed 1 --out out.png
     python -m engine.generate --from-png out.png --out again.png        # same pixels
     python -m engine.generate --model tiny --image photo.png --prompt-file prompts.txt --out batch/x.png
+    python -m engine.generate --model tiny --prompt "a painting" --image photo.png --init-image photo.png \
+        --strength 0.6 --out painted.png                                   # img2img
+    python -m engine.generate --model tiny --controlnet inpaint --prompt "a helmet" --init-image photo.png \
+        --mask mask.png --out repainted.png                                # inpaint (the map from image + mask)
 
 Flags mirror `Runner(...)` and `Runner.generate(...)` one to one; their defaults are read from those
 signatures, so the numbers live in engine/runner.py only. Exit status: 0 done; 2 bad arguments (checked
@@ -41,9 +45,11 @@ FLAG_NAMES = {
     "control_guidance_start": "--control-start",
     "control_guidance_end": "--control-end",
     "num_images_per_prompt": "--num-images",
+    "mask_image": "--mask",
 }
 PER_NET = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "preprocess")
-STAGE_LABELS = {"text_encoder": "text encoder", "hint_encoder": "hint encoder", "controlnet": "ControlNet",
+STAGE_LABELS = {"text_encoder": "text encoder", "hint_encoder": "hint encoder", "vae_encoder": "VAE encoder",
+                "controlnet": "ControlNet",
                 "scheduler": "scheduler", "vae": "VAE", "total": "total"}
 LOOP_STAGES = ("controlnet", "unet", "scheduler")  # the stages that run once per denoising step
 
@@ -113,6 +119,16 @@ def _float_in(low: float | None = None, high: float | None = None):
     return parse
 
 
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number with 0 < strength <= 1, got {text!r}")
+    return value
+
+
 def _multiple_of_8(text: str) -> int:
     try:
         value = int(text)
@@ -162,6 +178,12 @@ def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
     parser.add_argument("--prompt", metavar="TEXT", help="what to draw")
     parser.add_argument("--image", action=_PerNet, metavar="PATH",
                         help="control picture; once for all ControlNets or once per --controlnet")
+    parser.add_argument("--init-image", metavar="PATH", help="img2img: start from this picture instead of noise")
+    parser.add_argument("--mask", dest="mask_image", metavar="PATH",
+                        help="inpaint (with --init-image): white repaints, black keeps; the init image's size")
+    parser.add_argument("--strength", type=_strength, default=gen["strength"],
+                        help="how much of the init image to repaint, 0 < S <= 1: only the last S of the steps "
+                             "run (default: img2img 0.8, inpaint 1.0)")
     parser.add_argument("--negative-prompt", metavar="TEXT", help="what to avoid")
     parser.add_argument("--height", type=_multiple_of_8, default=gen["height"], help="pixels (default: the image's)")
     parser.add_argument("--width", type=_multiple_of_8, default=gen["width"], help="pixels (default: the image's)")
@@ -276,7 +298,11 @@ def _check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = 
     for name in PER_NET:
         default = {"image": None, "preprocess": "auto"}.get(name, gen.get(name))
         setattr(args, name, _per_net(getattr(args, name), count, flags.get(name) or FLAG_NAMES[name], default, fail))
-    if whole and args.image[0] is None:
+    if args.mask_image and not args.init_image:
+        fail("--mask needs --init-image: inpainting repaints the masked part of the init image")
+    if args.strength is not None and not args.init_image:
+        fail(f"--strength {args.strength} needs --init-image (img2img or inpaint)")
+    if whole and args.image[0] is None and not args.mask_image:  # inpaint ControlNets build theirs from the mask
         fail("--image is required: the control picture (e.g. engine/assets/astronaut.png)")
     for k, (start, end) in enumerate(zip(args.control_guidance_start, args.control_guidance_end)):
         if not start < end:
@@ -367,8 +393,11 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     from engine.runner import DTYPES
 
     for path in args.image:
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"control image {path!r} does not exist")
+    for path, what in ((args.init_image, "init image"), (args.mask_image, "mask")):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
     preprocess, modules = _preprocessors(args, runner.controlnet_specs)
     progress = _Progress(enabled_bar, label)
     try:
@@ -379,7 +408,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
             guess_mode=args.guess_mode, control_guidance_start=args.control_guidance_start,
             control_guidance_end=args.control_guidance_end, scheduler=args.scheduler, seed=args.seed,
             num_images_per_prompt=args.num_images_per_prompt, preprocess=preprocess, eta=args.eta,
-            callback=progress,
+            callback=progress, init_image=args.init_image, mask_image=args.mask_image, strength=args.strength,
         )
     finally:
         progress.close()
@@ -393,11 +422,15 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         controlnet_conditioning_scale=[float(s) for s in args.controlnet_conditioning_scale],
         control_guidance_start=[float(s) for s in args.control_guidance_start],
         control_guidance_end=[float(s) for s in args.control_guidance_end],
-        image=[str(p) for p in args.image], preprocess=modules,
+        image=[None if p is None else str(p) for p in args.image], preprocess=modules,
         dtype=next(name for name, dtype in DTYPES.items() if dtype == runner.dtype),
     )
     if args.optimizations is not None:
         record["optimizations"] = args.optimizations
+    if args.init_image is not None:  # the strength used (the mode's default when not given), and the files
+        record.update(strength=used["strength"], init_image=str(args.init_image))
+        if args.mask_image is not None:
+            record["mask_image"] = str(args.mask_image)
     if "canny" in modules:
         record.update(canny_low=args.canny_low, canny_high=args.canny_high)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-KINDS = ("text_encoder", "hint_encoder", "controlnet", "unet", "vae_decoder")
+KINDS = ("text_encoder", "hint_encoder", "controlnet", "unet", "vae_encoder", "vae_decoder")
 DTYPES = ("float32", "float16", "int64", "int32")
 _DIM = re.compile(r"^(\d*)([Bhw])(?:/(\d+))?$")
 
@@ -88,7 +88,7 @@ def solve_variables(inputs: list[TensorIO], shapes: dict[str, tuple[int, ...]]) 
 class Artefact:
     """One exported graph (and its TensorRT plan, where built)."""
 
-    name: str  # text_encoder, unet, vae_decoder, hint_<net>, controlnet_<net>
+    name: str  # text_encoder, unet, vae_encoder, vae_decoder, hint_<net>, controlnet_<net>
     kind: str  # one of KINDS
     net: str | None  # the ControlNet's slug for hint_encoder/controlnet
     onnx: str  # file name of the graph inside the dir
@@ -129,7 +129,7 @@ class Manifest:
     precision: str  # fp32 | fp16
     backend: str  # onnxruntime | tensorrt: what the build compiled for
     sizes: dict  # {"min_size", "max_size", "opt_size", "max_batch"}
-    config: dict  # vae_scale_factor, latent_channels, num_residuals, vocab_size, global_pool, ...
+    config: dict  # vae_scale_factor, latent_channels, unet_in_channels, scaling_factor, num_residuals, ...
     versions: dict  # library versions at build time
     gpu: str | None
     artefacts: dict[str, Artefact]
@@ -152,6 +152,10 @@ class Manifest:
             return cls(**data)
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise EngineDirError(f"{where} is not a valid manifest ({type(err).__name__}: {err}): rebuild the engine dir") from err
+
+    def has(self, kind: str) -> bool:
+        """Whether an artefact of `kind` was built (dirs built before img2img have no vae_encoder)."""
+        return any(a.kind == kind for a in self.artefacts.values())
 
     def nets(self) -> list[str]:
         return [net["slug"] for net in self.controlnets]

@@ -130,6 +130,24 @@ class TextEncoder(nn.Module):
         return self.text_encoder(input_ids)[0]
 
 
+class VaeEncoder(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] -> (mean, std) of the latent distribution, each (B, 4, H/8, W/8).
+
+    The distribution's parameters, not a sample, and before the latent scaling: the loop draws the
+    sample itself, mean + std * noise from the generation's generator, then scales it, exactly as
+    diffusers' retrieve_latents and its pipelines do (engine/modes.py). std is diffusers'
+    exp(0.5 * clamp(logvar, -30, 20)).
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images, return_dict=False)[0]
+        return dist.mean, dist.std
+
+
 class VaeDecoder(nn.Module):
     """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (the latent scaling is applied here)."""
 

@@ -10,6 +10,9 @@ writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mod
 control picture's path, and `Precision` (fp32, fp16, bf16) and `Optimizations` (a preset name, when one
 was chosen), so the file alone says how to reproduce it.
 
+img2img and inpainting add A1111's `Denoising strength` and our `Init image` and `Mask` (the files' paths;
+A1111 records neither, so its PNGs say only that a strength was used).
+
 `format_parameters` and `parse_parameters` are inverses on the dict the CLI records (keys named as
 `Runner`'s arguments); keys this module does not know are kept under `extra` when parsing. Text from
 A1111 itself parses too: without ControlNets the per-ControlNet lists are empty, and `image` is None
@@ -87,6 +90,12 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
     }
     if p.get("eta", 0.0) != 0.0:  # A1111 writes Eta only when it is not the sampler's default (0)
         pairs["Eta"] = _number(p["eta"])
+    if p.get("strength") is not None:  # img2img / inpaint
+        pairs["Denoising strength"] = _number(p["strength"])
+        if p.get("init_image"):
+            pairs["Init image"] = p["init_image"]
+        if p.get("mask_image"):
+            pairs["Mask"] = p["mask_image"]
     # Not A1111's keys, but the image depends on them: a bf16 image rerun in fp32 differs.
     if p.get("dtype"):
         pairs["Precision"] = p["dtype"]
@@ -104,7 +113,8 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         net["Guidance Start"] = _number(p["control_guidance_start"][k])
         net["Guidance End"] = _number(p["control_guidance_end"][k])
         net["Control Mode"] = CONTROL_MODES[bool(p["guess_mode"])]
-        net["Image"] = p["image"][k]
+        if p["image"][k] is not None:  # an inpaint ControlNet's map comes from Init image and Mask
+            net["Image"] = p["image"][k]
         pairs[f"ControlNet {k}"] = _join(net)
     lines = [p["prompt"]]
     if p.get("negative_prompt"):
@@ -149,6 +159,11 @@ def parse_parameters(text: str) -> dict:
     }
     if "Batch pos" in pairs:
         p["batch_pos"] = int(pairs.pop("Batch pos"))
+    if "Denoising strength" in pairs:
+        p["strength"] = float(pairs.pop("Denoising strength"))
+        p["init_image"] = pairs.pop("Init image", None)  # None in A1111's PNGs: give --init-image
+        if "Mask" in pairs:
+            p["mask_image"] = pairs.pop("Mask")
     if "Precision" in pairs:
         p["dtype"] = pairs.pop("Precision")
         if p["dtype"] not in PRECISIONS:

@@ -1,20 +1,23 @@
-"""`Runner`: SD1.5 + ControlNet text-to-image, equal in output to diffusers' ControlNet pipeline.
+"""`Runner`: SD1.5 + ControlNet text-to-image, img2img and inpainting, equal in output to diffusers'
+ControlNet pipelines (StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline).
 
     runner = Runner(model="tiny", controlnet="canny")
     result = runner.generate("a photo of an astronaut", image="photo.png", seed=0)
+    result = runner.generate("a painting", image="photo.png", init_image="photo.png", strength=0.6, seed=0)
     result.images[0].save("out.png"); print(result.timings)
 
 The loop below is the one in shared/ARCHITECTURE.md and is the same for every backend. Where diffusers
 wastes work, this does not: the hint encoder runs once per generation (not once per step), and a
 ControlNet outside its [start, end] window or at scale 0 is not run at all (diffusers runs it and
-multiplies by zero). Both leave the output unchanged; tests/test_parity.py holds that to 1e-5.
+multiplies by zero). Both leave the output unchanged; tests/test_parity.py holds that to 1e-5. The modes
+differ only in their kept timesteps, start latents and mask blend (engine/modes.py); at strength s only
+the kept steps run (diffusers' get_timesteps), and tests/test_img2img.py holds them to diffusers too.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,17 +26,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engine import modes
 from engine import preprocess as pre
 from engine.backends import check_backend_name, check_request
-from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.modules import block_scales
-from engine.optimizations import TorchOptimizations, cpu_has_native_bf16, resolve_optimizations
-from engine.registry import resolve
+from engine.optimizations import TorchOptimizations, resolve_optimizations
+from engine.parts import DTYPES, load_engine_dir, load_torch
 from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STAGES = ("text_encoder", "hint_encoder", "controlnet", "unet", "scheduler", "vae", "total")
+STAGES = ("text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total")
 
 
 @dataclass
@@ -94,10 +96,6 @@ def _check_prompts(prompt, what: str = "prompt") -> list[str]:
     return list(prompts)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Runner:
     """SD1.5 + one or more ControlNets behind one backend. Load once, call `generate` many times."""
 
@@ -125,61 +123,19 @@ class Runner:
             if optimizations is not None:
                 raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; an engine dir "
                                  "runs its built graphs: leave optimizations unset with engine_dir")
-            # Built graphs: load the manifest-checked backend plus the tokenizer and scheduler config the
-            # build copied into the dir; no torch weights are loaded.
-            from engine.backends import open_engine_dir
-
-            built = open_engine_dir(engine_dir, model, names, backend)
-            config = built.manifest.config
-            if device is not None and torch.device(device).type != built.backend.device.type:
-                raise ValueError(f"device {str(device)!r}: this engine dir's {built.backend.name} backend runs on "
-                                 f"{built.backend.device}; leave device unset")
-            self.device = built.backend.device
-            self.dtype = torch.float16 if built.manifest.precision == "fp16" else torch.float32
-            asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-            if asked is not None and asked != self.dtype:
-                raise ValueError(f"dtype {dtype!r}: this engine dir was built in {built.manifest.precision}; "
-                                 "leave dtype unset, or build another dir with --precision")
-            self.controlnet_specs = built.controlnet_specs
-            self.model = built.manifest.model["source"]
-            self.tokenizer = built.tokenizer
-            self.scheduler_config = built.scheduler_config
-            self.vae_scale_factor = int(config["vae_scale_factor"])
-            self.latent_channels = int(config["latent_channels"])
-            self.global_pool = built.global_pools[0]
-            self.backend = built.backend
-            self.num_residuals = int(config["num_residuals"])
-            return
-        if backend in ("onnxruntime", "tensorrt"):
+            parts = load_engine_dir(engine_dir, model, names, backend, device, dtype)
+        elif backend in ("onnxruntime", "tensorrt"):
             raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
                              "python -m engine.build, or use backend='torch'")
-        model = DEFAULT_MODEL if model is None else model
-        names = ["canny"] if names is None else names
-        self.device = torch.device(device) if device is not None else _default_device()
-        if isinstance(dtype, str):
-            dtype = DTYPES.get(dtype, dtype)
-        if dtype is None:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16 ('fp32', 'fp16', 'bf16'), got {dtype!r}")
-        if dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
-            warnings.warn("dtype bf16 on a CPU without AVX512-BF16 or AMX is emulated, ~30x slower than fp32; "
-                          "use dtype='fp32' here", stacklevel=2)
-        self.dtype = dtype
-        self.controlnet_specs = [resolve(name) for name in names]
-
-        from engine.backends.torch_backend import TorchBackend
-
-        sd = load_sd(model, self.device, self.dtype)
-        nets = [load_controlnet(spec, sd, self.device, self.dtype) for spec in self.controlnet_specs]
-        self.model = sd.source
-        self.tokenizer = sd.tokenizer
-        self.scheduler_config = sd.scheduler_config
-        self.vae_scale_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-        self.latent_channels = sd.unet.config.in_channels
-        self.global_pool = bool(nets[0].config.global_pool_conditions)
-        self.backend = TorchBackend(sd, nets, self.device, self.dtype, torch_optimizations)
-        self.num_residuals = self.backend.controlnet_bodies[0].num_residuals
+        else:
+            parts = load_torch(model, names, device, dtype, torch_optimizations)
+        self.parts = parts
+        # The attributes callers read (generate.py, serve/, benchmarks), set once for both kinds of load.
+        self.backend, self.device, self.dtype = parts.backend, parts.device, parts.dtype
+        self.model, self.controlnet_specs = parts.model, parts.controlnet_specs
+        self.tokenizer, self.scheduler_config = parts.tokenizer, parts.scheduler_config
+        self.vae_scale_factor, self.latent_channels = parts.vae_scale_factor, parts.latent_channels
+        self.global_pool, self.num_residuals = parts.global_pool, parts.num_residuals
 
     @property
     def num_controlnets(self) -> int:
@@ -187,8 +143,10 @@ class Runner:
 
     # ---- preparing inputs (no model work) -------------------------------------------------------
 
-    def _control_maps(self, image, preprocess) -> list:
-        images = image if isinstance(image, (list, tuple)) else [image]
+    def _control_maps(self, image, preprocess, init, mask) -> list:
+        """Each ControlNet's control map. An inpaint-type net builds its map from its image (default: the
+        init image) and the mask; every other net needs its own image."""
+        images = [None] * self.num_controlnets if image is None else (image if isinstance(image, (list, tuple)) else [image])
         if len(images) != self.num_controlnets:
             raise ValueError(
                 f"got {len(images)} control images for {self.num_controlnets} ControlNets: give one per ControlNet"
@@ -197,9 +155,37 @@ class Runner:
         maps = []
         for img, spec, choice in zip(images, self.controlnet_specs, preprocessors):
             fn = pre.pick_preprocessor(choice, spec.preprocessor)
+            if fn is pre.inpaint:
+                source = img if img is not None else init
+                if source is None or mask is None:
+                    raise ValueError(f"ControlNet {spec.name!r} uses the inpaint preprocessor, which builds its control "
+                                     "map from the init image and the mask: give init_image and mask_image")
+                maps.append(pre.inpaint(source, mask))
+                continue
+            if img is None:
+                raise ValueError(f"no control image for ControlNet {spec.name!r}: give one image per ControlNet "
+                                 "(only inpaint ControlNets build theirs from init_image and mask_image)")
             loaded = pre.load_image(img)
             maps.append(pre.load_image(fn(loaded)) if fn is not None else loaded)
         return maps
+
+    def _image_inputs(self, init_image, mask_image, strength, steps: int):
+        """(mode, init image, mask, strength) checked, before any model work."""
+        if mask_image is not None and init_image is None:
+            raise ValueError("mask_image needs an init_image: inpainting repaints the masked part of the init image")
+        init = None if init_image is None else pre.load_image(init_image, "init image")
+        mask = None if mask_image is None else pre.load_mask(mask_image)
+        if mask is not None and pre.image_size(mask) != pre.image_size(init):
+            (mw, mh), (iw, ih) = pre.image_size(mask), pre.image_size(init)
+            raise ValueError(f"mask_image is {mw}x{mh} but init_image is {iw}x{ih}: give a mask of the init image's size")
+        mode = "txt2img" if init is None else ("img2img" if mask is None else "inpaint")
+        if self.parts.unet_channels != self.latent_channels and mode != "inpaint":
+            raise ValueError(f"model {self.model!r} has a {self.parts.unet_channels}-channel inpainting UNet: it needs "
+                             "init_image and mask_image (inpainting); for txt2img or img2img use a 4-channel model")
+        if mode != "txt2img" and not self.parts.can_encode_images:
+            raise ValueError(f"{mode} needs a VAE encoder, and this engine dir was built without one: rebuild it with "
+                             "python -m engine.build (which now exports vae_encoder)")
+        return mode, init, mask, modes.check_strength(strength, mode, steps)
 
     @cached_property
     def _control_processor(self):
@@ -213,6 +199,14 @@ class Runner:
         from diffusers.image_processor import VaeImageProcessor
 
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @cached_property
+    def _mask_processor(self):
+        from diffusers.image_processor import VaeImageProcessor
+
+        # diffusers' inpaint pipelines' mask processor: grayscale, resized, binarised at 0.5.
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                 do_convert_grayscale=True)
 
     def _control_tensor(self, control_map, height: int, width: int) -> torch.Tensor:
         return self._control_processor.preprocess(control_map, height=height, width=width).to(torch.float32)
@@ -231,7 +225,7 @@ class Runner:
     def generate(
         self,
         prompt: str | list[str],
-        image,
+        image=None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -250,12 +244,26 @@ class Runner:
         preprocess=None,
         eta: float = 0.0,
         callback: Callable[[int, int], None] | None = None,
+        init_image=None,
+        mask_image=None,
+        strength: float | None = None,
     ) -> GenerationResult:
-        """Generate images like `StableDiffusionControlNetPipeline.__call__` with the same arguments.
+        """Generate images like diffusers' ControlNet pipelines with the same arguments: text to image
+        (`StableDiffusionControlNetPipeline`), img2img with `init_image`
+        (`StableDiffusionControlNetImg2ImgPipeline`, whose `image` is our `init_image` and whose
+        `control_image` is our `image`), inpainting with `init_image` and `mask_image`
+        (`StableDiffusionControlNetInpaintPipeline`).
 
-        `image`: the raw picture (one per ControlNet: PIL, numpy HWC uint8/float, or a file path).
-        `preprocess`: None applies each ControlNet type's preprocessor (canny: cv2.Canny 100/200), False
-        takes `image` as a ready control map, or a preprocessor name / callable (one, or one per net).
+        `image`: the raw picture (one per ControlNet: PIL, numpy HWC uint8/float, or a file path); an
+        inpaint ControlNet's may be None (or `image` left unset): its map is built from the init image and
+        the mask. `preprocess`: None applies each ControlNet type's preprocessor (canny: cv2.Canny
+        100/200; inpaint: masked pixels -1), False takes `image` as a ready control map, or a preprocessor
+        name / callable (one, or one per net). `init_image`: loaded like control images. `mask_image`:
+        white repaints, black keeps (binarised at 0.5 as diffusers does); it must have the init image's
+        size. `strength` in (0, 1]: None is diffusers' default (img2img 0.8, inpaint 1.0); only the last
+        int(steps * strength) steps run. Sizes default to the init image's (else the first control
+        map's), rounded down to multiples of 8; control maps are resized to the generation size.
+        `latents` is for text to image only (img2img starts from the init image).
         `callback(step, total)` is called after each denoising step (progress bars).
         `seed=s` gives the same image as diffusers with `generator=torch.Generator("cpu").manual_seed(s)`.
         """
@@ -285,6 +293,10 @@ class Runner:
         check_scheduler_name(scheduler)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        mode, init, mask, strength = self._image_inputs(init_image, mask_image, strength, steps)
+        if latents is not None and mode != "txt2img":
+            raise ValueError(f"latents are start noise for text to image; {mode} starts from init_image: leave "
+                             "latents unset")
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
         if seed is not None:
@@ -296,14 +308,15 @@ class Runner:
 
         timer = _StageTimer(self.device)
         call_start = time.perf_counter()
-        control_maps = self._control_maps(image, preprocess)
+        control_maps = self._control_maps(image, preprocess, init, mask)
         if height is None or width is None:
+            sized, what = (init, "init image") if init is not None else (control_maps[0], "control image")
             default_h, default_w = self._control_processor.get_default_height_width(
-                control_maps[0] if not isinstance(control_maps[0], np.ndarray) else control_maps[0][None]
+                sized if not isinstance(sized, np.ndarray) else sized[None]
             )
             height, width = height or default_h, width or default_w
             if height < 8 or width < 8:
-                raise ValueError(f"control image is too small: {width}x{height} after rounding down to multiples of 8")
+                raise ValueError(f"{what} is too small: {width}x{height} after rounding down to multiples of 8")
         batch = len(prompts) * per_prompt
         check_request(self.backend, batch, height, width)
         latent_shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -322,9 +335,9 @@ class Runner:
             embeddings = backend.encode_text(ids).repeat_interleave(per_prompt, dim=0)
             cond_embeddings = embeddings[batch:] if do_cfg else embeddings
 
-        # Which ControlNet runs at which step: diffusers' keep rule, plus "scale 0 never runs".
+        # Which ControlNet runs at which kept step: diffusers' keep rule, plus "scale 0 never runs".
         sched.set_timesteps(steps, device=self.device)
-        timesteps = sched.timesteps
+        timesteps = modes.kept_timesteps(sched, steps, strength)
         total = len(timesteps)
         active = [
             [scales[k] != 0.0 and not (i / total < starts[k] or (i + 1) / total > ends[k]) for k in range(n)]
@@ -341,11 +354,19 @@ class Runner:
                     hints[k] = backend.encode_hint(k, control.expand(control_batch, -1, -1, -1))
         net_scales = [block_scales(s, self.num_residuals, guess) for s in scales]
 
-        if latents is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = latents.to(device=self.device, dtype=torch.float32) * sched.init_noise_sigma
+        inpainting = None
+        if latents is not None:
+            latents = latents.to(device=self.device, dtype=torch.float32) * sched.init_noise_sigma
+        else:
+            init_pixels = mask_pixels = None
+            if init is not None:
+                init_pixels = self._image_processor.preprocess(init, height=height, width=width).to(torch.float32)
+            if mask is not None:
+                mask_pixels = self._mask_processor.preprocess(mask, height=height, width=width)
+            with timer("vae_encoder"):
+                latents, inpainting = modes.start_latents(
+                    backend, sched, generator, latent_shape, timesteps, strength, init_pixels, mask_pixels,
+                    self.parts.unet_channels, self.parts.scaling_factor, self.device)
         extra = step_kwargs(sched, generator, eta)
 
         for i, t in enumerate(timesteps):
@@ -361,13 +382,16 @@ class Runner:
                     if active[i][k]
                 ]
                 residuals = backend.combine(outputs, model_input.shape[0]) if outputs else None
+            unet_input = model_input if inpainting is None else inpainting.unet_input(model_input)
             with timer("unet"):
-                eps = backend.unet(model_input, t, embeddings, residuals)
+                eps = backend.unet(unet_input, t, embeddings, residuals)
             with timer("scheduler"):
                 if do_cfg:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)
                 latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
+                if inpainting is not None:
+                    latents = inpainting.blend(sched, latents, timesteps, i)
             if callback is not None:
                 callback(i + 1, total)
 
@@ -394,6 +418,8 @@ class Runner:
             scheduler=scheduler,
             seed=seed,
             num_images_per_prompt=per_prompt,
+            strength=strength,  # None for text to image
+            mask=mask is not None,
             model=self.model,
             controlnet=[spec.name for spec in self.controlnet_specs],
         )

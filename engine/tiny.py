@@ -9,7 +9,9 @@ default init shrinks the control image through the hint encoder's 8 convs: left 
 image changes nothing and no test could catch a control bug. So every zero-initialised layer is
 re-randomised here, the hint encoder with He-style init so its output keeps unit scale.
 
-The preset "sd15-random" is the full SD1.5 architecture with random weights, for export and benchmarks.
+The preset "sd15-random" is the full SD1.5 architecture with random weights, for export and benchmarks;
+"tiny-inpaint" is "tiny" with a 9-channel inpainting UNet (latents + mask + masked-image latents, the
+layout of runwayml/stable-diffusion-inpainting). Its ControlNets stay 4-channel, as real ones do.
 
     python -m engine.tiny --out DIR     # writes DIR/model (a diffusers SD folder) and DIR/controlnet-*
 """
@@ -128,8 +130,12 @@ class ModelPreset:
     text_vocab_size: int | None  # None: the hand-made vocab's size
 
 
+INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
+
 PRESETS = {
     "tiny": ModelPreset(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, HINT_CHANNELS, None),
+    "tiny-inpaint": ModelPreset(dict(UNET_CONFIG, in_channels=INPAINT_UNET_CHANNELS), VAE_CONFIG, TEXT_CONFIG,
+                                HINT_CHANNELS, None),
     "sd15-random": ModelPreset(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, SD15_HINT_CHANNELS, 49408),
 }
 
@@ -217,9 +223,13 @@ def tiny_controlnet(
 ) -> ControlNetModel:
     """A ControlNet copied from the UNet (as real ones are), its zero-initialised layers randomised.
 
-    `name` seeds the randomised layers, so two names give two different ControlNets.
+    `name` seeds the randomised layers, so two names give two different ControlNets. An inpainting
+    (9-channel) UNet's ControlNet is copied from a 4-channel UNet of the same preset: ControlNets see the
+    latents only.
     """
-    unet = unet if unet is not None else tiny_unet(preset)
+    latent_channels = PRESETS[preset].vae["latent_channels"]
+    if unet is None or unet.config.in_channels != latent_channels:
+        unet = _construct("unet", UNet2DConditionModel, **dict(PRESETS[preset].unet, in_channels=latent_channels))
     net = _construct(
         "controlnet/" + name,
         ControlNetModel.from_unet,
@@ -246,13 +256,13 @@ def tiny_components(preset: str = "tiny") -> dict:
     )
 
 
-def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",)) -> dict[str, Path]:
-    """Write the tiny model as a normal diffusers folder, plus one folder per named tiny ControlNet.
+def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",), preset: str = "tiny") -> dict[str, Path]:
+    """Write a tiny preset as a normal diffusers folder, plus one folder per named tiny ControlNet.
 
     Returns {"model": DIR/model, "<name>": DIR/controlnet-<name>, ...}.
     """
     out = Path(out)
-    parts = tiny_components()
+    parts = tiny_components(preset)
     model_dir = out / "model"
     for key in ("text_encoder", "unet", "vae", "tokenizer"):
         parts[key].save_pretrained(model_dir / key)
@@ -274,7 +284,7 @@ def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",)) -> dic
     paths = {"model": model_dir}
     for name in controlnets:
         paths[name] = out / f"controlnet-{name}"
-        tiny_controlnet(name, parts["unet"]).save_pretrained(paths[name])
+        tiny_controlnet(name, parts["unet"], preset).save_pretrained(paths[name])
     return paths
 
 
@@ -282,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder to write the tiny model into")
     parser.add_argument("--controlnet", action="append", default=None, help="tiny ControlNet names (default canny)")
+    parser.add_argument("--preset", choices=[p for p in PRESETS if p.startswith("tiny")], default="tiny",
+                        help="tiny: 4-channel UNet; tiny-inpaint: 9-channel inpainting UNet")
     args = parser.parse_args(argv)
-    for key, path in save_tiny(args.out, tuple(args.controlnet or ["canny"])).items():
+    for key, path in save_tiny(args.out, tuple(args.controlnet or ["canny"]), args.preset).items():
         print(f"{key}: {path}")
 
 

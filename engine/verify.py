@@ -36,6 +36,8 @@ def sample_feeds(inputs: list[TensorIO], variables: dict[str, int], vocab_size: 
             feeds[io.name] = torch.linspace(0.5, 1.5, shape[0])
         elif io.name == "control_map":
             feeds[io.name] = torch.rand(shape, generator=gen)
+        elif io.name == "images":  # the VAE encoder's pictures, in [-1, 1]
+            feeds[io.name] = torch.rand(shape, generator=gen) * 2 - 1
         else:
             feeds[io.name] = torch.randn(shape, generator=gen)
     return feeds
@@ -48,6 +50,7 @@ def reference_module(kind: str, sd=None, net=None) -> torch.nn.Module:
     makers = {
         "text_encoder": lambda: modules.TextEncoder(sd.text_encoder),
         "unet": lambda: modules.UNetWithResiduals(sd.unet),
+        "vae_encoder": lambda: modules.VaeEncoder(sd.vae),
         "vae_decoder": lambda: modules.VaeDecoder(sd.vae),
         "hint_encoder": lambda: modules.HintEncoder(net),
         "controlnet": lambda: modules.ControlNetBody(net),

@@ -144,6 +144,7 @@ class _Builder:
     def _weight_hashes(self) -> dict[str, str]:
         sd = self.sd
         hashes = dict(text_encoder=fs.weights_hash(sd.text_encoder), unet=fs.weights_hash(sd.unet),
+                      vae_encoder=fs.weights_hash(sd.vae, skip_prefix="decoder."),
                       vae_decoder=fs.weights_hash(sd.vae, skip_prefix="encoder."))
         for slug, net in zip(self.slugs, self.nets):
             config = fs.json_hash(dict(net.config))  # channel order and global pooling change the graph

@@ -6,7 +6,11 @@ allocation. Dims are symbolic over B (batch) and h, w (latent size); see `engine
 
 Batch ranges: every model the CFG loop calls runs at up to 2 x max_batch (uncond + cond halves), and so
 does the hint encoder, which encodes at the ControlNet's batch (see the comment in Runner.generate). The
-VAE decodes only the images: up to max_batch.
+VAE decodes only the images: up to max_batch; its encoder (img2img, inpaint) sees the init image, batch 1,
+up to max_batch.
+
+Channels: the ControlNets and the VAE work on `latent_channels` (4); the UNet's sample has
+`unet_in_channels`, 9 for an inpainting UNet (latents, mask, masked-image latents).
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ class ModelConfig:
     unet_out_channels: int
     image_channels: int  # VAE output channels
     control_channels: int  # control map channels (3)
+    unet_in_channels: int = 4  # 9 for an inpainting UNet
+    scaling_factor: float = 0.18215  # the VAE's latent scaling (the loop scales the encoder's sample)
 
     @property
     def num_residuals(self) -> int:
@@ -74,7 +80,7 @@ def model_config(sd, controlnets: list) -> ModelConfig:
         raise ValueError(f"ControlNets take control maps with different channel counts {sorted(channels)}; use one kind")
     return ModelConfig(
         vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
-        latent_channels=int(unet.in_channels),
+        latent_channels=int(vae.latent_channels),
         text_length=int(sd.tokenizer.model_max_length),
         text_dim=int(text.hidden_size),
         vocab_size=int(text.vocab_size),
@@ -83,6 +89,8 @@ def model_config(sd, controlnets: list) -> ModelConfig:
         unet_out_channels=int(unet.out_channels),
         image_channels=int(vae.out_channels),
         control_channels=channels.pop(),
+        unet_in_channels=int(unet.in_channels),
+        scaling_factor=float(vae.scaling_factor),
     )
 
 
@@ -106,7 +114,7 @@ def residual_dims(config: ModelConfig, global_pool: bool = False) -> list[tuple]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str  # artefact name: text_encoder, unet, vae_decoder, hint_<net>, controlnet_<net>
+    name: str  # artefact name: text_encoder, unet, vae_encoder, vae_decoder, hint_<net>, controlnet_<net>
     kind: str
     net: str | None
     inputs: tuple[TensorIO, ...]
@@ -148,6 +156,7 @@ def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: st
     c = config
     s = c.vae_scale_factor
     latent = TensorIO("sample", f, ("B", c.latent_channels, "h", "w"))
+    unet_sample = TensorIO("sample", f, ("B", c.unet_in_channels, "h", "w"))
     timestep = TensorIO("timestep", "float32", (1,))  # float32 in every precision: 999.0 is exact there
     text = TensorIO("encoder_hidden_states", f, ("B", c.text_length, c.text_dim))
     hint = TensorIO("hint", f, ("B", c.block_out_channels[0], "h", "w"))
@@ -156,8 +165,12 @@ def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: st
     specs = [
         ModelSpec("text_encoder", "text_encoder", None, (TensorIO("input_ids", "int64", ("B", c.text_length)),),
                   (TensorIO("text_embeddings", f, ("B", c.text_length, c.text_dim)),), cfg_batch=True),
-        ModelSpec("unet", "unet", None, (latent, timestep, text) + unet_residuals,
+        ModelSpec("unet", "unet", None, (unet_sample, timestep, text) + unet_residuals,
                   (TensorIO("noise_pred", f, ("B", c.unet_out_channels, "h", "w")),), cfg_batch=True),
+        # Before the decoder: the build lets go of the VAE after its last graph.
+        ModelSpec("vae_encoder", "vae_encoder", None, (TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w")),),
+                  (TensorIO("latent_mean", f, ("B", c.latent_channels, "h", "w")),
+                   TensorIO("latent_std", f, ("B", c.latent_channels, "h", "w"))), cfg_batch=False),
         ModelSpec("vae_decoder", "vae_decoder", None, (TensorIO("latents", f, ("B", c.latent_channels, "h", "w")),),
                   (TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w")),), cfg_batch=False),
     ]

@@ -72,12 +72,12 @@ def built(request, tmp_path_factory, tiny_dir) -> dict:
 def test_fresh_build_then_added_controlnet_then_noop(built):
     (c1, out1), (c2, out2), (c3, out3) = built["runs"]
     assert (c1, c2, c3) == (0, 0, 0), out1 + out2 + out3
-    assert "5 built, 0 reused" in out1
-    assert "2 built, 5 reused" in out2  # only the new ControlNet's hint encoder and body
-    assert "0 built, 7 reused" in out3
+    assert "6 built, 0 reused" in out1
+    assert "2 built, 6 reused" in out2  # only the new ControlNet's hint encoder and body
+    assert "0 built, 8 reused" in out3
     assert "max abs" in out3 and "controlnet_controlnet-depth" in out3  # the summary table
     before, after = built["mtimes"]
-    assert before == after and len(before) == 7  # nothing rewritten
+    assert before == after and len(before) == 8  # nothing rewritten
 
 
 def test_manifest_contents(built):
@@ -93,6 +93,8 @@ def test_manifest_contents(built):
     assert unet.profile["sample"] == [[1, 4, 8, 8], [2, 4, 16, 16], [6, 4, 16, 16]]
     assert unet.profile["mid"] == [[1, 64, 1, 1], [2, 64, 2, 2], [6, 64, 2, 2]]
     assert manifest.artefacts["vae_decoder"].profile["latents"][2][0] == 3  # VAE: images only, no CFG
+    assert manifest.artefacts["vae_encoder"].profile["images"] == [[1, 3, 64, 64], [1, 3, 128, 128], [3, 3, 128, 128]]
+    assert manifest.config["unet_in_channels"] == 4 and manifest.config["scaling_factor"] == 0.18215
     assert set(manifest.support) == {"scheduler_config.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"}
 
 
@@ -131,7 +133,7 @@ def test_changed_weight_rebuilds_only_its_graph(copy_dir, tiny_dir, tmp_path):
     code, out = _cli("--model", str(model), "--out", str(copy_dir), "--controlnet", str(tiny_dir["canny"]),
                      "--controlnet", str(tiny_dir["depth"]), *SIZES)
     assert code == 0, out
-    assert "1 built, 6 reused" in out, out
+    assert "1 built, 7 reused" in out, out
     after = mf.load(copy_dir).artefacts
     assert [n for n in after if after[n].files != before[n].files] == ["unet"]
 

@@ -1,4 +1,4 @@
-"""Backends: the five tensor-in, tensor-out questions the generation loop asks, answered per runtime.
+"""Backends: the tensor-in, tensor-out questions the generation loop asks, answered per runtime.
 
     encode_text(ids) -> embeddings
     encode_hint(k, control_map) -> hint of ControlNet k
@@ -6,6 +6,8 @@
     combine(outputs, batch) -> the active nets' outputs summed (one launch where the backend can),
                                guess mode's conditional-half residuals padded to the full batch
     unet(sample, t, embeddings, residuals | None) -> noise prediction
+    encode_image(pixels in [-1, 1]) -> (mean, std) of the VAE's latent distribution, unscaled
+                               (img2img and inpaint: the loop draws the sample with its generator)
     decode(latents) -> images in [-1, 1]
 
 A backend knows nothing of schedulers, CFG or guidance windows: the loop in `engine.runner` is written
@@ -126,6 +128,8 @@ def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None
     chosen = manifest.backend if backend == "auto" else backend
     nets = [manifest.controlnets[i] for i in indices]
     needed = ["text_encoder", "unet", "vae_decoder"] + [f"{p}_{n['slug']}" for n in nets for p in ("hint", "controlnet")]
+    if manifest.has("vae_encoder"):  # img2img and inpaint; dirs built before them lack it (Runner says so)
+        needed.append("vae_encoder")
     manifest = mf.load(engine_dir, needed)  # hashes every file it will use
     if chosen == "tensorrt":
         from engine.backends.tensorrt_backend import TrtBackend, TrtRuntime

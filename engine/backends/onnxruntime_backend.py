@@ -118,6 +118,8 @@ class GraphBackend:
         self.text_encoder = make_model(manifest.artefact("text_encoder"))
         self.unet_model = make_model(manifest.artefact("unet"))
         self.vae_decoder = make_model(manifest.artefact("vae_decoder"))
+        # None in dirs built before img2img: Runner then refuses img2img/inpaint with a rebuild hint.
+        self.vae_encoder = make_model(manifest.artefact("vae_encoder")) if manifest.has("vae_encoder") else None
         self.hint_encoders = [make_model(manifest.artefact("hint_encoder", s)) for s in slugs]
         self.controlnet_bodies = [make_model(manifest.artefact("controlnet", s)) for s in slugs]
         self.device = self.unet_model.device
@@ -155,6 +157,14 @@ class GraphBackend:
             feeds[io.name] = res if tuple(res.shape) == shape else res.expand(shape)
         return model.run(feeds)[0].float()
 
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder)."""
+        if self.vae_encoder is None:
+            raise ValueError("this engine dir has no vae_encoder graph (built before img2img): rebuild it with "
+                             "python -m engine.build")
+        mean, std = self.vae_encoder.run({"images": pixels})
+        return mean.float(), std.float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae_decoder.run({"latents": latents})[0].float()
 
@@ -168,5 +178,6 @@ class OrtBackend(GraphBackend):
         engine_dir = Path(engine_dir)
         super().__init__(manifest, nets, lambda a: OrtModel(engine_dir / a.onnx, a, config))
         every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
+        every += [self.vae_encoder] if self.vae_encoder is not None else []
         self.providers = {m.name: m.provider for m in every}
         self.provider = self.unet_model.provider

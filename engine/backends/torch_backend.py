@@ -18,7 +18,7 @@ import torch
 
 from engine import fused
 from engine.backends import sum_residuals
-from engine.modules import ControlNetBody, HintEncoder, TextEncoder, UNetWithResiduals, VaeDecoder
+from engine.modules import ControlNetBody, HintEncoder, TextEncoder, UNetWithResiduals, VaeDecoder, VaeEncoder
 from engine.optimizations import TorchOptimizations, apply_to_model, check_device
 
 
@@ -53,6 +53,7 @@ class TorchBackend:
         self.text_encoder = TextEncoder(sd.text_encoder)
         self.unet_model = UNetWithResiduals(sd.unet)
         self.vae_decoder = VaeDecoder(sd.vae)
+        self.vae_encoder = VaeEncoder(sd.vae)
         self.hint_encoders = [HintEncoder(net) for net in controlnets]
         self.controlnet_bodies = [ControlNetBody(net) for net in controlnets]
         # Global-pool (shuffle) nets average their residuals over the image: nothing to fuse.
@@ -116,6 +117,12 @@ class TorchBackend:
         if self.step_runner is not None:
             return self._run_step(residuals.calls if residuals is not None else [], sample, timestep, embeddings)
         return self._unet(sample, timestep, embeddings, residuals)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder)."""
+        mean, std = self.vae_encoder(self._in(pixels))
+        return self._out(mean), self._out(std)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 A request is JSON or multipart form data with the fields in FIELDS (the names of `Runner.generate`'s
 arguments) plus `image`: one control image per ControlNet, as a base64 string (a data URL is fine) in
-JSON, or as a file (or base64 text) in a multipart form. Every check runs here, before the request
+JSON, or as a file (or base64 text) in a multipart form. `init_image` (img2img) and `mask_image`
+(inpainting, with init_image; white repaints) come the same way; with a mask, `image` may be left out
+when every ControlNet is an inpaint one (its map is built from init image and mask). Every check runs here, before the request
 reaches a replica's batch queue, so a bad request costs no model work and is answered with
 `ApiError` -> 4xx JSON `{"error": message, "field": name}`. Nothing here imports torch or Ray.
 """
@@ -67,6 +69,9 @@ class GenerateRequest:
     canny_low: int = 100
     canny_high: int = 200
     response_format: str = "json"
+    strength: float | None = None  # img2img/inpaint; None: the mode's default (0.8, 1.0)
+    init_image: object = None  # PIL RGB image (img2img, inpaint)
+    mask_image: object = None  # PIL image, the init image's size (inpaint)
 
 
 # name: (kind, default). Ranges live in `_check_ranges`, where they can read the Limits.
@@ -88,7 +93,9 @@ FIELDS = {
     "canny_low": ("int", 100),
     "canny_high": ("int", 200),
     "response_format": ("str", "json"),
+    "strength": ("float", None),
 }
+IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
 
 
 def _schedulers() -> tuple[str, ...]:
@@ -169,6 +176,9 @@ def _check_ranges(values: dict, limits: Limits) -> None:
         raise ApiError(422, "canny_low", f"canny_low must be <= canny_high, got {values['canny_low']} > {values['canny_high']}")
     if values["seed"] is not None:
         _in_range("seed", values["seed"], 0, MAX_SEED)
+    strength = values["strength"]
+    if strength is not None and not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        raise ApiError(422, "strength", f"strength must be a number with 0 < strength <= 1, got {strength!r}")
     for name, choices in (("scheduler", _schedulers()), ("preprocess", _preprocessors()),
                           ("response_format", RESPONSE_FORMATS)):
         if values[name] not in choices:
@@ -213,31 +223,43 @@ def image_digest(images: list) -> str:
     return h.hexdigest()
 
 
-def _check_image_count(count: int, num_controlnets: int) -> None:
+def _check_image_count(count: int, num_controlnets: int, inpaint: bool = False) -> None:
     # Called before decoding too, so a body with a thousand images is refused without decoding them.
+    if count == 0 and inpaint:
+        return  # inpaint ControlNets build their maps from init image and mask (the Runner checks the rest)
     if count == 0:
         raise ApiError(422, "image", "image is required: a control image as a file (multipart) or base64 string (JSON)")
     if count != num_controlnets:
         raise ApiError(422, "image", f"give one image per ControlNet: this server has {num_controlnets}, got {count}")
 
 
-def build_request(fields: dict, images: list, limits: Limits, num_controlnets: int, from_form: bool = False) -> GenerateRequest:
+def build_request(fields: dict, images: list, limits: Limits, num_controlnets: int, from_form: bool = False,
+                  init_image=None, mask_image=None) -> GenerateRequest:
     """Checked request from field values (JSON types, or form text when from_form) and decoded images."""
-    unknown = sorted(set(fields) - set(FIELDS) - {"image"})
+    unknown = sorted(set(fields) - set(FIELDS) - set(IMAGE_FIELDS))
     if unknown:
-        raise ApiError(422, unknown[0], f"unknown field(s) {', '.join(unknown)}; allowed: image, {', '.join(FIELDS)}")
+        raise ApiError(422, unknown[0], f"unknown field(s) {', '.join(unknown)}; allowed: "
+                                        f"{', '.join(IMAGE_FIELDS)}, {', '.join(FIELDS)}")
     values = {}
     for name, (kind, default) in FIELDS.items():
         value = _coerce(name, kind, fields.get(name), from_form)
         values[name] = default if value is None else value
     _check_ranges(values, limits)
-    _check_image_count(len(images), num_controlnets)
+    if mask_image is not None and init_image is None:
+        raise ApiError(422, "mask_image", "mask_image needs an init_image: inpainting repaints the masked part of it")
+    if values["strength"] is not None and init_image is None:
+        raise ApiError(422, "strength", "strength needs an init_image (img2img or inpaint)")
+    if mask_image is not None and mask_image.size != init_image.size:
+        raise ApiError(422, "mask_image", f"mask_image is {mask_image.size[0]}x{mask_image.size[1]} but init_image is "
+                                          f"{init_image.size[0]}x{init_image.size[1]}: give a mask of its size")
+    _check_image_count(len(images), num_controlnets, inpaint=mask_image is not None)
     if values["negative_prompt"] is not None and not values["negative_prompt"].strip():
         values["negative_prompt"] = None  # the Runner's "no negative prompt"; it refuses blank strings
     if values["seed"] is None:
         # Drawn here, not by the Runner, so the batch handler knows each request's seed up front.
         values["seed"] = random.randrange(MAX_SEED + 1)
-    return GenerateRequest(images=images, image_digest=image_digest(images), **values)
+    return GenerateRequest(images=images, image_digest=image_digest(images), init_image=init_image,
+                           mask_image=mask_image, **values)
 
 
 def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateRequest:
@@ -249,29 +271,40 @@ def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateReq
         raise ApiError(400, None, f"request body must be a JSON object, got {type(fields).__name__}")
     raw = fields.get("image")
     raw = raw if isinstance(raw, list) else ([] if raw is None else [raw])
-    _check_image_count(len(raw), num_controlnets)
+    _check_image_count(len(raw), num_controlnets, inpaint=fields.get("mask_image") is not None)
     for item in raw:
         if not isinstance(item, str):
             raise ApiError(422, "image", f"image must be a base64 string (or a list of them), got {type(item).__name__}")
+    extra = {}
+    for name in ("init_image", "mask_image"):
+        item = fields.get(name)
+        if item is not None and not isinstance(item, str):
+            raise ApiError(422, name, f"{name} must be a base64 string, got {type(item).__name__}")
+        extra[name] = None if item is None else decode_image(item, limits, name)
     images = [decode_image(item, limits) for item in raw]
-    return build_request(fields, images, limits, num_controlnets)
+    return build_request(fields, images, limits, num_controlnets, **extra)
 
 
 async def parse_form(form, limits: Limits, num_controlnets: int) -> GenerateRequest:
     """A starlette FormData: `image` fields are uploaded files or base64 text; the rest are text."""
-    fields, images = {}, []
-    _check_image_count(len(form.getlist("image")), num_controlnets)
+    fields, images, extra = {}, [], {}
+    _check_image_count(len(form.getlist("image")), num_controlnets, inpaint=bool(form.getlist("mask_image")))
     for key, value in form.multi_items():
         if key == "image":
             data = await value.read() if hasattr(value, "read") else value
             images.append(decode_image(data, limits))
+        elif key in ("init_image", "mask_image"):
+            if key in extra:
+                raise ApiError(422, key, f"{key} is given more than once")
+            data = await value.read() if hasattr(value, "read") else value
+            extra[key] = decode_image(data, limits, key)
         elif hasattr(value, "read"):
             raise ApiError(422, key, f"{key} must be a text field, not a file")
         elif key in fields:
             raise ApiError(422, key, f"{key} is given more than once")
         else:
             fields[key] = value
-    return build_request(fields, images, limits, num_controlnets, from_form=True)
+    return build_request(fields, images, limits, num_controlnets, from_form=True, **extra)
 
 
 async def parse_http(request, limits: Limits, num_controlnets: int) -> GenerateRequest:
@@ -307,6 +340,7 @@ def batch_key(req: GenerateRequest) -> tuple:
         req.height, req.width, tuple(im.size for im in req.images), req.num_inference_steps, req.guidance_scale,
         req.controlnet_conditioning_scale, req.guess_mode, req.control_guidance_start, req.control_guidance_end,
         req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
+        None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength,
     )
 
 
@@ -337,4 +371,7 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         scheduler=req.scheduler,
         num_images_per_prompt=req.num_images_per_prompt,
         preprocess=choices if len(choices) > 1 else choices[0],
+        init_image=req.init_image,
+        mask_image=req.mask_image,
+        strength=req.strength,
     )

@@ -170,7 +170,9 @@ class ControlNetServer:
 
     def _calls(self, requests: list, members: list[int]) -> list[list[int]]:
         """How one same-key group is split into generate() calls (see the module docstring)."""
-        if self.batch_mode == "exact" or requests[members[0]].scheduler in STEP_NOISE_SCHEDULERS:
+        first = requests[members[0]]
+        # img2img/inpaint start from the init image, not from latents a merged call could pass in.
+        if self.batch_mode == "exact" or first.scheduler in STEP_NOISE_SCHEDULERS or first.init_image is not None:
             return [[i] for i in members]
         calls: dict[tuple, list[int]] = {}
         for i in members:
@@ -182,7 +184,8 @@ class ControlNetServer:
         """One Runner.generate call for `reqs` (all same key); an Outcome or ApiError per request."""
         first = reqs[0]
         kwargs = api.runner_kwargs(first, [s.preprocessor for s in self.runner.controlnet_specs])
-        images = first.images if len(first.images) > 1 else first.images[0]
+        images = first.images if len(first.images) != 1 else first.images[0]
+        images = images or None  # none given: inpaint ControlNets build theirs from init image and mask
         try:
             if len(reqs) == 1:
                 result = self.runner.generate(first.prompt, images, negative_prompt=first.negative_prompt,
@@ -302,8 +305,10 @@ class ControlNetServer:
             app = gr.mount_gradio_app(app, blocks, path="/demo")
         return app
 
-    async def _demo_run(self, fields: dict, image):
-        req = api.build_request(fields, [image], self.limits, self.runner.num_controlnets)
+    async def _demo_run(self, fields: dict, image, init_image=None, mask_image=None):
+        images = [image] if image is not None else []
+        req = api.build_request(fields, images, self.limits, self.runner.num_controlnets,
+                                init_image=init_image, mask_image=mask_image)
         outcome = await self.submit(req)
         return outcome.control_maps[0], outcome.images[0], outcome.seed
 

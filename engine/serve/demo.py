@@ -1,8 +1,13 @@
 """The browser demo: a Gradio Blocks UI with the knobs ControlNet's own demos expose.
 
-It knows nothing about Ray: `build_demo(run, limits, size)` takes an async `run(fields, image)` that
-returns (control map, image, seed) and raises `api.ApiError` for bad input; the app mounts the result
-on its FastAPI ingress at /demo, so the demo goes through the same validation and batching as the API.
+It knows nothing about Ray: `build_demo(run, limits, size)` takes an async
+`run(fields, image, init_image, mask_image)` that returns (control map, image, seed) and raises
+`api.ApiError` for bad input; the app mounts the result on its FastAPI ingress at /demo, so the demo goes
+through the same validation and batching as the API.
+
+img2img and inpaint: an init image in a brush editor. With nothing drawn on it, it is img2img; strokes
+drawn with the brush are the mask (inpaint: what is painted is repainted). "Denoising strength" is the
+img2img/inpaint strength.
 """
 from __future__ import annotations
 
@@ -11,13 +16,34 @@ from typing import Awaitable, Callable
 from engine.serve import api
 
 
-def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limits, size: int):
+def init_and_mask(editor) -> tuple[object, object]:
+    """(init image RGB | None, mask "L" | None) from a Gradio ImageMask value: its background is the init
+    image, and every pixel a brush layer painted (alpha > 0) is white in the mask; no strokes, no mask."""
+    import numpy as np
+    import PIL.Image
+
+    if not editor or editor.get("background") is None:
+        return None, None
+    background = editor["background"]
+    init = background.convert("RGB")
+    painted = np.zeros((init.height, init.width), dtype=bool)
+    for layer in editor.get("layers") or []:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3]
+        if alpha.shape == painted.shape:
+            painted |= alpha > 0
+    if not painted.any():
+        return init, None
+    return init, PIL.Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
+
+
+def build_demo(run: Callable[..., Awaitable[tuple]], limits: api.Limits, size: int):
     import gradio as gr
 
     async def on_generate(image, prompt, negative, strength, guess, low, high, steps, guidance, seed,
-                          start, end, side):
-        if image is None:
-            raise gr.Error("upload a control image first")
+                          start, end, side, editor=None, denoise=None):
+        init, mask = init_and_mask(editor)
+        if image is None and mask is None:
+            raise gr.Error("upload a control image first (or draw a mask on an init image to inpaint)")
         fields = dict(
             prompt=prompt, negative_prompt=negative or None, controlnet_conditioning_scale=float(strength),
             guess_mode=bool(guess), canny_low=int(low), canny_high=int(high), num_inference_steps=int(steps),
@@ -25,8 +51,10 @@ def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limi
             control_guidance_start=float(start), control_guidance_end=float(end), height=int(side),
             width=int(side),
         )
+        if init is not None:
+            fields["strength"] = float(denoise)
         try:
-            control_map, result, used_seed = await run(fields, image)
+            control_map, result, used_seed = await run(fields, image, init, mask)
         except api.ApiError as err:
             raise gr.Error(f"{err.field}: {err.message}" if err.field else err.message) from None
         return control_map, result, used_seed
@@ -38,6 +66,11 @@ def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limi
                 image = gr.Image(label="Control image", type="pil", elem_id="control-image")
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                with gr.Accordion("img2img / inpaint", open=False):
+                    editor = gr.ImageMask(label="Init image (brush strokes: the part to repaint)", type="pil",
+                                          elem_id="init-image", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                    denoise = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Denoising strength",
+                                        elem_id="denoising-strength")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Options", open=False):
                     strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Control strength")
@@ -57,7 +90,8 @@ def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limi
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
         button.click(
             on_generate,
-            inputs=[image, prompt, negative, strength, guess, low, high, steps, guidance, seed, start, end, side],
+            inputs=[image, prompt, negative, strength, guess, low, high, steps, guidance, seed, start, end, side,
+                    editor, denoise],
             outputs=[control_map, result, used_seed],
         )
     return demo

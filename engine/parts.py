@@ -1,0 +1,111 @@
+"""What a Runner runs, loaded one of two ways into one `LoadedParts`: torch models (the torch backend)
+or an engine dir's built graphs (onnxruntime, tensorrt). Everything after loading reads only this object,
+so a new mode or weight source is added once, not once per way of loading.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
+from engine.optimizations import cpu_has_native_bf16
+from engine.registry import resolve
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedParts:
+    """What a Runner runs, however it was loaded (torch models, or an engine dir's graphs)."""
+
+    backend: object
+    device: torch.device
+    dtype: torch.dtype
+    model: str  # the model's source as recorded
+    controlnet_specs: list
+    tokenizer: object
+    scheduler_config: dict
+    vae_scale_factor: int
+    latent_channels: int  # the VAE's latent channels (4)
+    unet_channels: int  # the UNet's input channels: 4, or 9 for an inpainting UNet
+    scaling_factor: float  # the VAE's latent scaling
+    global_pool: bool
+    num_residuals: int
+    can_encode_images: bool  # a VAE encoder is there (img2img, inpaint)
+
+
+def load_engine_dir(engine_dir, model, names, backend, device, dtype) -> LoadedParts:
+    """Built graphs: the manifest-checked backend plus the tokenizer and scheduler config the build copied
+    into the dir; no torch weights are loaded."""
+    from engine.backends import open_engine_dir
+
+    built = open_engine_dir(engine_dir, model, names, backend)
+    config = built.manifest.config
+    if device is not None and torch.device(device).type != built.backend.device.type:
+        raise ValueError(f"device {str(device)!r}: this engine dir's {built.backend.name} backend runs on "
+                         f"{built.backend.device}; leave device unset")
+    built_dtype = torch.float16 if built.manifest.precision == "fp16" else torch.float32
+    asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if asked is not None and asked != built_dtype:
+        raise ValueError(f"dtype {dtype!r}: this engine dir was built in {built.manifest.precision}; "
+                         "leave dtype unset, or build another dir with --precision")
+    latent_channels = int(config["latent_channels"])
+    return LoadedParts(
+        backend=built.backend,
+        device=built.backend.device,
+        dtype=built_dtype,
+        model=built.manifest.model["source"],
+        controlnet_specs=built.controlnet_specs,
+        tokenizer=built.tokenizer,
+        scheduler_config=built.scheduler_config,
+        vae_scale_factor=int(config["vae_scale_factor"]),
+        latent_channels=latent_channels,
+        unet_channels=int(config.get("unet_in_channels", latent_channels)),  # dirs built before img2img: 4
+        scaling_factor=float(config.get("scaling_factor", 0.18215)),
+        global_pool=built.global_pools[0],
+        num_residuals=int(config["num_residuals"]),
+        can_encode_images=getattr(built.backend, "vae_encoder", None) is not None,
+    )
+
+
+def load_torch(model, names, device, dtype, torch_optimizations) -> LoadedParts:
+    from engine.backends.torch_backend import TorchBackend
+
+    model = DEFAULT_MODEL if model is None else model
+    names = ["canny"] if names is None else names
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16 ('fp32', 'fp16', 'bf16'), got {dtype!r}")
+    if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("dtype bf16 on a CPU without AVX512-BF16 or AMX is emulated, ~30x slower than fp32; "
+                      "use dtype='fp32' here", stacklevel=3)
+    specs = [resolve(name) for name in names]
+    sd = load_sd(model, device, dtype)
+    nets = [load_controlnet(spec, sd, device, dtype) for spec in specs]
+    backend = TorchBackend(sd, nets, device, dtype, torch_optimizations)
+    return LoadedParts(
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        model=sd.source,
+        controlnet_specs=specs,
+        tokenizer=sd.tokenizer,
+        scheduler_config=sd.scheduler_config,
+        vae_scale_factor=2 ** (len(sd.vae.config.block_out_channels) - 1),
+        latent_channels=int(sd.vae.config.latent_channels),
+        unet_channels=int(sd.unet.config.in_channels),
+        scaling_factor=float(sd.vae.config.scaling_factor),
+        global_pool=bool(nets[0].config.global_pool_conditions),
+        num_residuals=backend.controlnet_bodies[0].num_residuals,
+        can_encode_images=True,
+    )
