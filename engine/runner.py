@@ -33,6 +33,10 @@ from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The A1111 ControlNet extension's control modes ("Balanced", "My prompt is more important", "ControlNet is
+# more important"); see Runner.generate's `control_mode`.
+CONTROL_MODES = ("balanced", "prompt", "controlnet")
+SOFT_INJECTION_BASE = 0.825  # the extension's per-block decay: block i of 13 is scaled by 0.825 ** (12 - i)
 STAGES = ("text_encoder", "hint_encoder", "controlnet", "unet", "scheduler", "vae", "total")
 
 
@@ -92,6 +96,28 @@ def _check_prompts(prompt, what: str = "prompt") -> list[str]:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"{what} must be a non-empty string or a list of them, got {p!r} in {prompt!r}")
     return list(prompts)
+
+
+def soft_block_scales(scale: float, num_residuals: int) -> torch.Tensor:
+    """The extension's "soft injection": the deepest block at full scale, each shallower one 0.825 times the next."""
+    exponents = torch.arange(num_residuals - 1, -1, -1, dtype=torch.float64)
+    return (scale * SOFT_INJECTION_BASE ** exponents).to(torch.float32)
+
+
+def _check_control_modes(control_mode, count: int, guess_mode: bool) -> list[str] | None:
+    if control_mode is None:
+        return None
+    modes = _as_list(control_mode, count, "control_mode")
+    for mode in modes:
+        if mode not in CONTROL_MODES:
+            raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)} (or a list, one per ControlNet), "
+                             f"got {mode!r}")
+    if guess_mode:
+        raise ValueError("give guess_mode or control_mode, not both: control_mode 'controlnet' is the extension's guess mode")
+    if len({mode == "controlnet" for mode in modes}) > 1:
+        raise ValueError(f"control_mode 'controlnet' must be on every ControlNet or on none, got {modes}: the nets "
+                         "share one batch, which holds the unconditional half for all of them or for none")
+    return modes
 
 
 def _default_device() -> torch.device:
@@ -250,6 +276,7 @@ class Runner:
         preprocess=None,
         eta: float = 0.0,
         callback: Callable[[int, int], None] | None = None,
+        control_mode: str | list[str] | None = None,
     ) -> GenerationResult:
         """Generate images like `StableDiffusionControlNetPipeline.__call__` with the same arguments.
 
@@ -257,6 +284,11 @@ class Runner:
         `preprocess`: None applies each ControlNet type's preprocessor (canny: cv2.Canny 100/200), False
         takes `image` as a ready control map, or a preprocessor name / callable (one, or one per net).
         `callback(step, total)` is called after each denoising step (progress bars).
+        `control_mode` (one, or one per net): the A1111 ControlNet extension's modes. "balanced": every block
+        at the net's scale; "prompt" (My prompt is more important): block i of 13 at scale * 0.825**(12-i);
+        "controlnet" (ControlNet is more important): those scales, and the nets see the conditional half
+        only (their residuals are zero for the unconditional one), as guess mode. None (default): guess_mode
+        decides, as in diffusers. "controlnet" must be on all nets or none.
         `seed=s` gives the same image as diffusers with `generator=torch.Generator("cpu").manual_seed(s)`.
         """
         n = self.num_controlnets
@@ -283,6 +315,7 @@ class Runner:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{what} must be a positive multiple of 8, got {value!r}")
         check_scheduler_name(scheduler)
+        modes = _check_control_modes(control_mode, n, guess_mode)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if seed is not None and generator is not None:
@@ -312,7 +345,7 @@ class Runner:
 
         sched = make_scheduler(scheduler, self.scheduler_config)
         do_cfg = guidance > 1.0
-        guess = guess_mode or self.global_pool
+        guess = (guess_mode if modes is None else modes[0] == "controlnet") or self.global_pool
         backend = self.backend
 
         # Text: [uncond; cond] in one batch, each prompt repeated per image as diffusers does.
@@ -338,7 +371,11 @@ class Runner:
                 if any(step[k] for step in active):
                     control = self._control_tensor(control_maps[k], height, width)
                     hints[k] = backend.encode_hint(k, control.expand(control_batch, -1, -1, -1))
-        net_scales = [block_scales(s, self.num_residuals, guess) for s in scales]
+        if modes is None:
+            net_scales = [block_scales(s, self.num_residuals, guess) for s in scales]
+        else:  # the extension's scales follow the mode only, also for global-pool nets (shuffle)
+            net_scales = [block_scales(s, self.num_residuals, False) if mode == "balanced"
+                          else soft_block_scales(s, self.num_residuals) for s, mode in zip(scales, modes)]
 
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
@@ -396,4 +433,6 @@ class Runner:
             model=self.model,
             controlnet=[spec.name for spec in self.controlnet_specs],
         )
+        if modes is not None:
+            parameters["control_mode"] = modes if n > 1 else modes[0]
         return GenerationResult(images, timer.ms, seed, control_maps, parameters)

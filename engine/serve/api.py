@@ -338,3 +338,52 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         num_images_per_prompt=req.num_images_per_prompt,
         preprocess=choices if len(choices) > 1 else choices[0],
     )
+
+
+# ---- the OpenAPI entry of POST /generate ---------------------------------------------------------------
+
+_JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+
+
+def _error_schema() -> dict:
+    return {"type": "object", "required": ["error", "field"],
+            "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"]}}}
+
+
+def openapi_operation() -> dict:
+    """Request and response schemas for POST /generate, derived from FIELDS (so new fields appear by
+    themselves) plus the enumerations `_check_ranges` checks. For FastAPI's `openapi_extra`: the route
+    parses the body itself (JSON or multipart), so FastAPI cannot infer it."""
+    enums = {"scheduler": list(_schedulers()), "preprocess": list(_preprocessors()),
+             "response_format": list(RESPONSE_FORMATS)}
+    properties = {}
+    for name, (kind, default) in FIELDS.items():
+        prop = {"type": [_JSON_TYPES[kind], "null"] if default is None else _JSON_TYPES[kind]}
+        if default is not None:
+            prop["default"] = default
+        if name in enums:
+            prop["enum"] = enums[name]
+        properties[name] = prop
+    image = {"description": "control image(s), base64 (a data URL is fine): one per ControlNet",
+             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    json_body = {"type": "object", "required": ["prompt", "image"], "additionalProperties": False,
+                 "properties": {"image": image, **properties}}
+    form_body = {"type": "object", "required": ["prompt", "image"],
+                 "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                **{k: {"type": "string"} for k in FIELDS}}}
+    b64_list = {"type": "array", "items": {"type": "string"}}
+    result = {"type": "object", "required": ["images", "control_maps", "seed", "timings", "parameters", "batch"],
+              "properties": {"images": b64_list, "control_maps": b64_list, "seed": {"type": "integer"},
+                             "timings": {"type": "object", "additionalProperties": {"type": "number"}},
+                             "parameters": {"type": "object"}, "batch": {"type": "object"}}}
+    error = {"description": "bad request: {error, field}", "content": {"application/json": {"schema": _error_schema()}}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": json_body},
+                                                      "multipart/form-data": {"schema": form_body}}},
+        "responses": {
+            "200": {"description": "the images (JSON), or one PNG with response_format 'png'",
+                    "content": {"application/json": {"schema": result},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            **{str(status): error for status in (400, 413, 415, 422, 500, 503)},
+        },
+    }
