@@ -186,7 +186,8 @@ def match_controlnet(model: str, specs, field: str) -> int:
 
 @dataclass
 class Unit:
-    index: int  # position in alwayson_scripts.controlnet.args
+    script: str  # its key in alwayson_scripts, as sent ("ControlNet", "controlnet")
+    index: int  # position in alwayson_scripts.<script>.args
     slot: int  # the loaded ControlNet it drives
     module: str
     model: str  # its title
@@ -271,12 +272,12 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
             thr_a = control.slider_value(module.threshold_a, u.threshold_a, f"{where}.threshold_a")
             thr_b = control.slider_value(module.threshold_b, u.threshold_b, f"{where}.threshold_b")
             detected = control.detect(module, picture, resolution, thr_a, thr_b)
-            units.append(Unit(i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
+            units.append(Unit(key, i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
                               thr_a, thr_b, u.guidance_start, end, mode, u.pixel_perfect, u.save_detected_map,
                               control.fit(detected, resize_mode, height, width)))
-    if len({units_mode == 2 for units_mode in (u.control_mode for u in units)}) > 1:
-        first = next(u for u in units if u.control_mode == 2)
-        raise ApiError(422, f"alwayson_scripts.controlnet.args.{first.index}.control_mode",
+    odd = next((u for u in units if (u.control_mode == 2) != (units[0].control_mode == 2)), None)
+    if odd is not None:
+        raise ApiError(422, f"alwayson_scripts.{odd.script}.args.{odd.index}.control_mode",
                        "'ControlNet is more important' must be on every enabled unit or on none: the engine runs all "
                        "ControlNets on the conditional half of the batch, or all on both halves")
     return units

@@ -232,7 +232,7 @@ def add_routes(app, server) -> None:
                                                 f"{current.get(key, 'no such option')!r}")
         return {}
 
-    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["A1111"])
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=ERRORS, tags=["A1111"])
     async def get_progress(skip_current_image: bool = Query(False)):
         return progress.as_dict()
 
@@ -244,11 +244,11 @@ def add_routes(app, server) -> None:
     async def cn_version():
         return dict(version=EXTENSION_API_VERSION)
 
-    @app.get("/controlnet/model_list", response_model=ModelListResponse, tags=["ControlNet"])
+    @app.get("/controlnet/model_list", response_model=ModelListResponse, responses=ERRORS, tags=["ControlNet"])
     async def cn_model_list(update: bool = Query(True)):
         return dict(model_list=a1111.controlnet_titles(runner.controlnet_specs))
 
-    @app.get("/controlnet/module_list", response_model=ModuleListResponse, tags=["ControlNet"])
+    @app.get("/controlnet/module_list", response_model=ModuleListResponse, responses=ERRORS, tags=["ControlNet"])
     async def cn_module_list(alias_names: bool = Query(False)):
         def sliders(m):
             return [dict(name=s.label, value=s.value, min=s.minimum, max=s.maximum, step=s.step)
