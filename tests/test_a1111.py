@@ -7,7 +7,6 @@ tests/test_serve.py's server is still up in this process (it is session-scoped),
 import base64
 import functools
 import io
-import json
 import os
 import re
 import socket
@@ -29,6 +28,9 @@ SIZE = dict(width=64, height=64, steps=2, cfg_scale=7.0)
 LIMITS = dict(max_side=96, max_steps=2, max_images=2)
 TIMEOUT = 60.0
 CANNY = "control_v11p_sd15_canny"  # the name without [hash] also matches
+# Examples per POST operation and positive/negative mode, and the fuzz's time cap (raise both for a soak).
+FUZZ_EXAMPLES = int(os.environ.get("A1111_FUZZ_EXAMPLES", "5"))
+FUZZ_SECONDS = float(os.environ.get("A1111_FUZZ_SECONDS", "45"))
 SERVE_TEST_URL_VAR = "ENGINE_SERVE_TEST_URL"  # tests/test_serve.py's running server, if any
 
 
@@ -344,6 +346,7 @@ def test_schema_fuzz_finds_no_5xx_and_no_schema_break(server_url):
     """schemathesis, from the app's own OpenAPI document, on loopback: a few examples per operation."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
@@ -355,22 +358,28 @@ def test_schema_fuzz_finds_no_5xx_and_no_schema_break(server_url):
     if not _runner_has_img2img():  # it answers 501 (not implemented) by design until the img2img issue lands
         schema = schema.exclude(path="/sdapi/v1/img2img")
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    deadline = time.monotonic() + 45.0  # the time cap: later operations get no examples past it
-    seen = []
+    deadline = time.monotonic() + FUZZ_SECONDS  # the time cap: later operations get no examples past it
+    seen, statuses = [], {}
     for result in schema.get_all_operations():
         operation = result.ok()
-        examples = 6 if operation.method.upper() == "POST" else 2
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            examples = FUZZ_EXAMPLES if operation.method.upper() == "POST" else 2
 
-        @settings(max_examples=examples, deadline=None, phases=[Phase.generate], database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def run(case):
-            if time.monotonic() < deadline:
-                case.call_and_validate(base_url=server_url, checks=checks, timeout=TIMEOUT)
+            @settings(max_examples=examples, deadline=None, phases=[Phase.generate], database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(mode))
+            def run(case):
+                if time.monotonic() < deadline:
+                    response = case.call_and_validate(base_url=server_url, checks=checks, timeout=TIMEOUT)
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
-        run()
+            try:
+                run()
+            except Unsatisfiable:  # negative mode on an operation without inputs: nothing to break
+                assert mode == schemathesis.GenerationMode.NEGATIVE
         seen.append(f"{operation.method.upper()} {operation.path}")
-    print(f"fuzzed {len(seen)} operations: {', '.join(seen)}")
+    print(f"fuzzed {len(seen)} operations ({', '.join(seen)}); responses by status: {dict(sorted(statuses.items()))}")
+    assert time.monotonic() < deadline, "the fuzz ran into its time cap: some operations got no examples"
     assert {"POST /sdapi/v1/txt2img", "POST /generate", "POST /controlnet/detect"} <= set(seen)
     assert requests.get(server_url + "/healthz", timeout=TIMEOUT).status_code == 200
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from fastapi import Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.serve import a1111, a1111_control
+from engine.serve import a1111, a1111_control, a1111_response
 from engine.serve.a1111_models import (
     ControlNetSettingsResponse,
     ControlTypesResponse,
@@ -52,6 +53,11 @@ def error_response(status: int, field, message: str, kind: str = "HTTPException"
 
 def _from_api_error(err: ApiError) -> JSONResponse:
     return error_response(err.status, err.field, err.message)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own 4xx (a body it cannot parse, 404, 405), in the same shape as every other error.
+    return error_response(exc.status_code, None, str(exc.detail))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -110,6 +116,7 @@ def _runner_has_img2img(runner) -> bool:
 def add_routes(app, server) -> None:
     """The A1111 routes, closing over the ControlNetServer replica `server` (its runner, pool, limits)."""
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     progress = Progress()
     runner = server.runner
 
@@ -143,12 +150,12 @@ def add_routes(app, server) -> None:
             images = await loop.run_in_executor(server.pool, run_plan, plan)
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
             raise ApiError(422, None, str(err)) from None
-        texts = [a1111.infotext(plan, runner, seed, i % req.batch_size, req.batch_size)
+        texts = [a1111_response.infotext(plan, runner, seed, i % req.batch_size, req.batch_size)
                  for i, seed in enumerate(plan.seeds)]
         encoded = [png_b64(im, text) for im, text in zip(images, texts)]
         encoded += [png_b64(u.control_map) for u in plan.units if u.save_detected_map]
-        return dict(images=encoded if req.send_images else [], parameters=a1111.parameters(req, plan),
-                    info=a1111.info_json(plan, runner, req, texts))
+        return dict(images=encoded if req.send_images else [], parameters=a1111_response.parameters(req, plan),
+                    info=a1111_response.info_json(plan, runner, req, texts))
 
     def check_overrides(req) -> None:
         current = options()
