@@ -158,7 +158,8 @@ def test_txt2img_one_unit_equals_runner(api, photo64, reference):
 
 def test_txt2img_two_units_equals_runner(api, photo64, depth_map, reference):
     # Units in the other order than the server's ControlNets: each unit's model picks its slot.
-    units = [webuiapi.ControlNetUnit(image=depth_map, module="none", model="control_v11f1p_sd15_depth", weight=0.6,
+    # The depth unit names its model with another [hash], as a client written for A1111's files would.
+    units = [webuiapi.ControlNetUnit(image=depth_map, module="none", model="control_v11f1p_sd15_depth [cfd03158]", weight=0.6,
                                      guidance_end=0.5, resize_mode="Just Resize"),
              canny_unit(photo64, weight=0.8)]
     r = api.txt2img(prompt="two nets", seed=11, controlnet_units=units, **SIZE)
@@ -258,6 +259,7 @@ BAD = [  # (what, change to the good body, field named in the error)
     ("an option override", dict(override_settings={"CLIP_stop_at_last_layers": 2}), "override_settings.CLIP_stop_at_last_layers"),
     ("unknown field", dict(num_steps=4), "num_steps"),
     ("empty prompt", dict(prompt=""), "prompt"),
+    ("prompt over 75 tokens", dict(prompt="astronaut " * 80), "prompt"),
 ]
 
 

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import max_errors
 
 TOL = 1e-5
-BASE = dict(prompt="a photo of the astronaut", num_inference_steps=3, height=64, width=64, seed=0, output_type="np")
+BASE = dict(prompt="a photo of the astronaut", num_inference_steps=2, height=64, width=64, seed=0, output_type="np")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,11 +172,13 @@ def controlnet_titles(specs) -> list[str]:
 
 
 def match_controlnet(model: str, specs, field: str) -> int:
+    """The slot of the loaded ControlNet `model` names: its title, or its name with any other [hash] or none
+    (a client may carry the hash of A1111's file, e.g. control_v11p_sd15_canny [d14c016b]), or the
+    engine's registry name or source."""
     titles = controlnet_titles(specs)
-    wanted = model.strip().lower()
+    wanted = re.sub(r"\s*\[[0-9a-f]+\]$", "", model.strip().lower())
     for k, (spec, title) in enumerate(zip(specs, titles)):
-        names = {title.lower(), title.rsplit(" [", 1)[0].lower(), spec.name.lower(), spec.source.lower()}
-        if wanted in names:
+        if wanted in {title.rsplit(" [", 1)[0].lower(), spec.name.lower(), spec.source.lower()}:
             return k
     raise ApiError(422, field, f"{field} {model!r} is not loaded; this server has: {', '.join(titles)}")
 
@@ -324,6 +327,15 @@ def check_size(req, limits: Limits) -> None:
             raise ApiError(422, name, f"{name} must be at most {limits.max_prompt_chars} characters")
 
 
+def check_prompt_length(text: str, tokenizer, field: str) -> None:
+    """The text encoder reads model_max_length tokens (77 with start and end); more would be cut off unseen."""
+    count = len(tokenizer(text, truncation=False).input_ids)
+    if count > tokenizer.model_max_length:
+        raise ApiError(422, field, f"{field} is {count - 2} tokens; this engine reads at most "
+                                   f"{tokenizer.model_max_length - 2} (A1111 splits longer prompts into chunks of 75, "
+                                   "which is not implemented)")
+
+
 def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarray | None = None) -> Plan:
     """Every check, and the control maps, before any model work."""
     values = dict(req)
@@ -342,12 +354,16 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
         prompt, loras = _parse_loras(prompt, runner, lora_dir)
     if not prompt.strip():
         raise ApiError(422, "prompt", "prompt is required: this engine does not generate from an empty prompt")
+    negative = req.negative_prompt if req.negative_prompt.strip() else None
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if text is not None:
+            check_prompt_length(text, runner.tokenizer, name)
     units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits)
     seed = random.randrange(MAX_SEED + 1) if req.seed == -1 else req.seed
     count = req.batch_size * req.n_iter
     kwargs = dict(height=req.height, width=req.width, num_inference_steps=req.steps, guidance_scale=float(req.cfg_scale),
                   scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width))
-    return Plan(prompt=prompt, negative_prompt=req.negative_prompt.strip() and req.negative_prompt or None,
+    return Plan(prompt=prompt, negative_prompt=negative,
                 seeds=[(seed + i) % (MAX_SEED + 1) for i in range(count)], sampler=sampler, schedule=schedule,
                 runner_kwargs=kwargs, units=units, loras=loras)
 
