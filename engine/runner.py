@@ -107,17 +107,17 @@ def soft_block_scales(scale: float, num_residuals: int) -> torch.Tensor:
 def _check_control_modes(control_mode, count: int, guess_mode: bool) -> list[str] | None:
     if control_mode is None:
         return None
-    modes = _as_list(control_mode, count, "control_mode")
-    for mode in modes:
+    checked = _as_list(control_mode, count, "control_mode")
+    for mode in checked:
         if mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)} (or a list, one per ControlNet), "
                              f"got {mode!r}")
     if guess_mode:
         raise ValueError("give guess_mode or control_mode, not both: control_mode 'controlnet' is the extension's guess mode")
-    if len({mode == "controlnet" for mode in modes}) > 1:
-        raise ValueError(f"control_mode 'controlnet' must be on every ControlNet or on none, got {modes}: the nets "
+    if len({mode == "controlnet" for mode in checked}) > 1:
+        raise ValueError(f"control_mode 'controlnet' must be on every ControlNet or on none, got {checked}: the nets "
                          "share one batch, which holds the unconditional half for all of them or for none")
-    return modes
+    return checked
 
 
 def _default_device() -> torch.device:
@@ -315,7 +315,7 @@ class Runner:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{what} must be a positive multiple of 8, got {value!r}")
         check_scheduler_name(scheduler)
-        modes = _check_control_modes(control_mode, n, guess_mode)
+        net_modes = _check_control_modes(control_mode, n, guess_mode)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if seed is not None and generator is not None:
@@ -345,7 +345,7 @@ class Runner:
 
         sched = make_scheduler(scheduler, self.scheduler_config)
         do_cfg = guidance > 1.0
-        guess = (guess_mode if modes is None else modes[0] == "controlnet") or self.global_pool
+        guess = (guess_mode if net_modes is None else net_modes[0] == "controlnet") or self.global_pool
         backend = self.backend
 
         # Text: [uncond; cond] in one batch, each prompt repeated per image as diffusers does.
@@ -371,11 +371,11 @@ class Runner:
                 if any(step[k] for step in active):
                     control = self._control_tensor(control_maps[k], height, width)
                     hints[k] = backend.encode_hint(k, control.expand(control_batch, -1, -1, -1))
-        if modes is None:
+        if net_modes is None:
             net_scales = [block_scales(s, self.num_residuals, guess) for s in scales]
         else:  # the extension's scales follow the mode only, also for global-pool nets (shuffle)
-            net_scales = [block_scales(s, self.num_residuals, False) if mode == "balanced"
-                          else soft_block_scales(s, self.num_residuals) for s, mode in zip(scales, modes)]
+            net_scales = [block_scales(s, self.num_residuals, False) if net_mode == "balanced"
+                          else soft_block_scales(s, self.num_residuals) for s, net_mode in zip(scales, net_modes)]
 
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
@@ -433,6 +433,6 @@ class Runner:
             model=self.model,
             controlnet=[spec.name for spec in self.controlnet_specs],
         )
-        if modes is not None:
-            parameters["control_mode"] = modes if n > 1 else modes[0]
+        if net_modes is not None:
+            parameters["control_mode"] = net_modes if n > 1 else net_modes[0]
         return GenerationResult(images, timer.ms, seed, control_maps, parameters)
