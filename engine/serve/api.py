@@ -342,7 +342,18 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
 
 # ---- the OpenAPI entry of POST /generate ---------------------------------------------------------------
 
-_JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+# A FIELDS kind -> its JSON schema; a kind not here is documented as any value, so a new field always appears.
+_KIND_SCHEMAS = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "loras": {"type": "array", "description": "LoRAs of the server's lora_dir: [name, weight] or {name, weight}",
+              "items": {"oneOf": [{"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}],
+                                   "minItems": 2, "maxItems": 2},
+                                  {"type": "object", "required": ["name"],
+                                   "properties": {"name": {"type": "string"}, "weight": {"type": "number"}}}]}},
+}
 
 
 def _error_schema() -> dict:
@@ -358,9 +369,11 @@ def openapi_operation() -> dict:
              "response_format": list(RESPONSE_FORMATS)}
     properties = {}
     for name, (kind, default) in FIELDS.items():
-        prop = {"type": [_JSON_TYPES[kind], "null"] if default is None else _JSON_TYPES[kind]}
-        if default is not None:
-            prop["default"] = default
+        prop = dict(_KIND_SCHEMAS.get(kind, {"description": f"a {kind} value"}))
+        if default is None:
+            prop = {"anyOf": [prop, {"type": "null"}]}
+        else:
+            prop["default"] = list(default) if isinstance(default, tuple) else default
         if name in enums:
             prop["enum"] = enums[name]
         properties[name] = prop
