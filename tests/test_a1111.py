@@ -330,6 +330,11 @@ def test_lora_tag_equals_runner_set_loras(api, lora_dir, photo64, runner, refere
     finally:
         runner.set_loras([])
     np.testing.assert_array_equal(pixels(r.images[0]), expected)
+    from engine.lora import lora_short_hash
+
+    text = r.info["infotexts"][0]  # as A1111 writes it: the prompt with its tag, and the LoRA's hash
+    assert text.startswith("an astronaut <lora:unet_text:0.7>")
+    assert f"Lora hashes: \"unet_text: {lora_short_hash(lora_dir / 'unet_text.safetensors')}\"" in text
     plain = api.txt2img(prompt="an astronaut ", seed=6, controlnet_units=[canny_unit(photo64)], **SIZE)
     assert not np.array_equal(pixels(plain.images[0]), expected)  # and the LoRA was taken off after the request
 

@@ -207,13 +207,14 @@ class Unit:
 
 @dataclass
 class Plan:
-    prompt: str
+    prompt: str  # without <lora:...> tags: what the text encoder reads
     negative_prompt: str | None
     seeds: list[int]
     sampler: str
     schedule: str
     runner_kwargs: dict  # everything but prompt, negative_prompt and seed
     units: list[Unit]
+    prompt_as_sent: str = ""  # with its tags, as A1111 records it in infotexts and info
     loras: list = field(default_factory=list)  # [(path, weight)] for Runner.set_loras
     init: dict = field(default_factory=dict)  # img2img: init_image, mask_image, strength
 
@@ -365,7 +366,7 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
                   scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width))
     return Plan(prompt=prompt, negative_prompt=negative,
                 seeds=[(seed + i) % (MAX_SEED + 1) for i in range(count)], sampler=sampler, schedule=schedule,
-                runner_kwargs=kwargs, units=units, loras=loras)
+                runner_kwargs=kwargs, units=units, prompt_as_sent=req.prompt, loras=loras)
 
 
 def _parse_loras(prompt: str, runner, lora_dir):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from engine.serve import a1111_control as control
 from engine.serve.a1111 import CONTROL_MODES, SCHEDULES, Plan, short_hash
@@ -14,11 +15,16 @@ def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int) -> 
     by_slot = {u.slot: u for u in plan.units}
     used = sorted(by_slot)
     kw = plan.runner_kwargs
-    p = dict(prompt=plan.prompt, negative_prompt=plan.negative_prompt, num_inference_steps=kw["num_inference_steps"],
+    p = dict(prompt=plan.prompt_as_sent, negative_prompt=plan.negative_prompt,
+             num_inference_steps=kw["num_inference_steps"],
              scheduler=kw["scheduler"], guidance_scale=kw["guidance_scale"], seed=seed, width=kw["width"],
              height=kw["height"], model=runner.model, eta=kw["eta"], num_images_per_prompt=batch_size,
              guess_mode=False, controlnet=[], preprocess=[], controlnet_conditioning_scale=[],
              control_guidance_start=[], control_guidance_end=[], image=[], unit_pairs=[])
+    if plan.loras:  # A1111's "Lora hashes" (the prompt keeps its tags), written by engine.pngmeta
+        from engine.lora import lora_short_hash
+
+        p["lora_hashes"] = {Path(path).stem: lora_short_hash(path) for path, _ in plan.loras}
     canny = next((by_slot[k] for k in used if by_slot[k].module == "canny"), None)
     if canny is not None:  # pngmeta's global canny pair; each unit's own thresholds are in its unit_pairs
         p["canny_low"], p["canny_high"] = int(canny.threshold_a), int(canny.threshold_b)
@@ -46,7 +52,8 @@ def info_json(plan: Plan, runner, req, infotexts: list[str]) -> str:
     kw = plan.runner_kwargs
     count = len(plan.seeds)
     return json.dumps(dict(
-        prompt=plan.prompt, all_prompts=[plan.prompt] * count, negative_prompt=plan.negative_prompt or "",
+        prompt=plan.prompt_as_sent, all_prompts=[plan.prompt_as_sent] * count,
+        negative_prompt=plan.negative_prompt or "",
         all_negative_prompts=[plan.negative_prompt or ""] * count, seed=plan.seeds[0], all_seeds=plan.seeds,
         subseed=plan.seeds[0], all_subseeds=plan.seeds, subseed_strength=0, width=kw["width"], height=kw["height"],
         sampler_name=plan.sampler, scheduler=SCHEDULES[plan.schedule], cfg_scale=kw["guidance_scale"],
