@@ -25,7 +25,7 @@ class ControlNetImage(_Body):
 class ControlNetUnit(_Body):
     """One unit of `alwayson_scripts.controlnet.args`, with the extension's names and defaults."""
 
-    enabled: bool = Field(True, description="False: the unit is skipped (the extension before v1.1.440 defaulted to "
+    enabled: bool = Field(True, description="False: the unit is skipped (the extension up to v1.1.447 defaulted to "
                                             "True, as here, so a unit sent without `enabled` is used)")
     module: str = Field("none", description="Preprocessor: none, canny, invert, tile_resample")
     model: str = Field("None", description="A loaded ControlNet as GET /controlnet/model_list names it, e.g. "
