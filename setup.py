@@ -60,7 +60,7 @@ EXTRAS = {
     "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
     "bench": ["pytest-benchmark", "matplotlib"],
     "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "onnxslim", "triton", "pybind11",
-             "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
+             "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx", "webuiapi", "schemathesis"],
 }
 
 setup(

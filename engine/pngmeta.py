@@ -113,6 +113,7 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         net["Guidance Start"] = _number(p["control_guidance_start"][k])
         net["Guidance End"] = _number(p["control_guidance_end"][k])
         net["Control Mode"] = CONTROL_MODES[bool(p["guess_mode"])]
+        net.update(p["unit_pairs"][k] if p.get("unit_pairs") else {})  # the A1111 API's per-unit settings
         if p["image"][k] is not None:  # an inpaint ControlNet's map comes from Init image and Mask
             net["Image"] = p["image"][k]
         pairs[f"ControlNet {k}"] = _join(net)

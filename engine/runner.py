@@ -36,6 +36,10 @@ from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 STAGES = ("text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total")
+# The A1111 ControlNet extension's control modes ("Balanced", "My prompt is more important", "ControlNet is
+# more important"); see Runner.generate's `control_mode`.
+CONTROL_MODES = ("balanced", "prompt", "controlnet")
+SOFT_INJECTION_BASE = 0.825  # the extension's per-block decay: block i of 13 is scaled by 0.825 ** (12 - i)
 
 
 @dataclass
@@ -94,6 +98,28 @@ def _check_prompts(prompt, what: str = "prompt") -> list[str]:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"{what} must be a non-empty string or a list of them, got {p!r} in {prompt!r}")
     return list(prompts)
+
+
+def soft_block_scales(scale: float, num_residuals: int) -> torch.Tensor:
+    """The extension's "soft injection": the deepest block at full scale, each shallower one 0.825 times the next."""
+    exponents = torch.arange(num_residuals - 1, -1, -1, dtype=torch.float64)
+    return (scale * SOFT_INJECTION_BASE ** exponents).to(torch.float32)
+
+
+def _check_control_modes(control_mode, count: int, guess_mode: bool) -> list[str] | None:
+    if control_mode is None:
+        return None
+    checked = _as_list(control_mode, count, "control_mode")
+    for mode in checked:
+        if mode not in CONTROL_MODES:
+            raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)} (or a list, one per ControlNet), "
+                             f"got {mode!r}")
+    if guess_mode:
+        raise ValueError("give guess_mode or control_mode, not both: control_mode 'controlnet' is the extension's guess mode")
+    if len({mode == "controlnet" for mode in checked}) > 1:
+        raise ValueError(f"control_mode 'controlnet' must be on every ControlNet or on none, got {checked}: the nets "
+                         "share one batch, which holds the unconditional half for all of them or for none")
+    return checked
 
 
 class Runner:
@@ -247,6 +273,7 @@ class Runner:
         init_image=None,
         mask_image=None,
         strength: float | None = None,
+        control_mode: str | list[str] | None = None,
     ) -> GenerationResult:
         """Generate images like diffusers' ControlNet pipelines with the same arguments: text to image
         (`StableDiffusionControlNetPipeline`), img2img with `init_image`
@@ -265,6 +292,11 @@ class Runner:
         map's), rounded down to multiples of 8; control maps are resized to the generation size.
         `latents` is for text to image only (img2img starts from the init image).
         `callback(step, total)` is called after each denoising step (progress bars).
+        `control_mode` (one, or one per net): the A1111 ControlNet extension's modes. "balanced": every block
+        at the net's scale; "prompt" (My prompt is more important): block i of 13 at scale * 0.825**(12-i);
+        "controlnet" (ControlNet is more important): those scales, and the nets see the conditional half
+        only (their residuals are zero for the unconditional one), as guess mode. None (default): guess_mode
+        decides, as in diffusers. "controlnet" must be on all nets or none.
         `seed=s` gives the same image as diffusers with `generator=torch.Generator("cpu").manual_seed(s)`.
         """
         n = self.num_controlnets
@@ -291,6 +323,7 @@ class Runner:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{what} must be a positive multiple of 8, got {value!r}")
         check_scheduler_name(scheduler)
+        net_modes = _check_control_modes(control_mode, n, guess_mode)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         mode, init, mask, strength = self._image_inputs(init_image, mask_image, strength, steps)
@@ -326,7 +359,7 @@ class Runner:
 
         sched = make_scheduler(scheduler, self.scheduler_config)
         do_cfg = guidance > 1.0
-        guess = guess_mode or self.global_pool
+        guess = (guess_mode if net_modes is None else net_modes[0] == "controlnet") or self.global_pool
         backend = self.backend
 
         # Text: [uncond; cond] in one batch, each prompt repeated per image as diffusers does.
@@ -352,7 +385,11 @@ class Runner:
                 if any(step[k] for step in active):
                     control = self._control_tensor(control_maps[k], height, width)
                     hints[k] = backend.encode_hint(k, control.expand(control_batch, -1, -1, -1))
-        net_scales = [block_scales(s, self.num_residuals, guess) for s in scales]
+        if net_modes is None:
+            net_scales = [block_scales(s, self.num_residuals, guess) for s in scales]
+        else:  # the extension's scales follow the mode only, also for global-pool nets (shuffle)
+            net_scales = [block_scales(s, self.num_residuals, False) if net_mode == "balanced"
+                          else soft_block_scales(s, self.num_residuals) for s, net_mode in zip(scales, net_modes)]
 
         inpainting = None
         if latents is not None:
@@ -423,4 +460,6 @@ class Runner:
             model=self.model,
             controlnet=[spec.name for spec in self.controlnet_specs],
         )
+        if net_modes is not None:
+            parameters["control_mode"] = net_modes if n > 1 else net_modes[0]
         return GenerationResult(images, timer.ms, seed, control_maps, parameters)

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                     torch_threads=args.torch_threads, demo=not args.no_demo, num_gpus=num_gpus)
     serve.run(build_app(app_args), name="controlnet", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
-    print(f"serving {args.model} at {url}  (POST /generate, GET /healthz, GET /models, demo: {url}/demo)")
+    print(f"serving {args.model} at {url}  (POST /generate, GET /healthz, GET /models, demo: {url}/demo, "
+          f"A1111 web UI API: {url}/sdapi/v1)")
     # SIGTERM (docker stop, kill) shuts down like Ctrl-C, so the local Ray processes do not outlive us.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -375,3 +375,65 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         mask_image=req.mask_image,
         strength=req.strength,
     )
+
+
+# ---- the OpenAPI entry of POST /generate ---------------------------------------------------------------
+
+# A FIELDS kind -> its JSON schema; a kind not here is documented as any value, so a new field always appears.
+_KIND_SCHEMAS = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "loras": {"type": "array", "description": "LoRAs of the server's lora_dir: [name, weight] or {name, weight}",
+              "items": {"oneOf": [{"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}],
+                                   "minItems": 2, "maxItems": 2},
+                                  {"type": "object", "required": ["name"],
+                                   "properties": {"name": {"type": "string"}, "weight": {"type": "number"}}}]}},
+}
+
+
+def _error_schema() -> dict:
+    return {"type": "object", "required": ["error", "field"],
+            "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"]}}}
+
+
+def openapi_operation() -> dict:
+    """Request and response schemas for POST /generate, derived from FIELDS (so new fields appear by
+    themselves) plus the enumerations `_check_ranges` checks. For FastAPI's `openapi_extra`: the route
+    parses the body itself (JSON or multipart), so FastAPI cannot infer it."""
+    enums = {"scheduler": list(_schedulers()), "preprocess": list(_preprocessors()),
+             "response_format": list(RESPONSE_FORMATS)}
+    properties = {}
+    for name, (kind, default) in FIELDS.items():
+        prop = dict(_KIND_SCHEMAS.get(kind, {"description": f"a {kind} value"}))
+        if default is None:
+            prop = {"anyOf": [prop, {"type": "null"}]}
+        else:
+            prop["default"] = list(default) if isinstance(default, tuple) else default
+        if name in enums:
+            prop["enum"] = enums[name]
+        properties[name] = prop
+    image = {"description": "control image(s), base64 (a data URL is fine): one per ControlNet",
+             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    json_body = {"type": "object", "required": ["prompt", "image"], "additionalProperties": False,
+                 "properties": {"image": image, **properties}}
+    form_body = {"type": "object", "required": ["prompt", "image"],
+                 "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                **{k: {"type": "string"} for k in FIELDS}}}
+    b64_list = {"type": "array", "items": {"type": "string"}}
+    result = {"type": "object", "required": ["images", "control_maps", "seed", "timings", "parameters", "batch"],
+              "properties": {"images": b64_list, "control_maps": b64_list, "seed": {"type": "integer"},
+                             "timings": {"type": "object", "additionalProperties": {"type": "number"}},
+                             "parameters": {"type": "object"}, "batch": {"type": "object"}}}
+    error = {"description": "bad request: {error, field}", "content": {"application/json": {"schema": _error_schema()}}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": json_body},
+                                                      "multipart/form-data": {"schema": form_body}}},
+        "responses": {
+            "200": {"description": "the images (JSON), or one PNG with response_format 'png'",
+                    "content": {"application/json": {"schema": result},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            **{str(status): error for status in (400, 413, 415, 422, 500, 503)},
+        },
+    }

@@ -3,7 +3,8 @@
     serve run engine.serve.app:build_app model=tiny        # or: python -m engine.serve --model tiny
     serve deploy engine/serve/config.yaml                   # a GPU cluster (see docs/SERVING.md)
 
-Routes: POST /generate, GET /healthz, GET /models, GET /stats, and the demo at /demo.
+Routes: POST /generate, GET /healthz, GET /models, GET /stats, the demo at /demo, and the A1111 web UI
+API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111_routes.py).
 
 Batching. `@serve.batch` hands the replica up to `max_batch_size` requests that arrived within
 `batch_wait_timeout_s`; they are grouped by `api.batch_key` (size, steps, scheduler, guidance, ControlNet
@@ -277,7 +278,7 @@ class ControlNetServer:
         async def stats():
             return self.stats.as_dict()
 
-        @app.post("/generate")
+        @app.post("/generate", openapi_extra=api.openapi_operation())
         async def generate(request: Request):
             try:
                 req = await api.parse_http(request, self.limits, self.runner.num_controlnets)
@@ -296,6 +297,9 @@ class ControlNetServer:
                            merged=outcome.merged),
             )
 
+        from engine.serve.a1111_routes import add_routes
+
+        add_routes(app, self)  # the A1111 web UI API: /sdapi/v1/*, /controlnet/*
         if self.demo:
             import gradio as gr
 

@@ -1,0 +1,309 @@
+"""The A1111 web UI API on the engine's FastAPI ingress: `add_routes(app, server)` (engine/serve/app.py).
+
+    POST /sdapi/v1/txt2img, /sdapi/v1/img2img          generation, ControlNet units in alwayson_scripts
+    GET  /sdapi/v1/sd-models, samplers, schedulers, options (POST: only the values in force), progress,
+         scripts
+    GET  /controlnet/version, model_list, module_list, control_types, settings; POST /controlnet/detect
+
+Generation runs on the replica's single worker thread (`server.pool`), the one POST /generate's batches
+use, so the Runner never runs two calls at once. Errors have A1111's shape plus the offending field:
+{"error", "detail", "body", "errors", "field"}; a bad request costs no model work and disturbs nothing.
+"""
+import asyncio
+import base64
+import inspect
+import io
+import time
+from dataclasses import dataclass
+
+from fastapi import Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.serve import a1111, a1111_control, a1111_response
+from engine.serve.a1111_models import (
+    ControlNetSettingsResponse,
+    ControlTypesResponse,
+    DetectRequest,
+    DetectResponse,
+    ErrorResponse,
+    ImageResponse,
+    Img2ImgRequest,
+    ModelListResponse,
+    ModuleListResponse,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    ScriptsList,
+    SDModelItem,
+    Txt2ImgRequest,
+    VersionResponse,
+)
+from engine.serve.api import ApiError
+
+EXTENSION_API_VERSION = 3  # what sd-webui-controlnet's GET /controlnet/version answers
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 422, 500, 501)}
+
+
+def error_response(status: int, field, message: str, kind: str = "HTTPException") -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, "field": field},
+                        status_code=status)
+
+
+def _from_api_error(err: ApiError) -> JSONResponse:
+    return error_response(err.status, err.field, err.message)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own 4xx (a body it cannot parse, 404, 405), in the same shape as every other error.
+    return error_response(exc.status_code, None, str(exc.detail))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    return error_response(422, field, message, "RequestValidationError")
+
+
+def png_b64(image, text: str | None = None) -> str:
+    import numpy as np
+    import PIL.Image
+
+    from engine.pngmeta import png_info
+
+    if not hasattr(image, "save"):
+        image = PIL.Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(text) if text else None)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class Progress:
+    """What GET /sdapi/v1/progress reports: the A1111 job running on this replica, if any."""
+
+    job_count: int = 0
+    job_no: int = 0
+    step: int = 0
+    steps: int = 0
+    started: float = 0.0
+    job_timestamp: str = "0"
+
+    def fraction(self) -> float:
+        if not self.job_count or not self.steps:
+            return 0.0
+        return min(1.0, (self.job_no + self.step / self.steps) / self.job_count)
+
+    def as_dict(self) -> dict:
+        done = self.fraction()
+        elapsed = time.time() - self.started if self.started else 0.0
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        state = dict(skipped=False, interrupted=False, stopping_generation=False, job="" if not self.job_count else
+                     f"Batch {self.job_no + 1} out of {self.job_count}", job_count=self.job_count,
+                     job_timestamp=self.job_timestamp, job_no=self.job_no, sampling_step=self.step,
+                     sampling_steps=self.steps)
+        return dict(progress=done, eta_relative=eta, state=state, current_image=None, textinfo=None)
+
+
+def _runner_has_img2img(runner) -> bool:
+    params = inspect.signature(runner.generate).parameters
+    return all(name in params for name in ("init_image", "mask_image", "strength"))
+
+
+def add_routes(app, server) -> None:
+    """The A1111 routes, closing over the ControlNetServer replica `server` (its runner, pool, limits)."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    progress = Progress()
+    runner = server.runner
+
+    def run_plan(plan: a1111.Plan) -> list:
+        """Worker thread: one generate() per image, each from its own seed (A1111's seed + i)."""
+        progress.job_count, progress.job_no, progress.step, progress.steps = len(plan.seeds), 0, 0, 0
+        progress.started, progress.job_timestamp = time.time(), time.strftime("%Y%m%d%H%M%S")
+
+        def on_step(step: int, total: int) -> None:
+            progress.step, progress.steps = step, total
+
+        if plan.loras:
+            runner.set_loras(plan.loras)
+        try:
+            images = []
+            for i, seed in enumerate(plan.seeds):
+                progress.job_no = i
+                extra = {k: (v[i % len(v)] if k == "init_image" else v) for k, v in plan.init.items()}
+                result = runner.generate(plan.prompt, negative_prompt=plan.negative_prompt, seed=seed,
+                                         callback=on_step, **plan.runner_kwargs, **extra)
+                images.append(result.images[0])
+            return images
+        finally:
+            if plan.loras:
+                runner.set_loras([])
+            progress.job_count = 0
+
+    async def generate(req, plan: a1111.Plan) -> dict:
+        loop = asyncio.get_running_loop()
+        try:
+            images = await loop.run_in_executor(server.pool, run_plan, plan)
+        except (ValueError, TypeError) as err:  # the Runner's own argument checks
+            raise ApiError(422, None, str(err)) from None
+        texts = [a1111_response.infotext(plan, runner, seed, i % req.batch_size, req.batch_size)
+                 for i, seed in enumerate(plan.seeds)]
+        encoded = [png_b64(im, text) for im, text in zip(images, texts)]
+        encoded += [png_b64(u.control_map) for u in plan.units if u.save_detected_map]
+        return dict(images=encoded if req.send_images else [], parameters=a1111_response.parameters(req, plan),
+                    info=a1111_response.info_json(plan, runner, req, texts))
+
+    def check_overrides(req) -> None:
+        current = options()
+        for key, value in (req.override_settings or {}).items():
+            if current.get(key, object()) != value:
+                raise ApiError(422, f"override_settings.{key}", f"override_settings.{key}={value!r}: this server's "
+                                                                 f"options are fixed (GET /sdapi/v1/options)")
+        req.override_settings = None
+
+    async def guarded(work):
+        try:
+            return await work()
+        except ApiError as err:
+            return _from_api_error(err)
+        except Exception as err:  # noqa: BLE001 - one failed request must not take the replica down
+            return error_response(500, None, f"generation failed: {type(err).__name__}: {err}", type(err).__name__)
+
+    @app.post("/sdapi/v1/txt2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
+    async def txt2img(req: Txt2ImgRequest):
+        async def work():
+            check_overrides(req)
+            plan = a1111.plan_request(req, runner, server.limits, getattr(server, "lora_dir", None))
+            return await generate(req, plan)
+
+        return await guarded(work)
+
+    @app.post("/sdapi/v1/img2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
+    async def img2img(req: Img2ImgRequest):
+        async def work():
+            if not _runner_has_img2img(runner):
+                raise ApiError(501, "init_images", "img2img needs Runner.generate(init_image=..., mask_image=..., "
+                                                   "strength=...), which this build's Runner does not have")
+            check_overrides(req)
+            from engine.serve.a1111_img2img import decode_init
+
+            init = decode_init(req, server.limits)
+            plan = a1111.plan_request(req, runner, server.limits, getattr(server, "lora_dir", None), init.first_rgb)
+            plan.init = init.runner_kwargs
+            return await generate(req, plan)
+
+        return await guarded(work)
+
+    def model_title() -> str:
+        name = runner.model.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+        return f"{name} [{a1111.short_hash(runner.model, 10)}]"
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], tags=["A1111"])
+    async def sd_models():
+        title = model_title()
+        digest = a1111.short_hash(runner.model, 64)
+        return [dict(title=title, model_name=title.rsplit(" [", 1)[0], hash=digest[:10], sha256=digest,
+                     filename=runner.model, config=None)]
+
+    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["A1111"])
+    async def samplers():
+        return [dict(name=name, aliases=aliases, options={} if default == "uniform" else {"scheduler": default})
+                for name, (aliases, default, _) in a1111.SAMPLERS.items()]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem], tags=["A1111"])
+    async def schedulers():
+        rho = {"karras": 7.0}
+        return [dict(name=name, label=label, aliases=None, default_rho=rho.get(name, -1.0), need_inner_model=False)
+                for name, label in a1111.SCHEDULES.items()]
+
+    def options() -> dict:
+        return dict(sd_model_checkpoint=model_title(), sd_checkpoint_hash=a1111.short_hash(runner.model, 64),
+                    samples_format="png", eta_ddim=0.0, eta_ancestral=1.0, CLIP_stop_at_last_layers=1,
+                    sd_vae="Automatic", control_net_unit_count=runner.num_controlnets,
+                    control_net_models=a1111.controlnet_titles(runner.controlnet_specs))
+
+    @app.get("/sdapi/v1/options", response_model=dict, tags=["A1111"])
+    async def get_options():
+        return options()
+
+    @app.post("/sdapi/v1/options", response_model=dict, responses=ERRORS, tags=["A1111"])
+    async def set_options(values: dict):
+        current = options()
+        for key, value in values.items():
+            if current.get(key, object()) != value:
+                return error_response(422, key, f"{key}={value!r}: this server's options are fixed; in force: "
+                                                f"{current.get(key, 'no such option')!r}")
+        return {}
+
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=ERRORS, tags=["A1111"])
+    async def get_progress(skip_current_image: bool = Query(False)):
+        return progress.as_dict()
+
+    @app.get("/sdapi/v1/scripts", response_model=ScriptsList, tags=["A1111"])
+    async def scripts():
+        return dict(txt2img=["controlnet"], img2img=["controlnet"])
+
+    @app.get("/controlnet/version", response_model=VersionResponse, tags=["ControlNet"])
+    async def cn_version():
+        return dict(version=EXTENSION_API_VERSION)
+
+    @app.get("/controlnet/model_list", response_model=ModelListResponse, responses=ERRORS, tags=["ControlNet"])
+    async def cn_model_list(update: bool = Query(True)):
+        return dict(model_list=a1111.controlnet_titles(runner.controlnet_specs))
+
+    @app.get("/controlnet/module_list", response_model=ModuleListResponse, responses=ERRORS, tags=["ControlNet"])
+    async def cn_module_list(alias_names: bool = Query(False)):
+        def sliders(m):
+            return [dict(name=s.label, value=s.value, min=s.minimum, max=s.maximum, step=s.step)
+                    for s in (m.resolution, m.threshold_a, m.threshold_b) if s is not None]
+
+        modules = a1111_control.MODULES
+        return dict(module_list=list(modules),
+                    module_detail={name: dict(model_free=True, sliders=sliders(m)) for name, m in modules.items()})
+
+    @app.get("/controlnet/control_types", response_model=ControlTypesResponse, tags=["ControlNet"])
+    async def cn_control_types():
+        titles = a1111.controlnet_titles(runner.controlnet_specs)
+        types = {"All": dict(module_list=list(a1111_control.MODULES), model_list=["None", *titles],
+                             default_option="none", default_model="None")}
+        for spec, title in zip(runner.controlnet_specs, titles):
+            module = spec.preprocessor if spec.preprocessor in a1111_control.MODULES else "none"
+            types[spec.name.replace("_", " ").title()] = dict(module_list=sorted({"none", module}),
+                                                               model_list=["None", title], default_option=module,
+                                                               default_model=title)
+        return dict(control_types=types)
+
+    @app.get("/controlnet/settings", response_model=ControlNetSettingsResponse, tags=["ControlNet"])
+    async def cn_settings():
+        return dict(control_net_unit_count=runner.num_controlnets)
+
+    @app.post("/controlnet/detect", response_model=DetectResponse, responses=ERRORS, tags=["ControlNet"])
+    async def cn_detect(req: DetectRequest):
+        async def work():
+            field = "controlnet_input_images" if req.controlnet_input_images else "controlnet_images"
+            pictures = req.controlnet_input_images or req.controlnet_images or []
+            module = a1111_control.check_module(req.controlnet_module, "controlnet_module")
+            if not pictures:
+                raise ApiError(422, "controlnet_input_images", "controlnet_input_images: no image given")
+            if len(pictures) > server.limits.max_images:
+                raise ApiError(422, field, f"{field}: at most {server.limits.max_images} images per call")
+            if req.controlnet_masks:
+                raise ApiError(422, "controlnet_masks", "controlnet_masks need an inpaint module, which this server "
+                                                        "does not ship")
+            resolution = a1111_control.slider_value(module.resolution, req.controlnet_processor_res,
+                                                    "controlnet_processor_res")
+            thr_a = a1111_control.slider_value(module.threshold_a, req.controlnet_threshold_a, "controlnet_threshold_a")
+            thr_b = a1111_control.slider_value(module.threshold_b, req.controlnet_threshold_b, "controlnet_threshold_b")
+            decoded = [a1111_control.decode_rgb(p, f"{field}.{i}", server.limits) for i, p in enumerate(pictures)]
+
+            def run():
+                return [png_b64(a1111_control.detect(module, im, resolution, thr_a, thr_b)) for im in decoded]
+
+            maps = await asyncio.get_running_loop().run_in_executor(None, run)
+            return dict(images=maps, info="Success")
+
+        return await guarded(work)
