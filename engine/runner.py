@@ -101,6 +101,8 @@ def _default_device() -> torch.device:
 class Runner:
     """SD1.5 + one or more ControlNets behind one backend. Load once, call `generate` many times."""
 
+    loras = None  # engine.lora.LoraSwitch, made by the first set_loras with a LoRA in it
+
     def __init__(
         self,
         model: str | None = None,
@@ -110,12 +112,14 @@ class Runner:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         optimizations: str | TorchOptimizations | None = None,
+        loras: Sequence[tuple[str, float]] | None = None,
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
         "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and
         "tensorrt" need an `engine_dir` from `python -m engine.build`. `optimizations`: the torch
-        backend's switches, a preset name ("reference", "fused") or a TorchOptimizations."""
+        backend's switches, a preset name ("reference", "fused") or a TorchOptimizations. `loras`: [(source,
+        weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them."""
         check_backend_name(backend)
         torch_optimizations = resolve_optimizations(optimizations)
         names = None if controlnet is None else ([controlnet] if isinstance(controlnet, str) else list(controlnet))
@@ -149,6 +153,7 @@ class Runner:
             self.global_pool = built.global_pools[0]
             self.backend = built.backend
             self.num_residuals = int(config["num_residuals"])
+            self.set_loras(loras or [])
             return
         if backend in ("onnxruntime", "tensorrt"):
             raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
@@ -180,6 +185,19 @@ class Runner:
         self.global_pool = bool(nets[0].config.global_pool_conditions)
         self.backend = TorchBackend(sd, nets, self.device, self.dtype, torch_optimizations)
         self.num_residuals = self.backend.controlnet_bodies[0].num_residuals
+        self.set_loras(loras or [])
+
+    def set_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Replace the whole LoRA set: [(source, weight), ...]; [] removes every LoRA (the base model exactly).
+        Merged once into the weights (no per-step cost), without reloading the model or re-exporting graphs;
+        every check runs before any weight changes (engine/lora.LoraSwitch)."""
+        from engine.lora import LoraSwitch
+
+        if self.loras is None:
+            if not loras:
+                return
+            self.loras = LoraSwitch(self.backend)
+        self.loras.set(loras)
 
     @property
     def num_controlnets(self) -> int:
@@ -395,5 +413,6 @@ class Runner:
             num_images_per_prompt=per_prompt,
             model=self.model,
             controlnet=[spec.name for spec in self.controlnet_specs],
+            loras=self.loras.describe() if self.loras is not None else [],
         )
         return GenerationResult(images, timer.ms, seed, control_maps, parameters)
