@@ -188,10 +188,12 @@ def _stand_in(base: dict[str, torch.Tensor], modules: list[str]) -> torch.nn.Mod
     root = torch.nn.Module()
     for module in modules:
         weight = base[f"{module}.weight"].detach().to("cpu", torch.float32)
+        # skip_init: no random init of a weight that is overwritten at once (1 s for the tiny model's 172 layers)
         if weight.ndim == 2:
-            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            layer = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=False)
         else:
-            layer = torch.nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False, device="meta")
+            layer = torch.nn.utils.skip_init(torch.nn.Conv2d, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]),
+                                             bias=False)
         layer.weight = torch.nn.Parameter(weight.clone().contiguous(), requires_grad=False)
         owner = root
         *path, leaf = module.split(".")
@@ -206,7 +208,8 @@ def _stand_in(base: dict[str, torch.Tensor], modules: list[str]) -> torch.nn.Mod
 def merged_weights(adapters: list[tuple[Lora, float]], graph: str, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Base + every adapter's delta for each parameter of `graph` the adapters target, float32, computed by
     peft's layers exactly as diffusers' set_adapters + fuse_lora would (see the module docstring)."""
-    from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
+    import warnings
+
     from peft import inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -221,9 +224,13 @@ def merged_weights(adapters: list[tuple[Lora, float]], graph: str, base: dict[st
         if part is None:
             continue
         name = f"lora{i}"
-        low_mem = _LOW_CPU_MEM_USAGE_DEFAULT_LORA
-        inject_adapter_in_model(part.config, root, adapter_name=name, state_dict=part.state_dict, low_cpu_mem_usage=low_mem)
-        result = set_peft_model_state_dict(root, part.state_dict, name, low_cpu_mem_usage=low_mem)
+        # low_cpu_mem_usage off: diffusers' default (on) makes peft initialise the LoRA layers on the meta device,
+        # through slow decompositions; either way the file's tensors end up in the base layer's dtype (float32)
+        # before the merge, so the merged weights are the same.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one adapter per LoRA: meant
+            inject_adapter_in_model(part.config, root, adapter_name=name, state_dict=part.state_dict)
+        result = set_peft_model_state_dict(root, part.state_dict, name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
         if unexpected:
             raise LoraError(f"LoRA {lora.name!r}: peft did not load {len(unexpected)} of its {graph} tensors (e.g. {unexpected[0]!r})")

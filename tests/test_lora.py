@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import max_errors
+from tests.test_build import one_torch_thread  # noqa: F401 (an autouse fixture: steady timings on 2 shared cores)
 
 TOL = 1e-5
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
