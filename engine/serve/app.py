@@ -327,7 +327,7 @@ class ControlNetServer:
 
             from engine.serve.demo import build_demo
 
-            blocks = build_demo(self._demo_run, self.limits, self.demo_size)
+            blocks = build_demo(self._demo_run, self.limits, self.demo_size, self.available_loras())
             app = gr.mount_gradio_app(app, blocks, path="/demo")
         return app
 

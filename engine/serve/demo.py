@@ -11,11 +11,13 @@ from typing import Awaitable, Callable
 from engine.serve import api
 
 
-def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limits, size: int):
+def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limits, size: int,
+               loras: list[str] | None = None):
+    """`loras`: the names of the server's --lora-dir, offered with a weight (none: no LoRA controls)."""
     import gradio as gr
 
     async def on_generate(image, prompt, negative, strength, guess, low, high, steps, guidance, seed,
-                          start, end, side):
+                          start, end, side, lora=None, lora_weight=1.0):
         if image is None:
             raise gr.Error("upload a control image first")
         fields = dict(
@@ -25,6 +27,8 @@ def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limi
             control_guidance_start=float(start), control_guidance_end=float(end), height=int(side),
             width=int(side),
         )
+        if lora:
+            fields["loras"] = [[lora, float(lora_weight)]]
         try:
             control_map, result, used_seed = await run(fields, image)
         except api.ApiError as err:
@@ -50,6 +54,11 @@ def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limi
                     start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="ControlNet start")
                     end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="ControlNet end")
                     side = gr.Slider(64, limits.max_side, value=min(size, limits.max_side), step=64, label="Size")
+                lora_inputs = []
+                if loras:
+                    with gr.Accordion("LoRA", open=False):
+                        lora_inputs = [gr.Dropdown(["", *loras], value="", label="LoRA (from --lora-dir)"),
+                                       gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA weight")]
             with gr.Column():
                 with gr.Row():
                     control_map = gr.Image(label="Control map", elem_id="control-map")
@@ -57,7 +66,8 @@ def build_demo(run: Callable[[dict, object], Awaitable[tuple]], limits: api.Limi
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
         button.click(
             on_generate,
-            inputs=[image, prompt, negative, strength, guess, low, high, steps, guidance, seed, start, end, side],
+            inputs=[image, prompt, negative, strength, guess, low, high, steps, guidance, seed, start, end, side,
+                    *lora_inputs],
             outputs=[control_map, result, used_seed],
         )
     return demo
