@@ -311,12 +311,6 @@ def lora_short_hash(path) -> str:
     return digest.hexdigest()[:12]
 
 
-def lora_hashes_field(loras: list[tuple[Lora, float]]) -> str:
-    """The "Lora hashes" value as A1111 writes it: "name: hash, name: hash" (":" and "," dropped from names)."""
-    strip = str.maketrans("", "", ":,")
-    return ", ".join(f"{lora.name.translate(strip)}: {lora.short_hash}" for lora, _ in loras if lora.short_hash)
-
-
 # ---- the set applied to one backend -------------------------------------------------------------------------
 
 
