@@ -10,6 +10,10 @@ I/O binding: inputs are bound by pointer to the caller's torch tensors (after a 
 dtype, a no-op when it already matches) and outputs to fresh torch tensors sized from the manifest's
 I/O spec, so ONNX Runtime writes straight into memory the loop then uses. Outputs are fresh each call,
 so a caller never holds a buffer a later call overwrites.
+
+LoRA (engine/lora.py): `set_weights` maps parameters to initializers through the manifest's weight map
+(export/weight_map.py) and each model's `set_initializers` rebuilds its session with the new values; the
+graph files are never rewritten or re-exported.
 """
 from __future__ import annotations
 
@@ -159,7 +163,8 @@ class GraphBackend:
     """The backend interface (engine.backends) over built graphs; subclasses make the per-graph models.
 
     A model is anything with `run(feeds: dict[name, tensor]) -> list[tensor]`, `name`, `inputs` (the
-    manifest's TensorIO list) and `device`.
+    manifest's TensorIO list) and `device`; for LoRA switching (`set_weights`) also
+    `set_initializers(named: dict[initializer name, numpy array])`, arrays already in the initializer's layout.
     """
 
     name = "graphs"
