@@ -50,6 +50,7 @@ RUNTIME = [
     "pillow",
     "opencv-python-headless",
     "tqdm",  # engine.generate's progress bar
+    "peft",  # LoRA (engine/lora.py): diffusers' LoRA loading needs it, and the merge runs its layers
 ]
 
 EXTRAS = {

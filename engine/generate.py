@@ -149,6 +149,22 @@ def _controlnet_name(text: str) -> str:
     return text
 
 
+def _lora_flag(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT] -> (FILE, WEIGHT); the weight defaults to 1 and may be negative."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        value = float(weight) if sep else None
+    except ValueError:  # a ":" that is part of the name (a hub id or path), not a weight
+        value = None
+    if value is None:
+        path, value = text, 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the weight in {text!r} must be a finite number")
+    if not path.strip():
+        raise argparse.ArgumentTypeError(f"--lora needs a file: FILE[:WEIGHT], got {text!r}")
+    return path, value
+
+
 def _png_path(text: str) -> str:
     if Path(text).suffix.lower() != ".png":
         raise argparse.ArgumentTypeError(f"must be a .png path (the parameters live in a PNG text chunk), got {text!r}")
@@ -242,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(default: fp16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--optimizations", choices=list(PRESETS), default=init["optimizations"],
                         help="torch backend preset (default: reference; 'cpu' with --dtype bf16 on a CPU)")
+    parser.add_argument("--lora", action=_PerNet, type=_lora_flag, metavar="FILE[:WEIGHT]",
+                        help="a LoRA (.safetensors: diffusers/peft or kohya/A1111 format, or a Hugging Face id) merged "
+                             "into the UNet and text encoder at WEIGHT (default 1, may be negative); repeatable")
+    parser.add_argument("--lora-dir", metavar="DIR",
+                        help="folder of LoRAs named in the prompt as A1111 does: <lora:NAME:WEIGHT> (the tags are "
+                             "removed from the text the model sees)")
     _add_job_flags(parser, gen)
     parser.add_argument("--prompt-file", help="one prompt (or one line of flags) per line; one output each")
     parser.add_argument("--from-png", metavar="PNG", help="take every parameter from a PNG this CLI (or A1111) "
@@ -315,6 +337,8 @@ def _apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str
     defaults = {k: v for k, v in p.items() if k not in ("extra", "batch_pos")}
     defaults["preprocess"] = [m or "none" for m in p["preprocess"]]
     defaults["negative_prompt"] = p["negative_prompt"] or None
+    defaults["lora"] = [tuple(item) for item in defaults.pop("lora_files", [])] or None
+    defaults["expected_lora_hashes"] = defaults.pop("lora_hashes", {})  # checked once the LoRAs are loaded
     for name in ("controlnet", *PER_NET):  # a PNG from A1111 may lack these: then the flags decide
         if not defaults[name] or None in defaults[name]:
             del defaults[name]
@@ -399,10 +423,11 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{what} {path!r} does not exist")
     preprocess, modules = _preprocessors(args, runner.controlnet_specs)
+    prompt, loras = _apply_loras(runner, args)
     progress = _Progress(enabled_bar, label)
     try:
         result = runner.generate(
-            args.prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
+            prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
             height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
             guess_mode=args.guess_mode, control_guidance_start=args.control_guidance_start,
@@ -431,6 +456,9 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         record.update(strength=used["strength"], init_image=str(args.init_image))
         if args.mask_image is not None:
             record["mask_image"] = str(args.mask_image)
+    if loras:  # the prompt keeps its <lora:...> tags, as A1111 records it
+        record["lora_hashes"] = {lora["name"]: lora["hash"] for lora in used["loras"] if lora["hash"]}
+        record["lora_files"] = [(str(path), weight) for path, weight in args.lora or []]
     if "canny" in modules:
         record.update(canny_low=args.canny_low, canny_high=args.canny_high)
 
@@ -453,6 +481,27 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     run = {"timings": result.timings, "steps": record["num_inference_steps"], "images": len(result.images),
            "seed": result.seed}
     return run, paths
+
+
+def _apply_loras(runner, args) -> tuple[str, list]:
+    """The job's LoRA set (--lora flags, then the prompt's <lora:NAME:WEIGHT> tags) merged into the Runner
+    when it differs from the one there; returns the prompt without its tags and the set. A PNG's recorded
+    "Lora hashes" (--from-png) must match the files found now."""
+    from engine.lora import parse_prompt_loras
+
+    prompt, tagged = parse_prompt_loras(args.prompt, args.lora_dir)
+    wanted = [(str(path), float(weight)) for path, weight in [*(args.lora or []), *tagged]]
+    current = [(lora.source, weight) for lora, weight in runner.loras.active] if runner.loras is not None else []
+    if wanted != current:
+        runner.set_loras(wanted)
+    expected = getattr(args, "expected_lora_hashes", None) or {}
+    found = {lora["name"]: lora["hash"] for lora in runner.loras.describe()} if runner.loras is not None else {}
+    for name, digest in expected.items():
+        if found.get(name) != digest:
+            raise ValueError(f"the PNG was made with LoRA {name!r} of hash {digest}; here it is "
+                             f"{'missing' if name not in found else 'hash ' + str(found[name])}: give that LoRA with "
+                             "--lora FILE or --lora-dir DIR")
+    return prompt, wanted
 
 
 def timing_table(runs: list[dict], load_ms: float | None = None) -> str:
@@ -528,6 +577,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int
     for path in args.image or []:  # a missing image fails now, not after seconds of model loading
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"control image {path!r} does not exist")
+    for path, _ in args.lora or []:
+        if (path.endswith(".safetensors") or path.startswith((".", "/"))) and not Path(path).is_file():
+            raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise FileNotFoundError(f"LoRA folder {args.lora_dir!r} does not exist or is not a folder")
 
     from engine.runner import Runner
 

@@ -102,6 +102,10 @@ class Artefact:
     build_s: float = 0.0
     verify: dict | None = None  # the ONNX graph's check: {"max_abs", "max_rel", "ok", "against", "B", "h", "w"}
     plan_verify: dict | None = None  # the same for the TensorRT plan
+    # LoRA switching (text_encoder and unet; export/weight_map.py finds them by value in the saved graph):
+    weights: dict[str, str] = field(default_factory=dict)  # diffusers parameter name -> ONNX initializer name
+    weight_layouts: dict[str, dict] = field(default_factory=dict)  # param -> {shape, onnx_shape, transpose, dtype}
+    unreachable_weights: list[str] = field(default_factory=list)  # parameters no single initializer holds
 
     def failed(self) -> bool:
         return any(v is not None and not v.get("ok", False) for v in (self.verify, self.plan_verify))
@@ -255,3 +259,25 @@ def match_tensorrt(manifest: Manifest, trt_version: str | None, gpu: str | None)
         raise EngineDirError(f"TensorRT plans were built with TensorRT {built}, this machine has {trt_version}: rebuild")
     if gpu != manifest.gpu:
         raise EngineDirError(f"TensorRT plans were built on GPU {manifest.gpu!r}, this machine has {gpu!r}: rebuild")
+
+
+def to_graph_layout(value, layout: dict):
+    """A parameter's value (a tensor in the model's shape) as its initializer holds it (numpy): transposed
+    where the exporter folded a transpose, reshaped, in the graph's dtype (Artefact.weight_layouts)."""
+    import numpy as np
+
+    array = value.detach().cpu().float().numpy()
+    if layout["transpose"]:
+        array = array.T
+    return np.ascontiguousarray(array.reshape(layout["onnx_shape"]).astype(layout["dtype"]))
+
+
+def from_graph_layout(array, layout: dict):
+    """An initializer's value back in the parameter's shape, as a float32 tensor."""
+    import numpy as np
+    import torch
+
+    array = array.astype(np.float32)
+    if layout["transpose"]:
+        array = array.reshape(layout["shape"][::-1]).T
+    return torch.from_numpy(np.ascontiguousarray(array.reshape(layout["shape"])))

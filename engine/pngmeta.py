@@ -8,7 +8,9 @@ The last line is `Key: value` pairs; a value holding `,`, `:`, `"` or a newline 
 ControlNet is one pair whose quoted value is itself a list of pairs, as the A1111 ControlNet extension
 writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mode), plus `Image`: the
 control picture's path, and `Precision` (fp32, fp16, bf16) and `Optimizations` (a preset name, when one
-was chosen), so the file alone says how to reproduce it.
+was chosen), so the file alone says how to reproduce it. LoRAs: the prompt keeps its `<lora:NAME:WEIGHT>`
+tags and `Lora hashes: "name: hash, ..."` is written as A1111 writes it (engine/lora.lora_short_hash);
+LoRAs given as files (not tags) are listed with their weights under `Lora files` (JSON).
 
 img2img and inpainting add A1111's `Denoising strength` and our `Init image` and `Mask` (the files' paths;
 A1111 records neither, so its PNGs say only that a strength was used).
@@ -101,6 +103,11 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         pairs["Precision"] = p["dtype"]
     if p.get("optimizations"):
         pairs["Optimizations"] = p["optimizations"]
+    if p.get("lora_hashes"):  # as A1111 writes it: "name: hash, name: hash" (":" and "," dropped from names)
+        strip = str.maketrans("", "", ":,")
+        pairs["Lora hashes"] = ", ".join(f"{name.translate(strip)}: {h}" for name, h in p["lora_hashes"].items())
+    if p.get("lora_files"):  # not A1111's: LoRAs given by file (--lora), with their weights, as JSON
+        pairs["Lora files"] = json.dumps([[str(path), float(w)] for path, w in p["lora_files"]])
     if p["num_images_per_prompt"] > 1:
         pairs["Batch size"] = p["num_images_per_prompt"]
         if batch_pos is not None:
@@ -171,6 +178,14 @@ def parse_parameters(text: str) -> dict:
             raise ValueError(f"unknown Precision {p['dtype']!r}; known: {', '.join(PRECISIONS)}")
     if "Optimizations" in pairs:
         p["optimizations"] = pairs.pop("Optimizations")
+    if "Lora hashes" in pairs:
+        entries = [entry.rpartition(":") for entry in pairs.pop("Lora hashes").split(",") if entry.strip()]
+        p["lora_hashes"] = {name.strip(): digest.strip() for name, _, digest in entries}
+    if "Lora files" in pairs:
+        try:
+            p["lora_files"] = [(str(path), float(weight)) for path, weight in json.loads(pairs.pop("Lora files"))]
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"'Lora files' must be a JSON list of [path, weight] pairs ({err})") from None
     for key in _PER_NET:
         p[key] = []
     guess = []

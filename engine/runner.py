@@ -125,6 +125,8 @@ def _check_control_modes(control_mode, count: int, guess_mode: bool) -> list[str
 class Runner:
     """SD1.5 + one or more ControlNets behind one backend. Load once, call `generate` many times."""
 
+    loras = None  # engine.lora.LoraSwitch, made by the first set_loras with a LoRA in it
+
     def __init__(
         self,
         model: str | None = None,
@@ -134,12 +136,14 @@ class Runner:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         optimizations: str | TorchOptimizations | None = None,
+        loras: Sequence[tuple[str, float]] | None = None,
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
         "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and
         "tensorrt" need an `engine_dir` from `python -m engine.build`. `optimizations`: the torch
-        backend's switches, a preset name ("reference", "fused") or a TorchOptimizations."""
+        backend's switches, a preset name ("reference", "fused") or a TorchOptimizations. `loras`: [(source,
+        weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them."""
         check_backend_name(backend)
         torch_optimizations = resolve_optimizations(optimizations)
         names = None if controlnet is None else ([controlnet] if isinstance(controlnet, str) else list(controlnet))
@@ -162,6 +166,19 @@ class Runner:
         self.tokenizer, self.scheduler_config = parts.tokenizer, parts.scheduler_config
         self.vae_scale_factor, self.latent_channels = parts.vae_scale_factor, parts.latent_channels
         self.global_pool, self.num_residuals = parts.global_pool, parts.num_residuals
+        self.set_loras(loras or [])
+
+    def set_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Replace the whole LoRA set: [(source, weight), ...]; [] removes every LoRA (the base model exactly).
+        Merged once into the weights (no per-step cost), without reloading the model or re-exporting graphs;
+        every check runs before any weight changes (engine/lora.LoraSwitch)."""
+        from engine.lora import LoraSwitch
+
+        if self.loras is None:
+            if not loras:
+                return
+            self.loras = LoraSwitch(self.backend)
+        self.loras.set(loras)
 
     @property
     def num_controlnets(self) -> int:
@@ -459,6 +476,7 @@ class Runner:
             mask=mask is not None,
             model=self.model,
             controlnet=[spec.name for spec in self.controlnet_specs],
+            loras=self.loras.describe() if self.loras is not None else [],
         )
         if net_modes is not None:
             parameters["control_mode"] = net_modes if n > 1 else net_modes[0]

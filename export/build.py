@@ -35,6 +35,8 @@ from export import onnx_export
 from export.spec import ModelConfig, Sizes, build_specs, model_config
 
 SCRATCH_PREFIX = ".build-"
+# The graphs a LoRA changes, and their wrapper's name for the diffusers model (engine/modules.py).
+WEIGHT_MAPPED = {"text_encoder": "text_encoder.", "unet": "unet."}
 
 
 @dataclass
@@ -217,6 +219,8 @@ class _Builder:
         entry = self._reusable(spec.name, key)
         if entry is not None:
             entry.profile = profile  # sizes never change an ONNX graph (dynamic axes); plans check their own key
+            if spec.kind in WEIGHT_MAPPED and not (entry.weights or entry.unreachable_weights):  # built before LoRA
+                self._record_weights(spec, entry, self.out / entry.onnx)
             return self._row(entry, "reused", 0.0)
         module = onnx_export.for_precision(self._modules(spec), spec.kind, self.config.precision)
         # Traced at the verification point: every axis the spec calls symbolic is exported as dynamic.
@@ -230,11 +234,21 @@ class _Builder:
                             files={p.name: mf.file_sha256(p) for p in written}, inputs=list(spec.inputs),
                             outputs=list(spec.outputs), profile=profile, key=key)
         entry.verify = self._verify(spec, entry, OrtModel(written[0], entry).run)
+        if spec.kind in WEIGHT_MAPPED:
+            self._record_weights(spec, entry, written[0])
         fs.move_into(written, self.out)
         entry.build_s = round(time.perf_counter() - start, 3)
         self.manifest.artefacts[spec.name] = entry
         self._write_manifest()
         return self._row(entry, "built", entry.build_s)
+
+    def _record_weights(self, spec, entry: mf.Artefact, onnx_path: Path) -> None:
+        """Which initializer of the saved graph holds which parameter (LoRA switching without re-export)."""
+        from export.weight_map import weight_map
+
+        found = weight_map(onnx_path, self._modules(spec), WEIGHT_MAPPED[spec.kind])
+        entry.weights, entry.weight_layouts = found["weights"], found["weight_layouts"]
+        entry.unreachable_weights = found["unreachable_weights"]
 
     def plan_artefact(self, spec, runtime) -> dict:
         """Reuse or build one TensorRT plan from the graph already in place."""

@@ -14,6 +14,11 @@ A backend knows nothing of schedulers, CFG or guidance windows: the loop in `eng
 once and is the same for every backend, which is what makes "every backend equals the reference" a test.
 Inputs come in float32 (latents, scales) and outputs go back as float32; a backend casts to its own dtype.
 
+Weights, for LoRA switching (engine/lora.py), by the diffusers model's own parameter names:
+
+    get_weights(graph, names) -> {name: float32 tensor}   graph: "unet" or "text_encoder"; the base values
+    set_weights(graph, {name: complete new weight})      in place (torch) or replaced initializers (graphs)
+
 `pick_backend` says which built backend can run here (and why); `open_engine_dir` checks an engine dir's
 manifest against the request and returns the backend over its graphs (onnxruntime or tensorrt).
 """

@@ -10,6 +10,10 @@ I/O binding: inputs are bound by pointer to the caller's torch tensors (after a 
 dtype, a no-op when it already matches) and outputs to fresh torch tensors sized from the manifest's
 I/O spec, so ONNX Runtime writes straight into memory the loop then uses. Outputs are fresh each call,
 so a caller never holds a buffer a later call overwrites.
+
+LoRA (engine/lora.py): `set_weights` maps parameters to initializers through the manifest's weight map
+(export/weight_map.py) and each model's `set_initializers` rebuilds its session with the new values; the
+graph files are never rewritten or re-exported.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from engine.manifest import Artefact, Manifest, solve_variables
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+REPLACED = "replaced-in-memory"  # the external-data location of initializers set by set_initializers (no such file)
 
 
 def machine_cores() -> int:
@@ -57,15 +62,10 @@ class OrtModel:
     """One ONNX graph in one session, run with I/O binding on torch tensors."""
 
     def __init__(self, path: Path, artefact: Artefact, config: OrtConfig = OrtConfig()):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = config.threads or machine_cores()
-        options.log_severity_level = config.log_severity
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
-        providers = config.pick_providers(ort.get_available_providers())
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.path, self.config = Path(path), config
+        self.replaced: dict[str, tuple] = {}  # initializer name -> (array, OrtValue), alive as long as the session
+        self._proto = None  # the graph without its external data, loaded at the first replacement
+        self.session = self._new_session()
         self.name = artefact.name
         self.inputs = artefact.inputs
         self.outputs = artefact.outputs
@@ -78,6 +78,63 @@ class OrtModel:
                 f"{path}: graph I/O {graph_inputs} -> {graph_outputs} does not match the manifest's spec "
                 f"{[i.name for i in self.inputs]} -> {[o.name for o in self.outputs]}"
             )
+
+    def _new_session(self):
+        import onnxruntime as ort
+
+        config = self.config
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = config.threads or machine_cores()
+        options.log_severity_level = config.log_severity
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
+        providers = config.pick_providers(ort.get_available_providers())
+        if not self.replaced:
+            return ort.InferenceSession(str(self.path), options, providers=providers)
+        # Replaced initializers go in as "external" ones, which ONNX Runtime puts into the graph before any
+        # optimisation, so fusions, NCHWc reordering and pre-packing all see the new values.
+        # (`add_initializer` instead shares a value after optimisation: convolution weights that the layout
+        # optimiser had already reordered kept their old values.) It only replaces initializers the graph
+        # marks external, so the in-memory copy of the graph marks them so; the rest of the graph is the file's.
+        names = list(self.replaced)
+        options.add_external_initializers(names, [self.replaced[n][1] for n in names])
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+        return ort.InferenceSession(self._graph_bytes(names), options, providers=providers)
+
+    def _graph_bytes(self, names: list[str]) -> bytes:
+        """The graph file (its external data left on disk) with these initializers marked external."""
+        import onnx
+
+        if self._proto is None:
+            self._proto = onnx.load(str(self.path), load_external_data=False)
+        initializers = {init.name: init for init in self._proto.graph.initializer}
+        unknown = [n for n in names if n not in initializers]
+        if unknown:
+            raise ValueError(f"{self.path.name} has no initializer {unknown[0]!r}: the manifest's weight map does not fit "
+                             "this graph; rebuild the engine dir")
+        for name in names:
+            init = initializers[name]
+            if init.data_location == onnx.TensorProto.EXTERNAL and init.external_data[0].value == REPLACED:
+                continue
+            for part in ("raw_data", "float_data", "int32_data", "double_data", "external_data"):
+                init.ClearField(part)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            nbytes = self.replaced[name][0].nbytes
+            for key, value in (("location", REPLACED), ("offset", "0"), ("length", str(nbytes))):
+                init.external_data.add(key=key, value=value)
+        return self._proto.SerializeToString()
+
+    def set_initializers(self, named: dict[str, np.ndarray]) -> None:
+        """Replace initializers by name (LoRA switching) and rebuild the session from memory: the same graph, no
+        re-export, the new values handed over with `SessionOptions.add_external_initializers`. Replacements
+        accumulate: each session is the file plus every initializer set so far. Each array must have the
+        initializer's shape and dtype."""
+        import onnxruntime as ort
+
+        for name, array in named.items():
+            array = np.ascontiguousarray(array)
+            self.replaced[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        self.session = self._new_session()
 
     def run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         binding = self.session.io_binding()
@@ -108,12 +165,14 @@ class GraphBackend:
     """The backend interface (engine.backends) over built graphs; subclasses make the per-graph models.
 
     A model is anything with `run(feeds: dict[name, tensor]) -> list[tensor]`, `name`, `inputs` (the
-    manifest's TensorIO list) and `device`.
+    manifest's TensorIO list) and `device`; for LoRA switching (`set_weights`) also
+    `set_initializers(named: dict[initializer name, numpy array])`, arrays already in the initializer's layout.
     """
 
     name = "graphs"
 
-    def __init__(self, manifest: Manifest, nets: list[int], make_model):
+    def __init__(self, manifest: Manifest, nets: list[int], make_model, engine_dir: Path | None = None):
+        self.manifest, self.engine_dir = manifest, engine_dir  # the graphs' base weights, for get_weights
         slugs = [manifest.controlnets[i]["slug"] for i in nets]
         self.text_encoder = make_model(manifest.artefact("text_encoder"))
         self.unet_model = make_model(manifest.artefact("unet"))
@@ -168,6 +227,63 @@ class GraphBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae_decoder.run({"latents": latents})[0].float()
 
+    # ---- weights (LoRA: engine/lora.py), by the build's record of where each parameter is ---------------
+
+    def _mapped(self, graph: str, names) -> "Artefact":
+        from engine.lora import LoraError
+
+        if graph not in ("unet", "text_encoder"):
+            raise ValueError(f"graph must be unet or text_encoder, got {graph!r}")
+        artefact = self.manifest.artefact(graph)
+        if not artefact.weights:
+            raise LoraError(f"this engine dir's {graph} graph has no weight map (built before LoRA support): rebuild "
+                            "it with python -m engine.build to switch LoRAs without re-exporting")
+        unreachable = [n for n in names if n in artefact.unreachable_weights]
+        if unreachable:
+            raise LoraError(f"the {graph} graph cannot reach {len(unreachable)} of the LoRA's layers (e.g. "
+                            f"{unreachable[0]!r}): no single initializer holds them in the exported graph; use the torch "
+                            "backend for this LoRA")
+        missing = [n for n in names if n not in artefact.weights]
+        if missing:
+            raise LoraError(f"the {graph} has no parameter {missing[0]!r} ({len(missing)} missing): a LoRA for another "
+                            "architecture")
+        return artefact
+
+    def get_weights(self, graph: str, names) -> dict[str, torch.Tensor]:
+        """The graph file's values of these parameters (float32, the model's shapes): the base weights."""
+        from engine.manifest import from_graph_layout
+
+        artefact = self._mapped(graph, names)
+        if self.engine_dir is None:
+            raise ValueError(f"{type(self).__name__} was made without its engine dir: cannot read base weights")
+        wanted = {artefact.weights[n]: n for n in names}
+        found = {}
+        for init, array in graph_initializers(Path(self.engine_dir) / artefact.onnx, set(wanted)):
+            found[wanted[init]] = from_graph_layout(array, artefact.weight_layouts[wanted[init]])
+        return {n: found[n] for n in names}
+
+    def set_weights(self, graph: str, weights: dict[str, torch.Tensor]) -> None:
+        """New complete weights by parameter name -> the graph model's `set_initializers` by initializer name,
+        each in the initializer's layout (transposed, reshaped, cast as the build recorded)."""
+        from engine.manifest import to_graph_layout
+
+        artefact = self._mapped(graph, weights)
+        named = {artefact.weights[n]: to_graph_layout(v, artefact.weight_layouts[n]) for n, v in weights.items()}
+        model = self.unet_model if graph == "unet" else self.text_encoder
+        model.set_initializers(named)
+
+
+def graph_initializers(onnx_path: Path, names: set[str] | None = None):
+    """(name, numpy array) of a graph file's initializers (those in `names`, default all), external data read
+    tensor by tensor."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for init in model.graph.initializer:
+        if names is None or init.name in names:
+            yield init.name, numpy_helper.to_array(init, str(Path(onnx_path).parent))
+
 
 class OrtBackend(GraphBackend):
     """The engine dir's ONNX graphs in ONNX Runtime sessions; `providers` says what really runs each."""
@@ -176,7 +292,7 @@ class OrtBackend(GraphBackend):
 
     def __init__(self, engine_dir: Path, manifest: Manifest, nets: list[int], config: OrtConfig = OrtConfig()):
         engine_dir = Path(engine_dir)
-        super().__init__(manifest, nets, lambda a: OrtModel(engine_dir / a.onnx, a, config))
+        super().__init__(manifest, nets, lambda a: OrtModel(engine_dir / a.onnx, a, config), engine_dir)
         every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
         every += [self.vae_encoder] if self.vae_encoder is not None else []
         self.providers = {m.name: m.provider for m in every}

@@ -314,7 +314,7 @@ class TrtBackend(GraphBackend):
         for artefact in manifest.artefacts.values():
             if not artefact.plan:
                 raise ValueError(f"artefact {artefact.name!r} has no TensorRT plan: rebuild with --backend tensorrt")
-        super().__init__(manifest, nets, lambda a: TrtModel(runtime, engine_dir / a.plan, a))
+        super().__init__(manifest, nets, lambda a: TrtModel(runtime, engine_dir / a.plan, a), engine_dir)
         runtime.allocate_shared_memory()
         self.runtime = runtime
         self.provider = f"TensorRT {runtime.version}"

@@ -76,6 +76,7 @@ class TorchBackend:
                     if isinstance(module, torch.nn.GroupNorm):
                         module.kernel_impl = impl  # read by engine.modules._norm_silu
         self.step_runner = None  # None: eager calls, as the reference
+        self.frozen_step_ran = False  # a step compiled with frozen weights has read them (set_weights refuses)
         if optimizations.cuda_graphs or optimizations.compile:
             from engine import cuda_graphs
             from engine.compile import compile_step
@@ -174,7 +175,62 @@ class TorchBackend:
                   [c.hint for c in calls], scales)
         if self.optimizations.compile:
             inputs = _as_inference(inputs)
+            self.frozen_step_ran = self.optimizations.freeze_weights
         return self.step_runner(key, *inputs)
+
+    # ---- weights (LoRA: engine/lora.py) ------------------------------------------------------------------
+
+    def _weights_module(self, graph: str) -> torch.nn.Module:
+        modules = {"unet": self.unet_model.unet, "text_encoder": self.text_encoder.text_encoder}
+        if graph not in modules:
+            raise ValueError(f"graph must be one of {', '.join(modules)}, got {graph!r}")
+        return modules[graph]
+
+    def _params(self, graph: str, names) -> dict[str, torch.nn.Parameter]:
+        from engine.lora import LoraError
+
+        params = dict(self._weights_module(graph).named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise LoraError(f"the {graph} has no parameter {missing[0]!r} ({len(missing)} missing): a LoRA for another "
+                            "architecture")
+        return {n: params[n] for n in names}
+
+    def get_weights(self, graph: str, names) -> dict[str, torch.Tensor]:
+        """Float32 copies of `graph`'s parameters by their diffusers names."""
+        return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self._params(graph, names).items()}
+
+    @torch.no_grad()
+    def set_weights(self, graph: str, weights: dict[str, torch.Tensor]) -> None:
+        """Copy complete new weights into the live parameters, in place (cast to the model's dtype; the same
+        storage and memory format). Nothing per step: the merge is done once per switch. CUDA graphs replay
+        kernels that read the parameters' memory, so a captured step sees the new values; eager and unfrozen
+        compiled steps read parameters at every call. A step compiled with frozen weights baked them into its
+        code: once it has run, a switch is refused rather than silently ignored. Fused Q/K/V projections
+        (fused_qkv) are refreshed from the updated separate ones."""
+        if graph == "unet" and self.frozen_step_ran:
+            raise ValueError("this Runner's step was compiled with frozen weights (optimizations freeze_weights, preset "
+                             "'cpu-compiled'): they are constants of the compiled code and a LoRA switch would not be "
+                             "seen. Pass loras= to Runner(...) (applied before compilation), or use a preset without "
+                             "freeze_weights (e.g. 'cpu') to switch LoRAs per request")
+        params = self._params(graph, weights)
+        for name, value in weights.items():
+            params[name].copy_(value)
+        owners = {name.rsplit(".", 2)[0] for name in weights}
+        module = self._weights_module(graph)
+        for owner in owners:
+            attn = module.get_submodule(owner)
+            if getattr(attn, "fused_projections", False):
+                _refresh_fused_projections(attn)
+
+
+def _refresh_fused_projections(attn) -> None:
+    """Attention.fuse_projections' concatenation, written into the existing fused weights in place."""
+    parts = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+    fused = attn.to_kv if attn.is_cross_attention else attn.to_qkv
+    fused.weight.copy_(torch.cat([getattr(attn, p).weight for p in parts]))
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([getattr(attn, p).bias for p in parts]))
 
 
 def _as_inference(x, copies=None):

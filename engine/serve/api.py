@@ -17,6 +17,7 @@ import io
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import PIL.Image
@@ -35,6 +36,7 @@ class Limits:
     max_prompt_chars: int = 2000
     max_image_pixels: int = 4096 * 4096  # of an uploaded control image, checked before decoding
     max_body_bytes: int = 32 * 2**20
+    max_loras: int = 8  # LoRAs per request
 
 
 class ApiError(Exception):
@@ -72,6 +74,7 @@ class GenerateRequest:
     strength: float | None = None  # img2img/inpaint; None: the mode's default (0.8, 1.0)
     init_image: object = None  # PIL RGB image (img2img, inpaint)
     mask_image: object = None  # PIL image, the init image's size (inpaint)
+    loras: tuple = ()  # ((name, weight), ...): LoRAs of the server's --lora-dir, by A1111 name
 
 
 # name: (kind, default). Ranges live in `_check_ranges`, where they can read the Limits.
@@ -94,8 +97,10 @@ FIELDS = {
     "canny_high": ("int", 200),
     "response_format": ("str", "json"),
     "strength": ("float", None),
+    "loras": ("loras", ()),
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
+LORA_NAME = re.compile(r"^[\w][\w .\-]*$")  # a file name without extension: no folders, so no paths
 
 
 def _schedulers() -> tuple[str, ...]:
@@ -114,6 +119,8 @@ def _coerce(name: str, kind: str, value, from_form: bool):
     """One field to its Python type. Form fields arrive as text; JSON values must already have the type."""
     if value is None:
         return None
+    if kind == "loras":
+        return _coerce_loras(value, from_form)
     if from_form and isinstance(value, str):
         text = value.strip()
         if text == "" and kind != "str":
@@ -141,6 +148,40 @@ def _coerce(name: str, kind: str, value, from_form: bool):
     if not ok:
         raise ApiError(422, name, f"{name} must be {_KIND_WORDS[kind]}, got {value!r}")
     return float(value) if kind == "float" else value
+
+
+def _coerce_loras(value, from_form: bool) -> tuple:
+    """`loras`: [[name, weight], ...] or [{"name": ..., "weight": ...}, ...] in JSON; in a form, that JSON as
+    text or "name:weight, name:weight". Names are LoRA file names in the server's LoRA folder (no paths)."""
+    if from_form and isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [item.strip().rpartition(":")[::2] if ":" in item else (item.strip(), 1.0)
+                     for item in text.split(",") if item.strip()]
+            try:
+                value = [(name, float(weight)) for name, weight in value]
+            except ValueError:
+                raise ApiError(422, "loras", f"loras must be 'name:weight, ...' or JSON, got {text!r}") from None
+    if not isinstance(value, (list, tuple)):
+        raise ApiError(422, "loras", f"loras must be a list of [name, weight] pairs, got {value!r}")
+    pairs = []
+    for item in value:
+        if isinstance(item, dict) and set(item) <= {"name", "weight"} and "name" in item:
+            item = (item["name"], item.get("weight", 1.0))
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ApiError(422, "loras", f"each LoRA must be [name, weight] or {{name, weight}}, got {item!r}")
+        name, weight = item
+        if not isinstance(name, str) or not LORA_NAME.match(name):
+            raise ApiError(422, "loras", f"a LoRA name must be a file name in the server's LoRA folder (no path), "
+                                         f"got {name!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ApiError(422, "loras", f"the weight of LoRA {name!r} must be a finite number, got {weight!r}")
+        pairs.append((name, float(weight)))
+    return tuple(pairs)
 
 
 _KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
@@ -191,6 +232,11 @@ def _check_ranges(values: dict, limits: Limits) -> None:
             raise ApiError(422, name, f"{name} must be at most {limits.max_prompt_chars} characters, got {len(text)}")
     if not (values["prompt"] or "").strip():
         raise ApiError(422, "prompt", "prompt is required and must be a non-empty string")
+    if "<lora:" in values["prompt"]:  # never sent to the text encoder as words, never silently dropped
+        raise ApiError(422, "prompt", "<lora:NAME:WEIGHT> tags are not read from the prompt over HTTP: give the LoRAs "
+                                      "in the loras field, e.g. [[\"NAME\", 0.8]]")
+    if len(values["loras"]) > limits.max_loras:
+        raise ApiError(422, "loras", f"at most {limits.max_loras} LoRAs per request, got {len(values['loras'])}")
 
 
 def decode_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.Image.Image:
@@ -335,12 +381,13 @@ def batch_key(req: GenerateRequest) -> tuple:
 
     The size comes from the control image when height/width are not given, so it is in the key too.
     Prompt, negative prompt, seed and the image itself are not: they change values, not the shape.
+    The LoRA set is: it changes the weights, so requests with different sets never share a generate() call.
     """
     return (
         req.height, req.width, tuple(im.size for im in req.images), req.num_inference_steps, req.guidance_scale,
         req.controlnet_conditioning_scale, req.guess_mode, req.control_guidance_start, req.control_guidance_end,
         req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
-        None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength,
+        None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength, req.loras,
     )
 
 

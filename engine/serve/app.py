@@ -61,6 +61,7 @@ class Stats:
     recent_batches: deque = field(default_factory=lambda: deque(maxlen=256))
     requests: int = 0
     failures: int = 0
+    lora_switches: int = 0  # LoRA set changes between generate() calls
 
     def as_dict(self) -> dict:
         def table(c):
@@ -69,7 +70,7 @@ class Stats:
         return dict(
             requests=self.requests, failures=self.failures, batch_sizes=table(self.batch_sizes),
             group_sizes=table(self.group_sizes), generate_calls=table(self.generate_calls),
-            recent_batches=list(self.recent_batches),
+            recent_batches=list(self.recent_batches), lora_switches=self.lora_switches,
         )
 
 
@@ -119,6 +120,7 @@ class ControlNetServer:
         demo: bool = True,
         demo_size: int | None = None,
         limits: dict | None = None,
+        lora_dir: str | None = None,
     ):
         import torch
 
@@ -131,6 +133,7 @@ class ControlNetServer:
             torch.set_num_threads(int(torch_threads))
         self.runner = Runner(model=model, controlnet=controlnet, backend=backend, engine_dir=engine_dir,
                              device=device, dtype=dtype)
+        self.lora_dir = lora_dir  # requests name LoRAs in it (api.GenerateRequest.loras)
         self.batch_mode = batch_mode
         self.max_batch_size = int(max_batch_size)
         self.limits = api.Limits(**(limits or {}))
@@ -188,6 +191,10 @@ class ControlNetServer:
         images = first.images if len(first.images) != 1 else first.images[0]
         images = images or None  # none given: inpaint ControlNets build theirs from init image and mask
         try:
+            self._use_loras(first.loras)
+        except api.ApiError as err:
+            return [err] * len(reqs)
+        try:
             if len(reqs) == 1:
                 result = self.runner.generate(first.prompt, images, negative_prompt=first.negative_prompt,
                                               seed=first.seed, **kwargs)
@@ -212,6 +219,28 @@ class ControlNetServer:
                 merged=len(reqs),
             ))
         return outcomes
+
+    def _use_loras(self, loras: tuple) -> None:
+        """Switch the replica to a request group's LoRA set, between generate() calls (a no-op when it is the
+        set already merged). Requests with different sets are in different groups (api.batch_key)."""
+        from engine.lora import LoraError, find_lora
+
+        runner = self.runner
+        current = tuple((lora.source, w) for lora, w in runner.loras.active) if runner.loras is not None else ()
+        try:
+            wanted = tuple((str(find_lora(name, self.lora_dir)), w) for name, w in loras)
+            if wanted != current:
+                runner.set_loras(list(wanted))
+        except (LoraError, FileNotFoundError) as err:
+            raise api.ApiError(422, "loras", str(err)) from None
+        self.stats.lora_switches += wanted != current
+
+    def available_loras(self) -> list[str]:
+        from pathlib import Path
+
+        if self.lora_dir is None:
+            return []
+        return sorted(p.name.removesuffix(".safetensors") for p in Path(self.lora_dir).rglob("*.safetensors"))
 
     def _merged_latents(self, reqs: list, image):
         """Each request's starting noise, drawn from its own seed exactly as Runner.generate draws it."""
@@ -256,7 +285,7 @@ class ControlNetServer:
             model=r.model, controlnets=[s.name for s in r.controlnet_specs], device=str(r.device),
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
             preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
-            batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size),
+            batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
         )
 
     def __serve_build_asgi_app__(self):
@@ -305,7 +334,7 @@ class ControlNetServer:
 
             from engine.serve.demo import build_demo
 
-            blocks = build_demo(self._demo_run, self.limits, self.demo_size)
+            blocks = build_demo(self._demo_run, self.limits, self.demo_size, self.available_loras())
             app = gr.mount_gradio_app(app, blocks, path="/demo")
         return app
 

@@ -36,11 +36,13 @@ def init_and_mask(editor) -> tuple[object, object]:
     return init, PIL.Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
 
 
-def build_demo(run: Callable[..., Awaitable[tuple]], limits: api.Limits, size: int):
+def build_demo(run: Callable[..., Awaitable[tuple]], limits: api.Limits, size: int,
+               loras: list[str] | None = None):
+    """`loras`: the names of the server's --lora-dir, offered with a weight (none: no LoRA controls)."""
     import gradio as gr
 
     async def on_generate(image, prompt, negative, strength, guess, low, high, steps, guidance, seed,
-                          start, end, side, editor=None, denoise=None):
+                          start, end, side, editor=None, denoise=None, lora=None, lora_weight=1.0):
         init, mask = init_and_mask(editor)
         if image is None and mask is None:
             raise gr.Error("upload a control image first (or draw a mask on an init image to inpaint)")
@@ -53,6 +55,8 @@ def build_demo(run: Callable[..., Awaitable[tuple]], limits: api.Limits, size: i
         )
         if init is not None:
             fields["strength"] = float(denoise)
+        if lora:
+            fields["loras"] = [[lora, float(lora_weight)]]
         try:
             control_map, result, used_seed = await run(fields, image, init, mask)
         except api.ApiError as err:
@@ -83,6 +87,11 @@ def build_demo(run: Callable[..., Awaitable[tuple]], limits: api.Limits, size: i
                     start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="ControlNet start")
                     end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="ControlNet end")
                     side = gr.Slider(64, limits.max_side, value=min(size, limits.max_side), step=64, label="Size")
+                lora_inputs = []
+                if loras:
+                    with gr.Accordion("LoRA", open=False):
+                        lora_inputs = [gr.Dropdown(["", *loras], value="", label="LoRA (from --lora-dir)"),
+                                       gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA weight")]
             with gr.Column():
                 with gr.Row():
                     control_map = gr.Image(label="Control map", elem_id="control-map")
@@ -91,7 +100,7 @@ def build_demo(run: Callable[..., Awaitable[tuple]], limits: api.Limits, size: i
         button.click(
             on_generate,
             inputs=[image, prompt, negative, strength, guess, low, high, steps, guidance, seed, start, end, side,
-                    editor, denoise],
+                    editor, denoise, *lora_inputs],
             outputs=[control_map, result, used_seed],
         )
     return demo

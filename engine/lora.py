@@ -1,0 +1,382 @@
+"""LoRA: load a file with diffusers' own loader, merge it into the weights as diffusers' `fuse_lora` does.
+
+    adapters = [(load_lora("style.safetensors"), 0.8)]
+    weights = merged_weights(adapters, base)   # {"unet": {param: new weight}, "text_encoder": {...}}
+
+Loading is diffusers' path for `StableDiffusionControlNetPipeline.load_lora_weights`, step for step:
+`StableDiffusionLoraLoaderMixin.lora_state_dict` reads the file (diffusers/peft format, or kohya/A1111's
+`lora_unet_*` / `lora_te_*` with `.alpha`, which it converts), the keys are split by the `unet.` /
+`text_encoder.` prefix, converted to peft's names with diffusers' converters, and diffusers'
+`_create_lora_config` turns ranks, alphas and adapter metadata into the `LoraConfig` it would use. No key is
+parsed here.
+
+Merging: diffusers' `set_adapters(names, weights)` + `fuse_lora()` set each peft layer's scaling to
+`weight * lora_alpha / r` (peft's `set_scale`) and `merge()` adds each adapter's delta into the base weight
+in the order of the adapters. Here the same peft layers do that on a stand-in: a module tree holding only
+the targeted layers, each a fresh Linear/Conv2d carrying a float32 copy of the base weight. peft's
+`inject_adapter_in_model` and `set_peft_model_state_dict` (what diffusers calls) wrap them, `set_scale` and
+`merge` run unchanged, and the merged weights are read off. So the arithmetic, its order and its dtype
+(float32) are peft's own, and the live models are never wrapped (their forwards, state-dict names and any
+compiled or captured step stay as they are). A LoRA's effect on a layer only ever depends on the layer's
+shape, never on its current values, so the stand-ins are built from the kept base weights.
+
+The ControlNets get no LoRA, as in diffusers (its ControlNet pipeline loads LoRAs into the UNet and the text
+encoder only).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+GRAPHS = ("unet", "text_encoder")  # diffusers' prefixes in a LoRA file, and the backends' graph names
+SDXL_MARKERS = ("text_encoder_2.", "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")
+EXTENSIONS = (".safetensors",)
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be applied: not a LoRA, another architecture, a bad weight, unreachable layers."""
+
+
+@dataclass
+class LoraPart:
+    """The LoRA of one model: peft state dict (`<module>.lora_A.weight`, ...) and the LoraConfig diffusers makes."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: object  # peft.LoraConfig
+
+    def modules(self) -> list[str]:
+        return sorted({key.split(".lora_")[0] for key in self.state_dict})
+
+    def params(self) -> list[str]:
+        """The base parameters the LoRA changes: each targeted module's weight."""
+        return [f"{module}.weight" for module in self.modules()]
+
+
+@dataclass
+class Lora:
+    source: str  # as given (file, folder or hub id)
+    name: str  # A1111's name for it: the file name without extension
+    path: Path | None  # the local file, when there is one (for its hash)
+    parts: dict[str, LoraPart] = field(default_factory=dict)  # "unet" / "text_encoder" -> its part
+
+    @cached_property
+    def short_hash(self) -> str | None:
+        return lora_short_hash(self.path) if self.path is not None else None
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.endswith(EXTENSIONS) or source.startswith((".", "/", "~")) \
+        or source.count("/") != 1
+
+
+def load_lora(source: str | Path) -> Lora:
+    """Read and convert one LoRA with diffusers' loader; raises LoraError / FileNotFoundError saying why."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        raise LoraError(f"a LoRA source must be a .safetensors file, a folder or a Hugging Face id, got {source!r}")
+    source = str(source)
+    path = Path(source).expanduser()
+    if _is_local(source) and not path.exists():
+        raise FileNotFoundError(f"LoRA file {source!r} does not exist")
+    try:
+        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(path) if path.exists() else source, return_lora_metadata=True)
+    except OSError as err:
+        if path.exists():
+            raise LoraError(f"{source!r} is not a LoRA file diffusers can read ({type(err).__name__}: {err})") from err
+        raise OSError(f"could not load the LoRA {source!r}: not a local file and not reachable on the Hugging Face "
+                      f"Hub or in its cache ({type(err).__name__}: {err})") from err
+    except Exception as err:  # safetensors' and torch's own errors on a file that is something else
+        raise LoraError(f"{source!r} is not a LoRA file diffusers can read ({type(err).__name__}: {err})") from err
+    if not state_dict or not all("lora" in key for key in state_dict):
+        example = next((k for k in state_dict if "lora" not in k), None)
+        raise LoraError(f"{source!r} is not a LoRA: its tensors are not LoRA weights (e.g. {example!r}); a LoRA has "
+                        "lora_A/lora_B (diffusers, peft) or lora_down/lora_up (kohya, A1111) tensors")
+    marker = next((k for k in state_dict for m in SDXL_MARKERS if k.startswith(m) or f".{m}" in k), None)
+    if marker is not None:
+        raise LoraError(f"{source!r} is an SDXL LoRA (key {marker!r}); this engine runs SD1.5: use a LoRA trained on SD1.5")
+    name = path.name.removesuffix(".safetensors") if path.is_file() else Path(source.rstrip("/")).name
+    lora = Lora(source, name, path.resolve() if path.is_file() else None)
+    for graph in GRAPHS:
+        part = _part(graph, state_dict, alphas, metadata)
+        if part is not None:
+            lora.parts[graph] = part
+    if not lora.parts:
+        raise LoraError(f"{source!r} has no UNet or text-encoder LoRA weights (its keys start like "
+                        f"{sorted(state_dict)[0]!r}); an SD1.5 LoRA has unet.* / text_encoder.* or lora_unet_* / "
+                        "lora_te_* keys")
+    for graph, part in lora.parts.items():
+        for key, tensor in part.state_dict.items():
+            if not torch.isfinite(tensor).all():
+                raise LoraError(f"{source!r}: tensor {graph}.{key} holds non-finite values (NaN or inf): the file is broken")
+    return lora
+
+
+def _part(graph: str, state_dict: dict, alphas: dict | None, metadata: dict | None) -> LoraPart | None:
+    """One model's part as diffusers' `load_lora_adapter` (UNet) / `_load_lora_into_text_encoder` makes it."""
+    from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    prefix = f"{graph}."
+    part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not part:
+        return None
+    meta = None if metadata is None else {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
+    meta = meta or None
+    alphas = None if not alphas else {k.removeprefix(prefix): v for k, v in alphas.items() if k.startswith(prefix)}
+    if graph == "unet":
+        if "lora_A" not in next(iter(part)):
+            part = convert_unet_state_dict_to_peft(part)
+        # Ranks keyed "^<key>" as diffusers does (peft#2419: exact module names, no prefix clashes).
+        rank = {f"^{k}": v.shape[1] for k, v in part.items() if "lora_B" in k and v.ndim > 1}
+        config = _create_lora_config(part, alphas, meta, rank, is_unet=True)
+    else:
+        part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        # transformers 5's CLIPTextModel has no `text_model` level; older files still name it (diffusers strips it).
+        part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        rank = {k: v.shape[1] for k, v in part.items() if k.endswith(".lora_B.weight")}
+        config = _create_lora_config(part, alphas, meta, rank, is_unet=False)
+    if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
+        raise LoraError(f"the {graph} part is a DoRA or has LoRA biases; only plain LoRA (lora_A/lora_B) is supported")
+    return LoraPart(part, config)
+
+
+def check_weight(weight, what: str = "LoRA weight") -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise LoraError(f"{what} must be a finite number (negative is fine), got {weight!r}")
+    return float(weight)
+
+
+def targets(adapters: list[tuple[Lora, float]], graph: str) -> list[str]:
+    """The parameters of `graph` the adapters change, sorted."""
+    return sorted({p for lora, _ in adapters if graph in lora.parts for p in lora.parts[graph].params()})
+
+
+def check_shapes(adapters: list[tuple[Lora, float]], graph: str, base: dict[str, torch.Tensor]) -> None:
+    """Every targeted layer exists and has the LoRA's shape; else say it is a LoRA for another model."""
+    for lora, _ in adapters:
+        part = lora.parts.get(graph)
+        if part is None:
+            continue
+        for module in part.modules():
+            weight = base.get(f"{module}.weight")
+            down, up = part.state_dict[f"{module}.lora_A.weight"], part.state_dict[f"{module}.lora_B.weight"]
+            if weight is None:
+                raise LoraError(f"LoRA {lora.name!r} targets {graph} layer {module!r}, which this model does not "
+                                "have: a LoRA for another architecture")
+            if weight.ndim not in (2, 4) or up.shape[0] != weight.shape[0] or down.shape[1] != weight.shape[1]:
+                raise LoraError(
+                    f"LoRA {lora.name!r} does not fit {graph} layer {module!r}: it maps {down.shape[1]} -> {up.shape[0]} "
+                    f"features, the layer {weight.shape[1]} -> {weight.shape[0]}: a LoRA for another architecture "
+                    "(SD1.5 text features are 768 wide, SDXL's 2048)")
+
+
+def _stand_in(base: dict[str, torch.Tensor], modules: list[str]) -> torch.nn.Module:
+    """A module tree with one fresh layer per targeted module path, each holding a float32 copy of its base
+    weight: what peft wraps and merges into, instead of the live model."""
+    root = torch.nn.Module()
+    for module in modules:
+        weight = base[f"{module}.weight"].detach().to("cpu", torch.float32)
+        # skip_init: no random init of a weight that is overwritten at once (1 s for the tiny model's 172 layers)
+        if weight.ndim == 2:
+            layer = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=False)
+        else:
+            layer = torch.nn.utils.skip_init(torch.nn.Conv2d, weight.shape[1], weight.shape[0], tuple(weight.shape[2:]),
+                                             bias=False)
+        layer.weight = torch.nn.Parameter(weight.clone().contiguous(), requires_grad=False)
+        owner = root
+        *path, leaf = module.split(".")
+        for name in path:
+            if not hasattr(owner, name):
+                owner.add_module(name, torch.nn.Module())
+            owner = getattr(owner, name)
+        owner.add_module(leaf, layer)
+    return root
+
+
+def merged_weights(adapters: list[tuple[Lora, float]], graph: str, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base + every adapter's delta for each parameter of `graph` the adapters target, float32, computed by
+    peft's layers exactly as diffusers' set_adapters + fuse_lora would (see the module docstring)."""
+    import warnings
+
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = targets(adapters, graph)
+    if not names:
+        return {}
+    check_shapes(adapters, graph, base)
+    root = _stand_in(base, [n.removesuffix(".weight") for n in names])
+    adapter_names, weights = [], []
+    for i, (lora, weight) in enumerate(adapters):
+        part = lora.parts.get(graph)
+        if part is None:
+            continue
+        name = f"lora{i}"
+        # low_cpu_mem_usage off: diffusers' default (on) makes peft initialise the LoRA layers on the meta device,
+        # through slow decompositions; either way the file's tensors end up in the base layer's dtype (float32)
+        # before the merge, so the merged weights are the same.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one adapter per LoRA: meant
+            inject_adapter_in_model(part.config, root, adapter_name=name, state_dict=part.state_dict)
+        result = set_peft_model_state_dict(root, part.state_dict, name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+        if unexpected:
+            raise LoraError(f"LoRA {lora.name!r}: peft did not load {len(unexpected)} of its {graph} tensors (e.g. {unexpected[0]!r})")
+        adapter_names.append(name)
+        weights.append(weight)
+    merged = {}
+    with torch.no_grad():
+        for module_name, module in root.named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            module.set_adapter(adapter_names)  # diffusers' set_weights_and_activate_adapters, then fuse_lora
+            for name, weight in zip(adapter_names, weights):
+                module.set_scale(name, weight)
+            module.merge()
+            merged[f"{module_name}.weight"] = module.get_base_layer().weight.detach()
+    missing = sorted(set(names) - set(merged))
+    if missing:
+        raise LoraError(f"peft did not wrap {graph} layers {missing[:3]}: these LoRA targets cannot be merged")
+    return {n: merged[n] for n in names}
+
+
+# ---- A1111's prompt syntax and hashes -------------------------------------------------------------------
+
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's modules/extra_networks.re_extra_net
+
+
+def find_lora(name: str, lora_dir) -> Path:
+    """A1111 names a LoRA by its file name without extension, anywhere under the LoRA folder."""
+    if lora_dir is None:
+        raise LoraError(f"the prompt asks for <lora:{name}:...> but no LoRA folder was given (--lora-dir DIR)")
+    root = Path(lora_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} does not exist")
+    found = sorted(p for ext in EXTENSIONS for p in root.rglob(f"*{ext}") if p.name.removesuffix(ext) == name)
+    if not found:
+        have = sorted(p.name.removesuffix(".safetensors") for p in root.rglob("*.safetensors"))[:20]
+        raise FileNotFoundError(f"no LoRA named {name!r} in {str(lora_dir)!r}; it has: {', '.join(have) or 'none'}")
+    return found[0]
+
+
+def parse_prompt_loras(prompt: str, lora_dir) -> tuple[str, list[tuple[Path, float]]]:
+    """A1111's `<lora:NAME>` / `<lora:NAME:WEIGHT>` tags -> (the prompt with the tags removed, [(file, weight)]).
+
+    As A1111 (modules/extra_networks.parse_prompt): each tag is replaced by nothing, the rest of the text is
+    left exactly as it was; the weight defaults to 1.0. A1111's third field (a separate UNet weight) and
+    other extra networks (hypernetworks, ...) are refused rather than ignored.
+    """
+    found: list[tuple[Path, float]] = []
+
+    def replace(match: re.Match) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind != "lora":
+            raise LoraError(f"prompt tag {match.group(0)!r}: only <lora:NAME:WEIGHT> extra networks are supported")
+        if len(args) > 2:
+            raise LoraError(f"prompt tag {match.group(0)!r}: give <lora:NAME:WEIGHT>; separate text-encoder and UNet "
+                            "weights are not supported")
+        weight = 1.0
+        if len(args) == 2:
+            try:
+                weight = float(args[1])
+            except ValueError:
+                raise LoraError(f"prompt tag {match.group(0)!r}: the weight {args[1]!r} is not a number") from None
+        found.append((find_lora(args[0], lora_dir), check_weight(weight, f"the weight in {match.group(0)!r}")))
+        return ""
+
+    return EXTRA_NETWORK.sub(replace, prompt), found
+
+
+def lora_short_hash(path) -> str:
+    """A1111's "Lora hashes" value: the first 12 hex digits of sha256 over a .safetensors file's tensor data,
+    header skipped (sd-webui-additional-networks' "addnet" hash, which A1111 uses for .safetensors LoRAs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+# ---- the set applied to one backend -------------------------------------------------------------------------
+
+
+def check_lora_list(loras) -> list[tuple[str, float]]:
+    """[(source, weight), ...] checked: sources non-empty, weights finite numbers."""
+    if loras is None:
+        return []
+    if not isinstance(loras, (list, tuple)):
+        raise LoraError(f"loras must be a list of (source, weight) pairs, got {loras!r}")
+    checked = []
+    for item in loras:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise LoraError(f"loras must be a list of (source, weight) pairs, got the entry {item!r}")
+        source, weight = item
+        if not isinstance(source, (str, Path)) or not str(source).strip():
+            raise LoraError(f"a LoRA source must be a file, a folder or a Hugging Face id, got {source!r}")
+        checked.append((str(source), check_weight(weight, f"the weight of LoRA {str(source)!r}")))
+    return checked
+
+
+class LoraSwitch:
+    """The LoRA set merged into one backend's weights, and the base of every weight it has ever changed.
+
+    `set(loras)` replaces the whole set: each targeted weight becomes base + the new set's deltas, and each
+    weight the old set changed but the new one does not goes back to its base value (bit for bit: the base is
+    kept as read, float32, which holds fp16/bf16/fp32 values exactly). The base is read from the backend the
+    first time a weight is targeted, before anything changed it, so the model is never reloaded. Files are
+    read once and kept (keyed by path, size and modification time).
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.active: list[tuple[Lora, float]] = []
+        self.base: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GRAPHS}
+        self.changed: dict[str, set[str]] = {g: set() for g in GRAPHS}
+        self._files: dict[tuple, Lora] = {}
+
+    def _load(self, source: str) -> Lora:
+        path = Path(source).expanduser()
+        key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else (source,)
+        if key not in self._files:
+            self._files[key] = load_lora(source)
+        return self._files[key]
+
+    def set(self, loras) -> None:
+        """Every check (files, weights, shapes, reachability) runs before any weight changes."""
+        adapters = [(self._load(source), weight) for source, weight in check_lora_list(loras)]
+        plan = {}
+        for graph in GRAPHS:
+            names = targets(adapters, graph)
+            new = [n for n in names if n not in self.base[graph]]
+            if new:
+                self.base[graph].update(self.backend.get_weights(graph, new))
+            check_shapes(adapters, graph, self.base[graph])
+        for graph in GRAPHS:
+            weights = merged_weights(adapters, graph, self.base[graph])
+            for name in self.changed[graph] - weights.keys():
+                weights[name] = self.base[graph][name]
+            plan[graph] = weights
+        for graph in GRAPHS:  # the UNet first: a compiled step that refuses a switch refuses before any change
+            if plan[graph]:
+                self.backend.set_weights(graph, plan[graph])
+            self.changed[graph] = set(targets(adapters, graph))
+        self.active = adapters
+
+    def describe(self) -> list[dict]:
+        """The active set, for a result's parameters: name, source, weight and A1111's short hash."""
+        return [dict(name=lora.name, source=lora.source, weight=weight, hash=lora.short_hash)
+                for lora, weight in self.active]
