@@ -113,8 +113,9 @@ class Runner:
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
-        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and
-        "tensorrt" need an `engine_dir` from `python -m engine.build`. `optimizations`: the torch
+        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime",
+        "openvino" and "tensorrt" need an `engine_dir` from `python -m engine.build` (openvino also takes
+        dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
         backend's switches, a preset name ("reference", "fused") or a TorchOptimizations."""
         check_backend_name(backend)
         torch_optimizations = resolve_optimizations(optimizations)
@@ -129,14 +130,15 @@ class Runner:
             # build copied into the dir; no torch weights are loaded.
             from engine.backends import open_engine_dir
 
-            built = open_engine_dir(engine_dir, model, names, backend)
+            asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+            built = open_engine_dir(engine_dir, model, names, backend, dtype=asked)
             config = built.manifest.config
             if device is not None and torch.device(device).type != built.backend.device.type:
                 raise ValueError(f"device {str(device)!r}: this engine dir's {built.backend.name} backend runs on "
                                  f"{built.backend.device}; leave device unset")
             self.device = built.backend.device
             self.dtype = torch.float16 if built.manifest.precision == "fp16" else torch.float32
-            asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+            self.dtype = getattr(built.backend, "dtype", self.dtype)  # openvino: the precision it runs
             if asked is not None and asked != self.dtype:
                 raise ValueError(f"dtype {dtype!r}: this engine dir was built in {built.manifest.precision}; "
                                  "leave dtype unset, or build another dir with --precision")
@@ -150,7 +152,7 @@ class Runner:
             self.backend = built.backend
             self.num_residuals = int(config["num_residuals"])
             return
-        if backend in ("onnxruntime", "tensorrt"):
+        if backend in ("onnxruntime", "tensorrt", "openvino"):
             raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
                              "python -m engine.build, or use backend='torch'")
         model = DEFAULT_MODEL if model is None else model
