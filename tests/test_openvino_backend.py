@@ -114,6 +114,7 @@ def test_runner_reports_backend_precision_and_cache(runners, engine_dir):
     assert runner.backend.name == "openvino" and runner.device == torch.device("cpu")
     assert runner.dtype == torch.float32 and runner.backend.precision == "f32"
     assert runner.backend.cache_dir == engine_dir / "openvino_cache"
+    runner.backend.encode_text(torch.zeros(1, 77, dtype=torch.int64))  # compiles one shape, at least
     assert any(runner.backend.cache_dir.glob("*.blob"))  # compiled models written to OpenVINO's cache
 
 
@@ -196,6 +197,20 @@ def test_second_load_comes_from_the_cache(engine_dir, tmp_path):
     assert not next(iter(first._compiled.values())).compiled.get_property("LOADED_FROM_CACHE")
     assert next(iter(second._compiled.values())).compiled.get_property("LOADED_FROM_CACHE")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_throughput_hint_serves_concurrent_calls(engine_dir):
+    """THROUGHPUT: several streams; callers on several threads each get an infer request of their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _model(engine_dir, "hint_encoder", "controlnet-canny", hint="THROUGHPUT", threads=2)
+    maps = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    alone = [model.run({"control_map": m})[0] for m in maps]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda m: model.run({"control_map": m})[0], maps))
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    compiled = next(iter(model._compiled.values())).compiled
+    assert str(compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT" and compiled.get_property("NUM_STREAMS") >= 1
 
 
 def test_config_is_checked():

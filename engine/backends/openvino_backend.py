@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class OvModel:
                 f"{[i.name for i in self.inputs]} -> {[o.name for o in self.outputs]}"
             )
         self._compiled: OrderedDict[tuple, _Compiled] = OrderedDict()
+        self._lock = threading.Lock()  # one reshape + compile at a time: they change self.model
         self.compile_s = 0.0  # seconds spent compiling (or loading from the cache) so far
 
     def _properties(self) -> dict:
@@ -158,12 +160,16 @@ class OvModel:
 
     def compiled_for(self, shapes: tuple) -> _Compiled:
         """The compiled model for these input shapes: from the LRU, else reshaped and compiled."""
+        with self._lock:
+            entry = self._compiled.get(shapes)
+            if entry is not None:
+                self._compiled.move_to_end(shapes)
+                return entry
+            return self._compile(shapes)
+
+    def _compile(self, shapes: tuple) -> _Compiled:
         import time
 
-        entry = self._compiled.get(shapes)
-        if entry is not None:
-            self._compiled.move_to_end(shapes)
-            return entry
         start = time.perf_counter()
         self.model.reshape({io.name: list(shape) for io, shape in zip(self.inputs, shapes)})
         compiled = self.core.compile_model(self.model, "CPU", self._properties())
@@ -215,7 +221,8 @@ class OvModel:
             new.output(0).set_names(old.output(0).get_names())
             old.output(0).replace(new.output(0))
         self.model.validate_nodes_and_infer_types()
-        self._compiled.clear()
+        with self._lock:
+            self._compiled.clear()
 
 
 def resolve_precision(manifest: Manifest, dtype, core) -> str:
