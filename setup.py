@@ -55,19 +55,21 @@ RUNTIME = [
 
 EXTRAS = {
     "onnx": ["onnx", "onnxruntime", "onnxscript", "onnxslim"],
+    # python -m engine.build --backend openvino and Runner(backend="openvino"): no ONNX Runtime needed.
+    "openvino": ["onnx", "onnxslim", "openvino"],
     "kernels": ["triton", "pybind11"],
     # onnxruntime-gpu installs the same module as onnxruntime: never both in one environment.
     "tensorrt": ["onnx", "onnxscript", "onnxslim", "onnxruntime-gpu", "tensorrt"],
     "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
     "bench": ["pytest-benchmark", "matplotlib"],
-    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "onnxslim", "triton", "pybind11",
+    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "onnxslim", "openvino", "triton", "pybind11",
              "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx", "webuiapi", "schemathesis"],
 }
 
 setup(
     name="controlnet-engine",
     version="0.1.0",
-    description="Stable Diffusion 1.5 + ControlNet inference: PyTorch reference, ONNX Runtime, TensorRT",
+    description="Stable Diffusion 1.5 + ControlNet inference: PyTorch reference, ONNX Runtime, OpenVINO, TensorRT",
     packages=find_packages(include=["engine", "engine.*", "export", "export.*", "kernels", "kernels.*"]),
     package_data={"engine": ["assets/*"]},
     python_requires=">=3.10",

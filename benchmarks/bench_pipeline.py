@@ -33,8 +33,8 @@ def setup(bench_config, tmp_path_factory):
 
     # The engine dir is built first, in its own process: a full-size export peaks at many GB, which
     # must be given back before this process loads its own copy of the weights.
-    engine_dir, engine_build = (_build_engine_dir(bench_config, tmp_path_factory) if "onnxruntime" in bench_config.backends
-                                else (None, None))
+    graphs = {"onnxruntime", "openvino"} & set(bench_config.backends)
+    engine_dir, engine_build = _build_engine_dir(bench_config, tmp_path_factory) if graphs else (None, None)
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
     b = runner.backend
     pipe = StableDiffusionControlNetPipeline(
@@ -57,16 +57,18 @@ def setup(bench_config, tmp_path_factory):
 
 
 def _build_engine_dir(bench_config, tmp_path_factory):
-    """An ONNX Runtime engine dir for the same random weights (seeded presets), sized for this run; returns
-    it and what the build cost: wall seconds, and per artefact its files' bytes and export seconds."""
+    """An engine dir for the same random weights (seeded presets), sized for this run, that ONNX Runtime
+    and OpenVINO both run (the same ONNX graphs); returns it and what the build cost: wall seconds, and per
+    artefact its files' bytes and export seconds."""
     import subprocess
     import sys
     import time
 
     out = tmp_path_factory.mktemp("engine") / bench_config.size
     res = str(bench_config.resolution)
+    backend = "onnxruntime" if "onnxruntime" in bench_config.backends else "openvino"
     cmd = [sys.executable, "-m", "engine.build", "--model", bench_config.preset, "--controlnet", "canny",
-           "--out", str(out), "--backend", "onnxruntime", "--min-size", res, "--opt-size", res, "--max-size", res,
+           "--out", str(out), "--backend", backend, "--min-size", res, "--opt-size", res, "--max-size", res,
            "--max-batch", "1", "--no-verify", "--no-progress"]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -124,10 +126,15 @@ def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
     7-20 s; a cold first round shows in the IQR, not the median."""
     import gc
 
+    import time
+
     if not bench_config.real:
         return benchmark(fn)
-    for _ in range(warmups):
+    for i in range(warmups):
+        start = time.perf_counter()
         fn()
+        if i == 0:  # what a first call costs: compilation (inductor, OpenVINO), kernel selection
+            benchmark.extra_info["first_call_s"] = time.perf_counter() - start
     gc.collect()
     return benchmark.pedantic(fn, rounds=rounds, iterations=1)
 
@@ -137,14 +144,19 @@ def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
 # cast to bf16, what its users would do); their floor is taken at the bf16 matmul rate.
 # "torch-compiled-bf16": preset "cpu-compiled", the step compiled with frozen weights over the same bf16
 # modules; its 1-2 minutes of compilation fall in the untimed warm-up call.
+# "openvino-f32" / "openvino-bf16": the engine dir's ONNX graphs (the ones onnxruntime runs) compiled by
+# OpenVINO with INFERENCE_PRECISION_HINT f32 / bf16 (Runner(backend="openvino", dtype=...)); the bf16 row
+# only where OpenVINO lists BF16 (AVX512-BF16 or AMX). Their compilation falls in the first warm-up call,
+# recorded as first_call_s beside compile_s (OpenVINO's own compile or cache-load seconds).
 STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "torch-compiled-bf16",
-                 "onnxruntime", "tensorrt"]
+                 "onnxruntime", "openvino-f32", "openvino-bf16", "tensorrt"]
 # What each backend adds to `setup` beyond the shared fp32 modules. Once the last backend that uses a
 # resource is done, the resource is dropped: at full size each is GBs (bf16 copies 2.6-2.9 GB, the frozen
 # step's packed weights ~2.4 GB more, ONNX Runtime's graphs 5.3 GB), and holding them all at once took the
 # sd15 run's peak RSS to 23.1 GB of this machine's 24.
 RESOURCES = {"diffusers-bf16": "bf16_pipe", "torch-fused": "fused_runner", "torch-bf16": "bf16_engine",
-             "torch-compiled-bf16": "bf16_engine", "onnxruntime": "ort_runner"}
+             "torch-compiled-bf16": "bf16_engine", "onnxruntime": "ort_runner", "openvino-f32": "ov_runner_f32",
+             "openvino-bf16": "ov_runner_bf16"}
 
 
 @pytest.fixture(scope="module", params=STEP_BACKENDS)
@@ -167,7 +179,16 @@ def _skip_unless_selected(bench_config, backend: str) -> None:
     if "-compiled" in backend and not bench_config.real:
         pytest.skip("compiled rows run with --benchmark only: their ~90 s of compilation is no smoke check "
                     "(tests/test_optimizations.py holds the compiled path to the reference)")
-    if backend.endswith("-bf16"):
+    if backend.startswith("openvino"):
+        if "openvino" not in bench_config.backends:
+            pytest.skip(f"backend openvino not selected (--backends {','.join(bench_config.backends)})")
+        import openvino
+
+        from engine.backends.openvino_backend import ov_has_bf16
+
+        if backend.endswith("-bf16") and not ov_has_bf16(openvino.Core()):
+            pytest.skip("OpenVINO lists no BF16 on this CPU (no AVX512-BF16 or AMX): asked for bf16 it would run f32")
+    elif backend.endswith("-bf16"):
         from engine.optimizations import cpu_has_native_bf16
 
         if "torch" not in bench_config.backends:
@@ -200,7 +221,8 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
         step_flops = 2 * (flops["controlnet_full"] + flops["unet"])
     else:
         b = engine_backend(setup, bench_config, backend)
-        hint = b.encode_hint(0, x["control"]) if bf16 else x["hint"]  # in the backend's own dtype
+        own_dtype = bf16 and backend.startswith("torch")
+        hint = b.encode_hint(0, x["control"]) if own_dtype else x["hint"]  # in the backend's own dtype
 
         def step():
             out = b.controlnet(0, x["sample"], x["t"], x["embeddings"], hint, x["scales"])
@@ -208,9 +230,11 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
 
         step_flops = 2 * (flops["controlnet_body"] + flops["unet"])
     _record(benchmark, bench_config, machine_info, rate, backend=backend, kind="step", flops=step_flops)
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino-f32"):
         benchmark.extra_info["engine_build"] = setup["engine_build"]
     _run(benchmark, bench_config, step, STEP_ROUNDS, STEP_WARMUPS)
+    if backend.startswith("openvino"):
+        benchmark.extra_info.update(compile_s=b.compile_s, precision=b.precision, hint=b.config.hint)
     _after(benchmark)
 
 
@@ -277,6 +301,14 @@ def engine_runner(setup, bench_config, backend: str):
 
             setup["ort_runner"] = Runner(engine_dir=str(setup["engine_dir"]), backend="onnxruntime")
         return setup["ort_runner"]
+    if backend.startswith("openvino") and setup["engine_dir"] is not None:
+        key = f"ov_runner_{backend.split('-')[1]}"
+        if key not in setup:
+            from engine import Runner
+
+            dtype = "bf16" if backend.endswith("-bf16") else "fp32"
+            setup[key] = Runner(engine_dir=str(setup["engine_dir"]), backend="openvino", dtype=dtype)
+        return setup[key]
     pytest.skip(f"backend {backend} is not available in this build yet")
 
 
@@ -337,14 +369,15 @@ def bf16_engine(setup) -> dict:
     frozen weights are inductor's own packed copies)."""
     from types import SimpleNamespace
 
-    from engine.optimizations import PRESETS
+    from engine.optimizations import cpu_preset
 
     if "bf16_engine" not in setup:
         pipe = setup["pipe"]
         sd = SimpleNamespace(**{name: _bf16_copy(getattr(pipe, name)) for name in ("text_encoder", "unet", "vae")})
         nets = [_bf16_copy(pipe.controlnet)]
-        setup["bf16_engine"] = dict(runner=_runner_over(setup, sd, nets, torch.bfloat16, PRESETS["cpu"]),
-                                    compiled=_runner_over(setup, sd, nets, torch.bfloat16, PRESETS["cpu-compiled"]))
+        # The presets for this CPU's instruction-set class (engine/optimizations.py CPU_PRESETS).
+        setup["bf16_engine"] = dict(runner=_runner_over(setup, sd, nets, torch.bfloat16, cpu_preset("cpu")),
+                                    compiled=_runner_over(setup, sd, nets, torch.bfloat16, cpu_preset("cpu-compiled")))
     return setup["bf16_engine"]
 
 

@@ -26,8 +26,9 @@ def pytest_addoption(parser):
                     "SD1.5 architecture with random weights")
     group.addoption("--resolution", type=int, default=None, help="image side in pixels (tiny 64, sd15 256)")
     group.addoption("--steps", type=int, default=None, help="denoising steps for end-to-end runs (default 4)")
-    group.addoption("--backends", default="torch,onnxruntime",
-                    help="comma-separated engine backends to measure besides diffusers (torch, onnxruntime, tensorrt)")
+    group.addoption("--backends", default="torch,onnxruntime,openvino",
+                    help="comma-separated engine backends to measure besides diffusers (torch, onnxruntime, "
+                         "openvino, tensorrt)")
 
 
 def pytest_configure(config):
@@ -98,7 +99,10 @@ def matmul_rate_bf16() -> float:
 def machine_info() -> dict:
     import torch
 
+    from engine.optimizations import cpu_description
+
     return dict(
+        cpu=cpu_description(),  # brand, family and model, instruction-set class: the CPU each default is for
         machine=platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,

@@ -62,23 +62,25 @@ def table(path: Path) -> str:
     lines = [
         f"### {path.name}",
         "",
-        f"{data.get('datetime', '?')} · {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))} · "
+        f"{data.get('datetime', '?')} · {first.get('cpu') or machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))} · "
         f"torch {first.get('torch', '?')}, {first.get('threads', '?')} threads · "
         f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run" + _bf16_rate(rs),
         "",
-        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor | PSNR vs diffusers fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor | first call s | PSNR vs diffusers fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rs:
         ratio = f"{r['vs_baseline']:.2f}" if r["vs_baseline"] else "–"
         floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
+        first_call = f"{r['info']['first_call_s']:.1f}" if "first_call_s" in r["info"] else "–"  # compilation
         lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | "
-                     f"{ratio} | {floor} | {_psnr(r['info'])} |")
+                     f"{ratio} | {floor} | {first_call} | {_psnr(r['info'])} |")
     build = next((r["info"]["engine_build"] for r in rs if "engine_build" in r["info"]), None)
     if build:
         parts = ", ".join(f"{name} {a['bytes'] / 2**20:,.1f} MiB ({a['build_s']:.0f} s)"
                           for name, a in build["artefacts"].items())
-        lines += ["", f"ONNX Runtime engine dir built in {build['seconds']:.0f} s (export, clean-up, save): {parts}."]
+        lines += ["", f"Engine dir (ONNX graphs, run by onnxruntime and openvino) built in {build['seconds']:.0f} s "
+                      f"(export, clean-up, save): {parts}."]
     return "\n".join(lines)
 
 

@@ -9,8 +9,12 @@ marked unusable), 2 bad arguments or a failed build.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
+
+# The pip extra that brings what a build needs, per --backend (the README's default install has none).
+EXTRA = {"auto": "onnx", "onnxruntime": "onnx", "tensorrt": "tensorrt", "openvino": "openvino"}
 
 
 def parse_args(argv: list[str] | None):
@@ -20,8 +24,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--model", default=None,
                    help="SD1.5 model: Hugging Face id, folder, .safetensors or tiny (default: SD1.5's hub id)")
     p.add_argument("--out", default="engines/default", help="engine dir to write (default engines/default)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
-                   help="auto: tensorrt where it can run, else onnxruntime (says which)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "openvino"), default="auto",
+                   help="auto: tensorrt where it can run, else onnxruntime (says which); openvino: verified "
+                        "with OpenVINO, and what Runner(engine_dir=...) picks by default")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (default 256)")
     p.add_argument("--opt-size", type=int, default=None, help="image side TensorRT tunes for (default 512, within min/max)")
@@ -33,8 +38,20 @@ def parse_args(argv: list[str] | None):
     return p.parse_args(argv)
 
 
+def missing_modules(backend: str, slim: bool) -> list[str]:
+    """Modules the build imports that are not installed: the exporter, the graph clean-up, and the
+    runtime that verifies the graphs (OpenVINO for --backend openvino, else ONNX Runtime)."""
+    needed = ["onnx"] + (["onnxslim"] if slim else []) + (["openvino"] if backend == "openvino" else ["onnxruntime"])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_modules(args.backend, not args.no_slim)
+    if missing:
+        print(f"error: python -m engine.build --backend {args.backend} needs {', '.join(missing)}, not installed: "
+              f"pip install -e '.[{EXTRA[args.backend]}]' -c requirements/constraints.txt", file=sys.stderr)
+        return 2
     from engine.loading import DEFAULT_MODEL
     from engine.verify import format_table
     from export.build import BuildConfig, build

@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 from engine import pngmeta
-from engine.optimizations import PRESETS
+from engine.optimizations import PRESET_NAMES
 
 # Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
 NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback"}
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=init["device"], help="e.g. cuda, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(pngmeta.PRECISIONS), default=init["dtype"],
                         help="(default: fp16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16 or AMX)")
-    parser.add_argument("--optimizations", choices=list(PRESETS), default=init["optimizations"],
+    parser.add_argument("--optimizations", choices=list(PRESET_NAMES), default=init["optimizations"],
                         help="torch backend preset (default: reference; 'cpu' with --dtype bf16 on a CPU)")
     parser.add_argument("--lora", action=_PerNet, type=_lora_flag, metavar="FILE[:WEIGHT]",
                         help="a LoRA (.safetensors: diffusers/peft or kohya/A1111 format, or a Hugging Face id) merged "

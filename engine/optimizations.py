@@ -1,7 +1,9 @@
 """Named, switchable optimisations of the torch backend, each with its trade-off written where it is defined.
 
 Choose a preset by name (`Runner(optimizations="fast")`) or pass a `TorchOptimizations`. "reference" has
-every switch off: it is the path every other one is checked against. A bad switch is found by turning it
+every switch off: it is the path every other one is checked against. The CPU presets "cpu" and
+"cpu-compiled" differ per instruction-set class (`CPU_PRESETS`, `cpu_isa()`: AMX, AVX512-BF16, AVX2),
+each from measurements on a CPU of that class, named where it is defined. A bad switch is found by turning it
 off. Each switch is one helper below (`apply_to_model`), applied to the UNet, the ControlNets and the VAE
 alike, in the order the fields are listed.
 
@@ -53,9 +55,10 @@ class TorchOptimizations:
     so the reference already has it), "sdpa" sets AttnProcessor2_0 explicitly, "plain" the unfused
     AttnProcessor (softmax(QK^T)V as three ops, an (HW)^2 score matrix in memory: 4096^2 per head at
     512²). Speed: SDPA picks flash / memory-efficient kernels on a GPU and never materialises the
-    scores; "plain" exists to measure what that buys. "native": the product by kernels.attention, a
-    bf16 kernel for CPUs with AVX512-BF16 (torch's CPU flash attention runs bf16 at its fp32 speed; this
-    one is 1.4-2.6x faster on the SD1.5 shapes, kernels/attention.py), SDPA for every other dtype and
+    scores; "plain" exists to measure what that buys. "native": the product by kernels.attention, the best
+    attention for the CPU's class: a bf16 kernel for CPUs with AVX512-BF16 but no AMX (torch's CPU flash
+    attention runs bf16 at its fp32 speed there; this one is 1.4-2.6x faster on the SD1.5 shapes on a
+    Zen 4, kernels/attention.py), SDPA on AMX (where it loses to torch's) and for every other dtype and
     device, so fp32 is the reference exactly. Quality: same math, probabilities rounded to bf16 as
     torch's bf16 kernels do; within SDPA-bf16's error of fp32 (tests/test_attention.py)."""
 
@@ -131,15 +134,46 @@ PRESETS = {
     # its minutes of compilation are worth it only for long-running servers).
     "fast": TorchOptimizations(fused_zero_conv=True, channels_last=True, attention="sdpa", fused_qkv=True,
                                groupnorm_silu=True, cuda_graphs=True),
-    # For the CPU, with dtype="bf16" where it is native. oneDNN's bf16 convolutions want NHWC: the VAE
-    # decode at 256² took 1.49 s against 1.76 s in NCHW; the step was unchanged within noise (1.72 vs
-    # 1.68 s), as was plain attention (1.65 s). The native bf16 attention took the step's attention from
-    # 216 to 100 ms (profiled, full SD1.5 architecture at 256², 2-core Zen 4); in fp32 it is SDPA.
-    "cpu": TorchOptimizations(channels_last=True, attention="native"),
+}
+
+# The CPU presets, per instruction-set class (cpu_isa(), read when the preset is resolved): a default
+# measured on one CPU was a regression on another (FACTS.md). "native" attention is itself per class
+# (kernels/attention.py): our bf16 kernel on AVX512-BF16, torch's SDPA on AMX and everywhere in fp32.
+# Figures: benchmarks/bench_pipeline.py --size sd15 (full SD1.5 architecture, 256², batch 2, 2 cores),
+# one CFG step; "diffusers-bf16" is diffusers' pipeline cast to bf16 (NCHW, SDPA).
+CPU_PRESETS = {
+    # For the CPU, with dtype="bf16" where it is native.
+    "cpu": {
+        # AMD EPYC Zen 4 (AVX512-BF16, no AMX; family 25 model 17): 1593 ms a bf16 step against
+        # diffusers-bf16's 1819, a 4-step generation 8.2 s against 9.2 s (results/cpu-sd15-20261201-085022
+        # .json). oneDNN's bf16 convolutions want NHWC: the VAE decode took 1.49 s against 1.76 s in NCHW;
+        # the native bf16 attention took the step's attention from 216 to 100 ms (profiled).
+        "avx512_bf16": TorchOptimizations(channels_last=True, attention="native"),
+        # Intel Xeon with AMX (2026-12-01): the Zen 4 preset (channels-last, our attention kernel) took
+        # 1085 ms a bf16 step against diffusers-bf16's 809: AMX's oneDNN kernels and torch's flash
+        # attention beat it. So diffusers' own layout and SDPA, with the hint encoded once per image.
+        "amx": TorchOptimizations(attention="native"),
+        # AVX2 only (AMD EPYC Zen 3, family 25 model 1; bf16 emulated, ~30x slower: fp32 here):
+        # channels-last made one SD1.5 down block (CrossAttnDownBlock2D, 320 ch, latent 32x32, batch 2)
+        # no faster in fp32 (1138 vs 1141 ms, interleaved, 1 thread, 2026-12-01). Diffusers' layout.
+        "avx2": TorchOptimizations(attention="native"),
+    },
     # "cpu" plus the step compiled with frozen, pre-packed weights: the fastest CPU path, for servers and
     # batch jobs that can pay 1-2 minutes of compilation per image size and active-net set on first use.
-    "cpu-compiled": TorchOptimizations(channels_last=True, attention="native", compile=True, freeze_weights=True),
+    "cpu-compiled": {
+        # Zen 4: 1211 ms a bf16 step (diffusers-bf16 1819), a generation 6.7 s (9.2 s).
+        "avx512_bf16": TorchOptimizations(channels_last=True, attention="native", compile=True, freeze_weights=True),
+        # Xeon with AMX: 581 ms a bf16 step (diffusers-bf16 809), a generation 2.77 s (4.47 s), measured
+        # with channels-last and our attention kernel; the attention is now torch's SDPA there.
+        "amx": TorchOptimizations(channels_last=True, attention="native", compile=True, freeze_weights=True),
+        # AVX2 only (Zen 3), fp32: frozen and compiled, the SD1.5 down block above took 2807 ms against
+        # 2990 eager in NCHW (1.07x) and 2958 in channels-last (interleaved, 1 thread, loaded machine).
+        "avx2": TorchOptimizations(attention="native", compile=True, freeze_weights=True),
+    },
 }
+CPU_PRESETS["cpu"]["other"] = CPU_PRESETS["cpu"]["avx2"]  # no bf16 and unmeasured: diffusers' layout
+CPU_PRESETS["cpu-compiled"]["other"] = CPU_PRESETS["cpu-compiled"]["avx2"]
+PRESET_NAMES = (*PRESETS, *CPU_PRESETS)
 
 # The ablation's order: each step adds one switch to all before it (benchmarks/gpu_suite.py).
 ABLATION = (
@@ -153,6 +187,15 @@ ABLATION = (
 )
 
 
+def cpu_preset(name: str, isa: str | None = None) -> TorchOptimizations:
+    """A CPU preset's switches for an instruction-set class (default: this CPU's, cpu_isa())."""
+    isa = isa or cpu_isa() or "other"
+    if name not in CPU_PRESETS or isa not in ISAS:
+        raise ValueError(f"cpu_preset({name!r}, {isa!r}): name must be one of {', '.join(CPU_PRESETS)}, "
+                         f"isa one of {', '.join(ISAS)}")
+    return CPU_PRESETS[name][isa]
+
+
 def resolve_optimizations(value: str | TorchOptimizations | None) -> TorchOptimizations:
     if value is None:
         return PRESETS["reference"]
@@ -160,8 +203,10 @@ def resolve_optimizations(value: str | TorchOptimizations | None) -> TorchOptimi
         return value
     if isinstance(value, str) and value in PRESETS:
         return PRESETS[value]
+    if isinstance(value, str) and value in CPU_PRESETS:
+        return cpu_preset(value)
     raise ValueError(
-        f"optimizations must be a TorchOptimizations or one of {', '.join(PRESETS)}, got {value!r}"
+        f"optimizations must be a TorchOptimizations or one of {', '.join(PRESET_NAMES)}, got {value!r}"
     )
 
 
@@ -194,17 +239,53 @@ def check_device(opts: TorchOptimizations, device) -> None:
         raise ValueError(f"cuda_graphs needs a CUDA device, got {str(device)!r}: turn it off or use device='cuda'")
 
 
+ISAS = ("amx", "avx512_bf16", "avx2", "other")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str] | None:
+    """This CPU's flags as the kernel lists them; None where they cannot be read (no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def cpu_isa(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The instruction-set class CPU defaults are chosen by: "amx" (AMX-BF16 tiles, Intel Xeon Sapphire
+    Rapids and later), "avx512_bf16" (e.g. AMD Zen 4, Intel Cooper Lake), "avx2" (e.g. AMD Zen 3),
+    "other"; None where the flags cannot be read. Read when asked, not at import."""
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return None
+    for isa, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx2", "avx2")):
+        if flag in flags:
+            return isa
+    return "other"
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What result files record of the CPU: "AMD EPYC (family 25 model 1, avx2)". VMs often show only
+    the brand, so family and model (which tell Zen 3 from Zen 4) and the class go with it."""
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, {cpu_isa(cpuinfo)})")
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16); None where it cannot be
     read (no /proc/cpuinfo). Read when asked, not at import."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    if flags is None:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    isa = cpu_isa(cpuinfo)
+    return None if isa is None else isa in ("amx", "avx512_bf16")
 
 
 # ---- applying the model-level switches, one helper each --------------------------------------------------

@@ -45,13 +45,14 @@ def load_engine_dir(engine_dir, model, names, backend, device, dtype) -> LoadedP
     into the dir; no torch weights are loaded."""
     from engine.backends import open_engine_dir
 
-    built = open_engine_dir(engine_dir, model, names, backend)
+    asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    built = open_engine_dir(engine_dir, model, names, backend, dtype=asked)
     config = built.manifest.config
     if device is not None and torch.device(device).type != built.backend.device.type:
         raise ValueError(f"device {str(device)!r}: this engine dir's {built.backend.name} backend runs on "
                          f"{built.backend.device}; leave device unset")
     built_dtype = torch.float16 if built.manifest.precision == "fp16" else torch.float32
-    asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    built_dtype = getattr(built.backend, "dtype", built_dtype)  # openvino: the precision it runs (bf16 asked)
     if asked is not None and asked != built_dtype:
         raise ValueError(f"dtype {dtype!r}: this engine dir was built in {built.manifest.precision}; "
                          "leave dtype unset, or build another dir with --precision")

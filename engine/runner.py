@@ -140,8 +140,9 @@ class Runner:
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
-        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and
-        "tensorrt" need an `engine_dir` from `python -m engine.build`. `optimizations`: the torch
+        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime",
+        "openvino" and "tensorrt" need an `engine_dir` from `python -m engine.build` (openvino also takes
+        dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
         backend's switches, a preset name ("reference", "fused") or a TorchOptimizations. `loras`: [(source,
         weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them."""
         check_backend_name(backend)
@@ -154,7 +155,7 @@ class Runner:
                 raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; an engine dir "
                                  "runs its built graphs: leave optimizations unset with engine_dir")
             parts = load_engine_dir(engine_dir, model, names, backend, device, dtype)
-        elif backend in ("onnxruntime", "tensorrt"):
+        elif backend in ("onnxruntime", "tensorrt", "openvino"):
             raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
                              "python -m engine.build, or use backend='torch'")
         else:

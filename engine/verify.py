@@ -113,7 +113,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def runners(engine_dir: Path, manifest: mf.Manifest, backend: str) -> dict[str, Callable]:
-    """name -> run(feeds) for each artefact, on `backend` (onnxruntime, or tensorrt for the plans)."""
+    """name -> run(feeds) for each artefact, on `backend` (onnxruntime or openvino, or tensorrt for the plans)."""
     if backend == "tensorrt":
         from engine.backends.tensorrt_backend import TrtModel, TrtRuntime
 
@@ -122,6 +122,11 @@ def runners(engine_dir: Path, manifest: mf.Manifest, backend: str) -> dict[str, 
         models = {name: TrtModel(runtime, engine_dir / a.plan, a) for name, a in manifest.artefacts.items()}
         runtime.allocate_shared_memory()
         return {name: m.run for name, m in models.items()}
+    if backend == "openvino":
+        from engine.backends.openvino_backend import OvConfig, OvModel
+
+        config = OvConfig(precision="f32", cache=False)
+        return {name: OvModel(engine_dir / a.onnx, a, config).run for name, a in manifest.artefacts.items()}
     from engine.backends.onnxruntime_backend import OrtModel
 
     return {name: OrtModel(engine_dir / a.onnx, a).run for name, a in manifest.artefacts.items()}
@@ -130,7 +135,7 @@ def runners(engine_dir: Path, manifest: mf.Manifest, backend: str) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.verify", description=__doc__.split("\n")[0])
     parser.add_argument("engine_dir", help="an engine dir written by python -m engine.build")
-    parser.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
+    parser.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "openvino"), default="auto",
                         help="run the ONNX graphs (onnxruntime) or the TensorRT plans; auto: what the dir was built for")
     parser.add_argument("--size", type=int, default=None, help="image side to verify at (default: the build's min size)")
     parser.add_argument("--batch", type=int, default=None, help="batch to verify at (default: the profile's opt batch)")

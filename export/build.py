@@ -44,7 +44,7 @@ class BuildConfig:
     controlnets: tuple[str, ...] = ("canny",)
     model: str = DEFAULT_MODEL
     out: Path = Path("engines/default")
-    backend: str = "auto"  # auto | onnxruntime | tensorrt
+    backend: str = "auto"  # auto | onnxruntime | tensorrt | openvino
     precision: str = "fp32"  # fp32 | fp16
     sizes: Sizes = field(default_factory=Sizes)
     verify: bool = True
@@ -56,8 +56,8 @@ class BuildConfig:
             raise ValueError("give at least one ControlNet (--controlnet NAME|ID|PATH)")
         if self.precision not in TOLERANCE:
             raise ValueError(f"precision must be one of {', '.join(TOLERANCE)}, got {self.precision!r}")
-        if self.backend not in ("auto", "onnxruntime", "tensorrt"):
-            raise ValueError(f"build backend must be auto, onnxruntime or tensorrt, got {self.backend!r}")
+        if self.backend not in ("auto", "onnxruntime", "tensorrt", "openvino"):
+            raise ValueError(f"build backend must be auto, onnxruntime, tensorrt or openvino, got {self.backend!r}")
         self.sizes.check(64)  # SD1.5's multiple, checked before any loading; the model's own after
 
 
@@ -94,11 +94,18 @@ def _slugs(specs) -> list[str]:
 def _versions(backend: str) -> dict:
     import diffusers
     import onnx
-    import onnxruntime
     import transformers
 
     versions = dict(python=sys.version.split()[0], torch=torch.__version__, diffusers=diffusers.__version__,
-                    transformers=transformers.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
+                    transformers=transformers.__version__, onnx=onnx.__version__)
+    if backend == "openvino":  # verifies with OpenVINO: ONNX Runtime need not be installed
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    else:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
     try:
         import onnxslim
 
@@ -207,12 +214,11 @@ class _Builder:
         errors = compare(self._modules(spec), run, entry, point, self.model_config.vocab_size)
         errors["ok"] = errors["max_rel"] <= TOLERANCE[self.config.precision]
         errors["against"] = "torch fp32 cpu"
+        errors["runtime"] = "openvino" if self.backend == "openvino" else "onnxruntime"  # of the ONNX graph
         return errors
 
     def onnx_artefact(self, spec) -> dict:
         """Reuse or export one graph; returns its summary row."""
-        from engine.backends.onnxruntime_backend import OrtModel
-
         start = time.perf_counter()
         key = self._export_key(spec)
         profile = spec.profile(self.config.sizes, self.model_config.vae_scale_factor)
@@ -221,6 +227,11 @@ class _Builder:
             entry.profile = profile  # sizes never change an ONNX graph (dynamic axes); plans check their own key
             if spec.kind in WEIGHT_MAPPED and not (entry.weights or entry.unreachable_weights):  # built before LoRA
                 self._record_weights(spec, entry, self.out / entry.onnx)
+            if self.config.verify and self.backend == "openvino" and entry.verify.get("runtime") != "openvino":
+                # the same graph, checked so far in ONNX Runtime only: check it where it will run
+                entry.verify = self._verify(spec, entry, self._graph_model(self.out / entry.onnx, entry).run)
+                self._write_manifest()
+                return self._row(entry, "verified", time.perf_counter() - start)
             return self._row(entry, "reused", 0.0)
         module = onnx_export.for_precision(self._modules(spec), spec.kind, self.config.precision)
         # Traced at the verification point: every axis the spec calls symbolic is exported as dynamic.
@@ -233,7 +244,7 @@ class _Builder:
         entry = mf.Artefact(name=spec.name, kind=spec.kind, net=spec.net, onnx=f"{spec.name}.onnx",
                             files={p.name: mf.file_sha256(p) for p in written}, inputs=list(spec.inputs),
                             outputs=list(spec.outputs), profile=profile, key=key)
-        entry.verify = self._verify(spec, entry, OrtModel(written[0], entry).run)
+        entry.verify = self._verify(spec, entry, self._graph_model(written[0], entry).run)
         if spec.kind in WEIGHT_MAPPED:
             self._record_weights(spec, entry, written[0])
         fs.move_into(written, self.out)
@@ -249,6 +260,16 @@ class _Builder:
         found = weight_map(onnx_path, self._modules(spec), WEIGHT_MAPPED[spec.kind])
         entry.weights, entry.weight_layouts = found["weights"], found["weight_layouts"]
         entry.unreachable_weights = found["unreachable_weights"]
+
+    def _graph_model(self, path: Path, entry: mf.Artefact):
+        """The graph in the runtime this build verifies with: OpenVINO (f32, no model cache) or ONNX Runtime."""
+        if self.backend == "openvino":
+            from engine.backends.openvino_backend import OvConfig, OvModel
+
+            return OvModel(path, entry, OvConfig(precision="f32", cache=False))
+        from engine.backends.onnxruntime_backend import OrtModel
+
+        return OrtModel(path, entry)
 
     def plan_artefact(self, spec, runtime) -> dict:
         """Reuse or build one TensorRT plan from the graph already in place."""

@@ -11,9 +11,15 @@ implementation, so torch.compile keeps it as one opaque call. Implementations:
   to bf16 before P V, as torch's bf16 kernels do: max abs error vs fp32 within SDPA-bf16's own.
 - "torch": F.scaled_dot_product_attention, everything else (other dtypes, devices, CPUs).
 
-impl=None picks native where it applies. ENGINE_DISABLE_NATIVE=1 turns it off.
+impl=None picks native where it applies and pays: on CPUs with AVX512-BF16 but no AMX (measured on an AMD
+Zen 4). On AMX CPUs (Intel Xeon Sapphire Rapids and later) torch's flash attention runs bf16 on the AMX
+tiles and our AVX512-BF16 kernel loses to it (FACTS.md: the preset that used it was slower there than
+diffusers-bf16), so impl=None runs SDPA there; impl="native" still runs ours. ENGINE_DISABLE_NATIVE=1
+turns it off.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,7 @@ from kernels.zero_conv import _disabled
 
 ATTENTION_IMPLS = ("native", "torch")
 NATIVE_MODULE = "_attention_cpu"
+DEFAULT_NATIVE_ISAS = ("avx512_bf16",)  # engine.optimizations.cpu_isa() classes where impl=None picks native
 
 
 def native_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -73,9 +80,16 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.transpose(1, 2).contiguous()  # (B, N, H, D) contiguous, as the fake promises
 
 
+@functools.lru_cache(maxsize=1)
+def _native_is_default() -> bool:
+    from engine.optimizations import cpu_isa
+
+    return cpu_isa() in DEFAULT_NATIVE_ISAS
+
+
 @torch.library.custom_op("controlnet_engine::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if native_unsupported(q, k, v) is None:
+    if _native_is_default() and native_unsupported(q, k, v) is None:
         return attention_native(q, k, v)
     return attention_torch(q, k, v)
 

@@ -28,11 +28,15 @@ IMPLS = ("triton", "native", "torch")
 COMBINE_IMPLS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The native CPU kernel becomes the CPU default only where benchmarks/bench_kernels.py shows it beating
-# torch's unfused path. On a quiet 2-core AMD EPYC (fp32, 2 threads; benchmarks/results/
-# cpu-sd15-20261125-143549.json) it does not: 130.3 ms vs torch's 92.3 ms for the 13 SD1.5 points
-# (0.71x), slower at the large 64x64/32x32 points, ahead only at 16x16 and 8x8. (An earlier run on a
-# loaded machine showed native 2.7x ahead: one parallel region beat several thread wake-ups there.)
-# So torch it is; set "native" here to switch, or pass impl="native".
+# torch's unfused path on a CPU of that instruction-set class (engine.optimizations.cpu_isa). It beats it on
+# none measured, so torch on every class, fp32, the 13 SD1.5 points:
+# - AVX512-BF16, AMD EPYC Zen 4 (family 25 model 17), quiet, 2 threads: 130.3 ms vs torch's 92.3 (0.71x;
+#   benchmarks/results/cpu-sd15-20261125-143549.json), slower at 64x64/32x32, ahead only at 16x16, 8x8.
+# - AMX, Intel Xeon (2026-12-01): 0.58x (FACTS.md).
+# - AVX2 only, AMD EPYC Zen 3 (family 25 model 1), 1 thread, interleaved rounds on a loaded machine:
+#   437.6 ms vs 320.5 (0.73x). At 2 threads on a loaded machine native looks 2.4-2.7x ahead: torch's
+#   OpenMP barriers stall whenever a worker is descheduled, which a quiet machine does not show.
+# Set "native" here to switch, or pass impl="native".
 CPU_DEFAULT_IMPL = "torch"
 
 

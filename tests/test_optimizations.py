@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine import Runner
-from engine.optimizations import PRESETS, TorchOptimizations, cpu_has_native_bf16, cumulative, with_switches
+from engine.optimizations import (PRESETS, TorchOptimizations, cpu_has_native_bf16, cpu_isa, cpu_preset, cumulative,
+                                  resolve_optimizations, with_switches)
 from tests.conftest import max_errors
 
 TOL = 1e-5
@@ -186,8 +187,14 @@ def test_cuda_graphs_refused_off_cuda():
 def test_presets_and_ablation_order():
     assert PRESETS["reference"] == TorchOptimizations()
     assert PRESETS["fused"] == TorchOptimizations(fused_zero_conv=True)
-    assert PRESETS["cpu"] == TorchOptimizations(channels_last=True, attention="native")  # native: SDPA in fp32
-    assert PRESETS["cpu-compiled"] == with_switches("cpu", compile=True, freeze_weights=True)
+    # per instruction-set class (engine/optimizations.py CPU_PRESETS says which CPU each was measured on)
+    assert cpu_preset("cpu", "avx512_bf16") == TorchOptimizations(channels_last=True, attention="native")
+    assert cpu_preset("cpu", "amx") == cpu_preset("cpu", "avx2") == TorchOptimizations(attention="native")
+    for isa in ("avx512_bf16", "avx2"):
+        assert cpu_preset("cpu-compiled", isa) == with_switches(cpu_preset("cpu", isa), compile=True, freeze_weights=True)
+    assert cpu_preset("cpu-compiled", "amx") == with_switches("reference", channels_last=True, attention="native",
+                                                              compile=True, freeze_weights=True)
+    assert resolve_optimizations("cpu") == cpu_preset("cpu", cpu_isa() or "other")
     steps = cumulative()
     assert steps[0] == ("reference", PRESETS["reference"])
     assert [name for name, _ in steps][1:3] == ["+attention=sdpa", "+channels_last"]
@@ -230,13 +237,18 @@ def test_compiled_step_with_frozen_weights_equals_reference(reference, photo):
 # ---- bf16 on the CPU ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
-                                           ("fpu avx2 fma", False)])
-def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native):
+@pytest.mark.parametrize("flags, native, isa", [("fpu avx2 avx512f avx512_bf16", True, "avx512_bf16"),
+                                                ("fpu avx2 avx512_bf16 amx_bf16 amx_tile", True, "amx"),
+                                                ("fpu avx2 fma", False, "avx2"), ("fpu sse4_2", False, "other")])
+def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native, isa):
+    from engine.optimizations import cpu_description
+
     info = tmp_path / "cpuinfo"
-    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    info.write_text(f"processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n")
     assert cpu_has_native_bf16(str(info)) is native
-    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None
+    assert cpu_isa(str(info)) == isa
+    assert cpu_description(str(info)) == f"AMD EPYC (family 25 model 17, {isa})"
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None and cpu_isa(str(tmp_path / "missing")) is None
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):

@@ -20,13 +20,14 @@ Weights, for LoRA switching (engine/lora.py), by the diffusers model's own param
     set_weights(graph, {name: complete new weight})      in place (torch) or replaced initializers (graphs)
 
 `pick_backend` says which built backend can run here (and why); `open_engine_dir` checks an engine dir's
-manifest against the request and returns the backend over its graphs (onnxruntime or tensorrt).
+manifest against the request and returns the backend over its graphs (onnxruntime, openvino or tensorrt;
+onnxruntime and openvino run the same ONNX files, so either runs a dir built for the other).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
 
 
 def sum_residuals(outputs: list, batch: int) -> list:
@@ -80,13 +81,30 @@ def tensorrt_usable() -> tuple[bool, str]:
     return True, f"TensorRT {tensorrt.__version__} on {torch.cuda.get_device_name(0)}"
 
 
+def openvino_usable() -> tuple[bool, str]:
+    """Whether OpenVINO can run here, and why (or why not), without raising."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return False, "the openvino module is not installed (pip install -e .[openvino])"
+    import openvino
+
+    return True, f"OpenVINO {openvino.__version__}"
+
+
 def pick_backend(requested: str) -> tuple[str, str]:
-    """(backend to build/run with, the reason) for auto | onnxruntime | tensorrt."""
+    """(backend to build/run with, the reason) for auto | onnxruntime | tensorrt | openvino."""
     check_backend_name(requested)
     if requested == "torch":
-        raise ValueError("backend 'torch' runs the model itself and has nothing to build: choose auto, onnxruntime or tensorrt")
+        raise ValueError("backend 'torch' runs the model itself and has nothing to build: choose auto, onnxruntime, "
+                         "tensorrt or openvino")
     if requested == "onnxruntime":
         return "onnxruntime", "asked for"
+    if requested == "openvino":
+        usable, why = openvino_usable()
+        if not usable:
+            raise ValueError(f"backend 'openvino' cannot run here: {why}")
+        return "openvino", f"asked for: {why}"
     usable, why = tensorrt_usable()
     if requested == "tensorrt":
         if not usable:
@@ -107,8 +125,10 @@ class EngineDir:
     global_pools: list[bool]
 
 
-def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None, backend: str) -> EngineDir:
-    """Load and check an engine dir for the requested model, ControlNets and backend.
+def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None, backend: str,
+                    dtype=None) -> EngineDir:
+    """Load and check an engine dir for the requested model, ControlNets and backend. `dtype` is read by
+    the openvino backend only (bf16 inference precision of fp32 graphs); the others run the dir's own.
 
     Raises engine.manifest.EngineDirError when the dir is missing, unfinished, tampered with, or built for
     another model, ControlNet set, TensorRT version or GPU.
@@ -122,7 +142,7 @@ def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None
     check_backend_name(backend)
     if backend == "torch":
         raise ValueError("backend='torch' runs the torch models, not an engine dir: leave engine_dir unset, or pick "
-                         "auto, onnxruntime or tensorrt")
+                         "auto, onnxruntime, tensorrt or openvino")
     engine_dir = Path(engine_dir)
     manifest = mf.read(engine_dir)
     if manifest is None:
@@ -146,6 +166,13 @@ def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None
         runtime = TrtRuntime.create()
         mf.match_tensorrt(manifest, runtime.version, runtime.gpu)
         runner_backend = TrtBackend(engine_dir, manifest, indices, runtime)
+    elif chosen == "openvino":
+        from engine.backends.openvino_backend import OvBackend
+
+        usable, why = openvino_usable()
+        if not usable:
+            raise ValueError(f"backend 'openvino' cannot run here: {why}")
+        runner_backend = OvBackend(engine_dir, manifest, indices, dtype=dtype)
     else:
         from engine.backends.onnxruntime_backend import OrtBackend
 
