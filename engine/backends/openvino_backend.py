@@ -223,6 +223,9 @@ class OvModel:
         self.model.validate_nodes_and_infer_types()
         with self._lock:
             self._compiled.clear()
+            # New weights never go through the model cache: each LoRA set would leave a blob per shape
+            # there, and a cache keyed on anything less than every weight would hand back the old ones.
+            self.cache_dir = None
 
 
 def resolve_precision(manifest: Manifest, dtype, core) -> str:
@@ -268,10 +271,12 @@ class OvBackend(GraphBackend):
         self.dtype = torch.bfloat16 if config.precision == "bf16" else (
             torch.float16 if manifest.precision == "fp16" else torch.float32)
         self.cache_dir = cache_dir
-        super().__init__(manifest, nets, lambda a: OvModel(engine_dir / a.onnx, a, config, cache_dir, core))
+        super().__init__(manifest, nets, lambda a: OvModel(engine_dir / a.onnx, a, config, cache_dir, core),
+                         engine_dir)
 
     def models(self) -> list[OvModel]:
-        return [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
+        every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
+        return every + ([self.vae_encoder] if self.vae_encoder is not None else [])
 
     @property
     def compile_s(self) -> float:
