@@ -44,10 +44,12 @@ FLAG_NAMES = {
     "controlnet_conditioning_scale": "--scale",
     "control_guidance_start": "--control-start",
     "control_guidance_end": "--control-end",
+    "control_mode": "--control-mode",
     "num_images_per_prompt": "--num-images",
     "mask_image": "--mask",
 }
-PER_NET = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "preprocess")
+PER_NET = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "preprocess",
+           "control_mode")
 STAGE_LABELS = {"text_encoder": "text encoder", "hint_encoder": "hint encoder", "vae_encoder": "VAE encoder",
                 "controlnet": "ControlNet",
                 "scheduler": "scheduler", "vae": "VAE", "total": "total"}
@@ -212,6 +214,9 @@ def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
                         + d("controlnet_conditioning_scale"))
     parser.add_argument("--guess-mode", action=argparse.BooleanOptionalAction, default=gen["guess_mode"],
                         help="ControlNets see the conditional half only (A1111: 'ControlNet is more important')")
+    parser.add_argument("--control-mode", action=_PerNet, choices=list(pngmeta.CONTROL_MODES),
+                        help="the A1111 ControlNet extension's control mode (balanced; prompt: 'My prompt is more "
+                             "important'; controlnet: 'ControlNet is more important'); once, or once per ControlNet")
     parser.add_argument("--control-start", dest="control_guidance_start", action=_PerNet, type=_float_in(0.0, 1.0),
                         metavar="F", help="fraction of steps before a ControlNet starts; per ControlNet"
                         + d("control_guidance_start"))
@@ -310,7 +315,7 @@ def _check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = 
     if count is None:
         lengths = {len(getattr(args, name)) for name in PER_NET if getattr(args, name)} - {1}
         if len(lengths) > 1:
-            fail("per-ControlNet flags (--image, --scale, --control-start, --control-end, --preprocess) are "
+            fail("per-ControlNet flags (--image, --scale, --control-mode, --control-start, --control-end, --preprocess) are "
                  f"given {' and '.join(map(str, sorted(lengths)))} times: give each once or once per ControlNet")
         # Check the rest against the count the flags imply, on a copy: the real count may still differ.
         _check_job(argparse.Namespace(**vars(args)), next(iter(lengths), 1), fail, whole)
@@ -340,8 +345,8 @@ def _apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str
     defaults["lora"] = [tuple(item) for item in defaults.pop("lora_files", [])] or None
     defaults["expected_lora_hashes"] = defaults.pop("lora_hashes", {})  # checked once the LoRAs are loaded
     for name in ("controlnet", *PER_NET):  # a PNG from A1111 may lack these: then the flags decide
-        if not defaults[name] or None in defaults[name]:
-            del defaults[name]
+        if not defaults.get(name) or None in defaults[name]:
+            defaults.pop(name, None)
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
@@ -425,6 +430,8 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     preprocess, modules = _preprocessors(args, runner.controlnet_specs)
     prompt, loras = _apply_loras(runner, args)
     progress = _Progress(enabled_bar, label)
+    given_modes = [m for m in args.control_mode or [] if m is not None]
+    control_mode = [m or "balanced" for m in args.control_mode] if given_modes else None
     try:
         result = runner.generate(
             prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
@@ -434,6 +441,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
             control_guidance_end=args.control_guidance_end, scheduler=args.scheduler, seed=args.seed,
             num_images_per_prompt=args.num_images_per_prompt, preprocess=preprocess, eta=args.eta,
             callback=progress, init_image=args.init_image, mask_image=args.mask_image, strength=args.strength,
+            control_mode=control_mode,
         )
     finally:
         progress.close()
@@ -442,7 +450,8 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         prompt=args.prompt, negative_prompt=args.negative_prompt or "",
         num_inference_steps=used["num_inference_steps"], guidance_scale=used["guidance_scale"],
         scheduler=used["scheduler"], seed=result.seed, width=used["width"], height=used["height"],
-        eta=float(args.eta), num_images_per_prompt=used["num_images_per_prompt"], guess_mode=used["guess_mode"],
+        eta=float(args.eta), num_images_per_prompt=used["num_images_per_prompt"],
+        guess_mode=used["guess_mode"] if control_mode is None else False,  # the mode implies its own
         model=used["model"], controlnet=list(args.controlnet),  # as given: an id re-resolves to the same weights
         controlnet_conditioning_scale=[float(s) for s in args.controlnet_conditioning_scale],
         control_guidance_start=[float(s) for s in args.control_guidance_start],
@@ -450,6 +459,8 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         image=[None if p is None else str(p) for p in args.image], preprocess=modules,
         dtype=next(name for name, dtype in DTYPES.items() if dtype == runner.dtype),
     )
+    if control_mode is not None:
+        record["control_mode"] = control_mode
     if args.optimizations is not None:
         record["optimizations"] = args.optimizations
     if args.init_image is not None:  # the strength used (the mode's default when not given), and the files

@@ -6,7 +6,8 @@
 
 The last line is `Key: value` pairs; a value holding `,`, `:`, `"` or a newline is JSON-quoted. Each
 ControlNet is one pair whose quoted value is itself a list of pairs, as the A1111 ControlNet extension
-writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mode), plus `Image`: the
+writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mode), plus `Guess Mode`
+(diffusers' guess mode, not one of the extension's control modes) and `Image`: the
 control picture's path, and `Precision` (fp32, fp16, bf16) and `Optimizations` (a preset name, when one
 was chosen), so the file alone says how to reproduce it. LoRAs: the prompt keeps its `<lora:NAME:WEIGHT>`
 tags and `Lora hashes: "name: hash, ..."` is written as A1111 writes it (engine/lora.lora_short_hash);
@@ -37,8 +38,11 @@ SAMPLERS = {
 }
 SCHEDULERS_BY_SAMPLER = {sampler: name for name, sampler in SAMPLERS.items()}
 
-# A1111's control modes; guess mode is the closest thing ours has to "ControlNet is more important".
-CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+# The A1111 ControlNet extension's control modes, by Runner.generate's `control_mode` names. diffusers'
+# guess mode is not one of them (its per-block scales differ): it is written as our own `Guess Mode: True`.
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "controlnet": "ControlNet is more important"}
+CONTROL_MODES_BY_NAME = {name: mode for mode, name in CONTROL_MODES.items()}
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 NEGATIVE = "Negative prompt:"
@@ -119,7 +123,9 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
             net["Threshold A"], net["Threshold B"] = p["canny_low"], p["canny_high"]
         net["Guidance Start"] = _number(p["control_guidance_start"][k])
         net["Guidance End"] = _number(p["control_guidance_end"][k])
-        net["Control Mode"] = CONTROL_MODES[bool(p["guess_mode"])]
+        net["Control Mode"] = CONTROL_MODES[p["control_mode"][k] if p.get("control_mode") else "balanced"]
+        if p["guess_mode"]:
+            net["Guess Mode"] = "True"
         net.update(p["unit_pairs"][k] if p.get("unit_pairs") else {})  # the A1111 API's per-unit settings
         if p["image"][k] is not None:  # an inpaint ControlNet's map comes from Init image and Mask
             net["Image"] = p["image"][k]
@@ -188,7 +194,7 @@ def parse_parameters(text: str) -> dict:
             raise ValueError(f"'Lora files' must be a JSON list of [path, weight] pairs ({err})") from None
     for key in _PER_NET:
         p[key] = []
-    guess = []
+    guess, modes = [], []
     for k in range(len(pairs)):
         if f"ControlNet {k}" not in pairs:
             break
@@ -204,8 +210,14 @@ def parse_parameters(text: str) -> dict:
         if module == "canny":
             p["canny_low"] = int(_need(net, "Threshold A", where))
             p["canny_high"] = int(_need(net, "Threshold B", where))
-        guess.append(net.pop("Control Mode", CONTROL_MODES[False]) == CONTROL_MODES[True])
+        mode = net.pop("Control Mode", CONTROL_MODES["balanced"])
+        if mode not in CONTROL_MODES_BY_NAME:
+            raise ValueError(f"{where}: unknown Control Mode {mode!r}; known: {', '.join(CONTROL_MODES_BY_NAME)}")
+        modes.append(CONTROL_MODES_BY_NAME[mode])
+        guess.append(net.pop("Guess Mode", "False") == "True")
     p["guess_mode"] = any(guess)
+    if any(mode != "balanced" for mode in modes):  # all Balanced is the same image as no control mode
+        p["control_mode"] = modes
     if pairs:
         p["extra"] = pairs
     return p

@@ -62,6 +62,13 @@ def test_parameters_text_round_trips():
     text = pngmeta.format_parameters(p, batch_pos=2)
     assert text.splitlines()[-1].startswith("Steps: 7, Sampler: DPM++ 2M Karras, CFG scale: 0.30000000000000004")
     assert pngmeta.parse_parameters(text) == {**p, "batch_pos": 2}
+    # The extension's control modes round-trip too, apart from guess mode (a different set of scales).
+    moded = {**p, "guess_mode": False, "control_mode": ["prompt", "balanced"]}
+    text = pngmeta.format_parameters(moded)
+    assert "Control Mode: My prompt is more important" in text and "Guess Mode" not in text
+    assert pngmeta.parse_parameters(text) == moded
+    with pytest.raises(ValueError, match="unknown Control Mode 'Loud'"):
+        pngmeta.parse_parameters(text.replace("My prompt is more important", "Loud"))
 
 
 def test_parameters_written_by_a1111_parse():
