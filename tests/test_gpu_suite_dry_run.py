@@ -81,3 +81,16 @@ def test_nan_and_low_psnr_fail_a_row():
     assert quality(psnr([[float("nan")]], [[0.5]]))["status"] == "failed"
     assert quality(psnr([[0.5]], [[0.51]])) == {}  # 40 dB
     assert "< 35 dB" in quality(psnr([[0.5]], [[0.6]]))["why"]  # 20 dB
+
+
+def test_failed_preflight_writes_the_reason_and_stops(tmp_path):
+    """The real (non-dry) flow on a machine without CUDA: the preflight says so in results.json, exit 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine passes this preflight")
+    code = gpu_suite.main(["--out", str(tmp_path), "--wheels", str(tmp_path / "no-wheels")])
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert code == 2 and written["exit_code"] == 2 and written["rows"] == []
+    assert "torch sees no CUDA device" in written["preflight_error"]
+    assert "no wheels" in written["wheels"]["note"]

@@ -1,5 +1,6 @@
 """TensorRT logic that needs no TensorRT: profiles from the specs, plan cache keys and buffer shapes.
-The builder's, runtime's and refitter's calls against per-version fakes are in tests/test_trt_fakes.py.
+The builder's, runtime's and refitter's calls against per-version fakes (tests/trt_fakes.py) are in
+tests/test_trt_versions.py.
 The runtime test at the end runs only where TensorRT and a CUDA GPU are present."""
 from __future__ import annotations
 
