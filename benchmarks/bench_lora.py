@@ -72,6 +72,7 @@ def test_lora_switch(benchmark, lora_setup, bench_config, machine_info, backend)
 
     if backend not in bench_config.backends:
         pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
+    benchmark.group = f"lora switch {bench_config.size} rank {RANK}"
     runner = lora_setup["runner"]
     if backend == "onnxruntime":
         runner = Runner(engine_dir=str(lora_setup["engine_dir"]), backend="onnxruntime")

@@ -46,10 +46,9 @@ def test_replica_switches_between_calls_and_never_merges_sets(photo, lora_files,
     folder.mkdir()
     shutil.copy(lora_files["unet_text"], folder / "ink.safetensors")
     shutil.copy(lora_files["second"], folder / "paper.safetensors")
-    wrapper = ControlNetServer.func_or_class  # Serve's ingress wrapper (an async __init__) around our class
-    server = object.__new__(wrapper)
-    next(c for c in wrapper.__mro__ if c.__name__ == "ControlNetServer" and c is not wrapper).__init__(
-        server, model="tiny", demo=False, batch_mode="merge", lora_dir=str(folder))
+    wrapper = ControlNetServer.func_or_class  # Serve's ingress wrapper (async __init__/__del__) around our class
+    ours = next(c for c in wrapper.__mro__ if c.__name__ == "ControlNetServer" and c is not wrapper)
+    server = ours(model="tiny", demo=False, batch_mode="merge", lora_dir=str(folder))
     sets = [(), (("ink", 0.8),), (), (("ink", 0.8), ("paper", -0.5)), (("ink", 0.8),)]
     requests = [_request(photo, loras=[list(x) for x in s], seed=i) for i, s in enumerate(sets)]
     outcomes = server._run_batch(requests)
