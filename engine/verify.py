@@ -115,9 +115,9 @@ def format_table(rows: list[dict]) -> str:
 def runners(engine_dir: Path, manifest: mf.Manifest, backend: str) -> dict[str, Callable]:
     """name -> run(feeds) for each artefact, on `backend` (onnxruntime or openvino, or tensorrt for the plans)."""
     if backend == "tensorrt":
-        from engine.backends.tensorrt_backend import TrtModel, TrtRuntime
+        from engine.backends.tensorrt_backend import TrtModel, TrtRunConfig, TrtRuntime
 
-        runtime = TrtRuntime.create()
+        runtime = TrtRuntime.create(TrtRunConfig(cuda_graphs=False))  # each plan runs once: no graph pays
         mf.match_tensorrt(manifest, runtime.version, runtime.gpu)
         models = {name: TrtModel(runtime, engine_dir / a.plan, a) for name, a in manifest.artefacts.items()}
         runtime.allocate_shared_memory()

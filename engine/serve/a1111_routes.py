@@ -128,8 +128,7 @@ def add_routes(app, server) -> None:
         def on_step(step: int, total: int) -> None:
             progress.step, progress.steps = step, total
 
-        if plan.loras:
-            runner.set_loras(plan.loras)
+        server.switch_loras(plan.loras)  # [] too: a /generate request before may have left its set merged
         try:
             images = []
             for i, seed in enumerate(plan.seeds):
@@ -140,8 +139,6 @@ def add_routes(app, server) -> None:
                 images.append(result.images[0])
             return images
         finally:
-            if plan.loras:
-                runner.set_loras([])
             progress.job_count = 0
 
     async def generate(req, plan: a1111.Plan) -> dict:

@@ -225,15 +225,20 @@ class ControlNetServer:
         set already merged). Requests with different sets are in different groups (api.batch_key)."""
         from engine.lora import LoraError, find_lora
 
-        runner = self.runner
-        current = tuple((lora.source, w) for lora, w in runner.loras.active) if runner.loras is not None else ()
         try:
-            wanted = tuple((str(find_lora(name, self.lora_dir)), w) for name, w in loras)
-            if wanted != current:
-                runner.set_loras(list(wanted))
+            self.switch_loras([(find_lora(name, self.lora_dir), w) for name, w in loras])
         except (LoraError, FileNotFoundError) as err:
             raise api.ApiError(422, "loras", str(err)) from None
-        self.stats.lora_switches += wanted != current
+
+    def switch_loras(self, loras: list) -> None:
+        """Make [(path, weight), ...] the merged set, on the worker thread, unless it already is. Every route
+        sets the set it needs (the empty one too), so a request never runs with another's LoRAs."""
+        runner = self.runner
+        current = tuple((lora.source, w) for lora, w in runner.loras.active) if runner.loras is not None else ()
+        wanted = tuple((str(path), float(w)) for path, w in loras)
+        if wanted != current:
+            runner.set_loras(list(wanted))
+            self.stats.lora_switches += 1
 
     def available_loras(self) -> list[str]:
         from pathlib import Path
