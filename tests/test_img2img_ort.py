@@ -108,3 +108,25 @@ def test_engine_dir_without_vae_encoder_refuses_img2img(four, pics, tmp_path):
     assert text.shape == (1, 64, 64, 3)  # text to image still runs
     with pytest.raises(ValueError, match="built without one: rebuild it with python -m engine.build"):
         runner.generate(image=[pics["edges"], pics["init"]], init_image=pics["init"], **BASE)
+
+
+def test_tensorrt_profiles_for_vae_encoder_and_nine_channel_unet():
+    """The specs the TensorRT plans are built from (no TensorRT needed): the VAE encoder takes images
+    at batch 1..max_batch; an inpainting model's UNet takes 9 channels, its ControlNets 4."""
+    import dataclasses
+
+    from export import tensorrt_build as tb
+    from export.spec import Sizes, build_specs
+    from tests.test_trt_logic import SD15
+
+    sizes = Sizes()
+    nine = dataclasses.replace(SD15, unet_in_channels=9)
+    specs = {s.name: s for s in build_specs(nine, [("canny", False)], "fp16")}
+    encoder = specs["vae_encoder"].profile(sizes, 8)
+    assert encoder["images"] == [[1, 3, 256, 256], [1, 3, 512, 512], [4, 3, 1024, 1024]]
+    assert [io.name for io in specs["vae_encoder"].outputs] == ["latent_mean", "latent_std"]
+    assert specs["vae_encoder"].output_shapes(dict(B=1, h=64, w=64))["latent_mean"] == (1, 4, 64, 64)
+    assert specs["unet"].profile(sizes, 8)["sample"][2] == [8, 9, 128, 128]
+    assert specs["controlnet_canny"].profile(sizes, 8)["sample"][2] == [8, 4, 128, 128]
+    for spec in specs.values():
+        tb.check_profile(spec.profile(sizes, 8))
