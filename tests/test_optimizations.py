@@ -252,9 +252,9 @@ def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native, isa):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
-    import engine.runner
+    import engine.parts  # where the Runner's torch models are loaded and the dtype is checked
 
-    monkeypatch.setattr(engine.runner, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engine.parts, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="bf16 on a CPU without AVX512-BF16 or AMX is emulated"):
         runner("cpu", dtype=torch.bfloat16)
 
