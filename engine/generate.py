@@ -210,8 +210,8 @@ def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
     parser.add_argument("--guidance", dest="guidance_scale", type=_float_in(0.0), default=gen["guidance_scale"],
                         metavar="CFG", help="classifier-free guidance scale" + d("guidance_scale"))
     parser.add_argument("--scale", dest="controlnet_conditioning_scale", action=_PerNet, type=_float_in(),
-                        metavar="S", help="ControlNet weight; once, or once per ControlNet"
-                        + d("controlnet_conditioning_scale"))
+                        metavar="S", help="ControlNet weight; once, or once per ControlNet (default: diffusers' "
+                        "per mode: 1.0 text to image, 0.8 img2img, 0.5 inpaint)")
     parser.add_argument("--guess-mode", action=argparse.BooleanOptionalAction, default=gen["guess_mode"],
                         help="ControlNets see the conditional half only (A1111: 'ControlNet is more important')")
     parser.add_argument("--control-mode", action=_PerNet, choices=list(pngmeta.CONTROL_MODES),
@@ -418,6 +418,10 @@ def _as_pil(picture):
     return PIL.Image.fromarray((np.clip(picture, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
+def _as_list(value, count: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
 def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> tuple[dict, list[Path]]:
     from engine.runner import DTYPES
 
@@ -430,13 +434,15 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     preprocess, modules = _preprocessors(args, runner.controlnet_specs)
     prompt, loras = _apply_loras(runner, args)
     progress = _Progress(enabled_bar, label)
+    given_scales = [s for s in args.controlnet_conditioning_scale if s is not None]
+    scales = list(args.controlnet_conditioning_scale) if given_scales else None  # None: the mode's default
     given_modes = [m for m in args.control_mode or [] if m is not None]
     control_mode = [m or "balanced" for m in args.control_mode] if given_modes else None
     try:
         result = runner.generate(
             prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
             height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+            guidance_scale=args.guidance_scale, controlnet_conditioning_scale=scales,
             guess_mode=args.guess_mode, control_guidance_start=args.control_guidance_start,
             control_guidance_end=args.control_guidance_end, scheduler=args.scheduler, seed=args.seed,
             num_images_per_prompt=args.num_images_per_prompt, preprocess=preprocess, eta=args.eta,
@@ -446,6 +452,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     finally:
         progress.close()
     used = result.parameters
+    count = len(args.controlnet)
     record = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt or "",
         num_inference_steps=used["num_inference_steps"], guidance_scale=used["guidance_scale"],
@@ -453,7 +460,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         eta=float(args.eta), num_images_per_prompt=used["num_images_per_prompt"],
         guess_mode=used["guess_mode"] if control_mode is None else False,  # the mode implies its own
         model=used["model"], controlnet=list(args.controlnet),  # as given: an id re-resolves to the same weights
-        controlnet_conditioning_scale=[float(s) for s in args.controlnet_conditioning_scale],
+        controlnet_conditioning_scale=[float(s) for s in _as_list(used["controlnet_conditioning_scale"], count)],
         control_guidance_start=[float(s) for s in args.control_guidance_start],
         control_guidance_end=[float(s) for s in args.control_guidance_end],
         image=[None if p is None else str(p) for p in args.image], preprocess=modules,

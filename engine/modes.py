@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipelines' defaults
+# controlnet_conditioning_scale's default in StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline.__call__
+DEFAULT_CONDITIONING_SCALE = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
 
 
 def check_strength(strength, mode: str, steps: int) -> float | None:

@@ -275,7 +275,7 @@ class Runner:
         width: int | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
+        controlnet_conditioning_scale: float | list[float] | None = None,
         guess_mode: bool = False,
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
@@ -305,7 +305,9 @@ class Runner:
         100/200; inpaint: masked pixels -1), False takes `image` as a ready control map, or a preprocessor
         name / callable (one, or one per net). `init_image`: loaded like control images. `mask_image`:
         white repaints, black keeps (binarised at 0.5 as diffusers does); it must have the init image's
-        size. `strength` in (0, 1]: None is diffusers' default (img2img 0.8, inpaint 1.0); only the last
+        size. `controlnet_conditioning_scale` None is the pipeline's default: 1.0 for text to image, 0.8
+        for img2img, 0.5 for inpainting, as diffusers' three pipelines default.
+        `strength` in (0, 1]: None is diffusers' default (img2img 0.8, inpaint 1.0); only the last
         int(steps * strength) steps run. Sizes default to the init image's (else the first control
         map's), rounded down to multiples of 8; control maps are resized to the generation size.
         `latents` is for text to image only (img2img starts from the init image).
@@ -328,8 +330,6 @@ class Runner:
         steps = _check_int(num_inference_steps, "num_inference_steps", 1)
         per_prompt = _check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         guidance = _check_number(guidance_scale, "guidance_scale", 0.0)
-        scales = [_check_number(s, "controlnet_conditioning_scale") for s in
-                  _as_list(controlnet_conditioning_scale, n, "controlnet_conditioning_scale")]
         starts = [_check_number(s, "control_guidance_start", 0.0) for s in
                   _as_list(control_guidance_start, n, "control_guidance_start")]
         ends = [_check_number(e, "control_guidance_end", 0.0) for e in
@@ -345,6 +345,10 @@ class Runner:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         mode, init, mask, strength = self._image_inputs(init_image, mask_image, strength, steps)
+        if controlnet_conditioning_scale is None:  # each diffusers pipeline's own default
+            controlnet_conditioning_scale = modes.DEFAULT_CONDITIONING_SCALE[mode]
+        scales = [_check_number(s, "controlnet_conditioning_scale") for s in
+                  _as_list(controlnet_conditioning_scale, n, "controlnet_conditioning_scale")]
         if latents is not None and mode != "txt2img":
             raise ValueError(f"latents are start noise for text to image; {mode} starts from init_image: leave "
                              "latents unset")

@@ -306,3 +306,11 @@ def test_bad_inpaint_calls(no_model_work, pictures, tmp_path):
         no_model_work["nine"].generate("a photo", image=pics["edges"], init_image=pics["init"], preprocess=False)
     with pytest.raises(ValueError, match="9-channel inpainting UNet"):
         no_model_work["nine"].generate("a photo", image=pics["edges"], preprocess=False)
+
+
+@pytest.mark.parametrize("which", ["img2img", "inpaint"])
+def test_default_conditioning_scale_is_the_pipelines(pipes, runners, pictures, which):
+    """Unset, controlnet_conditioning_scale is each diffusers pipeline's default (img2img 0.8, inpaint 0.5)."""
+    kwargs = {k: v for k, v in BASE.items() if k != "controlnet_conditioning_scale"}
+    got, expected = run_both(pipes, runners, which, pictures[(64, 64)], strength=0.75, **kwargs)
+    assert_parity(got, expected, f"{which} default scale")

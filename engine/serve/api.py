@@ -60,7 +60,7 @@ class GenerateRequest:
     width: int | None = None
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
-    controlnet_conditioning_scale: float = 1.0
+    controlnet_conditioning_scale: float | None = None  # None: diffusers' default for the mode (1.0, 0.8, 0.5)
     guess_mode: bool = False
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
@@ -85,7 +85,7 @@ FIELDS = {
     "width": ("int", None),
     "num_inference_steps": ("int", 20),
     "guidance_scale": ("float", 7.5),
-    "controlnet_conditioning_scale": ("float", 1.0),
+    "controlnet_conditioning_scale": ("float", None),
     "guess_mode": ("bool", False),
     "control_guidance_start": ("float", 0.0),
     "control_guidance_end": ("float", 1.0),
@@ -188,6 +188,8 @@ _KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "boo
 
 
 def _in_range(name: str, value, low, high) -> None:
+    if value is None:  # unset: the Runner's default
+        return
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(422, name, f"{name} must be a finite number, got {value!r}")
     if not (low <= value <= high):
