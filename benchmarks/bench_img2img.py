@@ -15,7 +15,6 @@ from benchmarks.bench_pipeline import (
     ASSET,
     GENERATE_ROUNDS,
     PROMPT,
-    _build_engine_dir,
     _record,
     _run,
     _skip_unless_selected,
@@ -28,13 +27,13 @@ BACKENDS = ["diffusers", "torch", "torch-fused", "torch-bf16", "onnxruntime"]
 
 
 @pytest.fixture(scope="module")
-def setup(bench_config, tmp_path_factory):
+def setup(request, bench_config):
     from diffusers import StableDiffusionControlNetImg2ImgPipeline, UniPCMultistepScheduler
 
     from engine import Runner
     from engine.preprocess import canny
 
-    engine_dir, engine_build = (_build_engine_dir(bench_config, tmp_path_factory) if "onnxruntime" in bench_config.backends
+    engine_dir, engine_build = (request.getfixturevalue("built_engine_dir") if "onnxruntime" in bench_config.backends
                                 else (None, None))
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
     b = runner.backend

@@ -7,7 +7,7 @@ is cached after the warm-up), merge with peft on the kept base weights, and hand
 backend (torch: in-place copies; ONNX Runtime: the two sessions rebuilt with replaced initializers).
 
 The re-export it replaces: the engine dir build of this run, timed by bench_pipeline's own fixture
-(`_build_engine_dir`: a fresh process, every graph, no verification), and within it the UNet and text
+(`build_engine_dir`: a fresh process, every graph, no verification), and within it the UNet and text
 encoder exports alone (what a LoRA touches). Each row records both, so the speed-up reads off one file.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.bench_pipeline import _after, _build_engine_dir, _run
+from benchmarks.bench_pipeline import _after, _run
 
 RANK = 16
 UNET_PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -37,12 +37,12 @@ def _lora_tensors(module: torch.nn.Module, suffixes: tuple[str, ...], gen: torch
 
 
 @pytest.fixture(scope="module")
-def lora_setup(bench_config, tmp_path_factory):
+def lora_setup(request, bench_config, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
     from engine import Runner
 
-    engine_dir, engine_build = (_build_engine_dir(bench_config, tmp_path_factory)
+    engine_dir, engine_build = (request.getfixturevalue("built_engine_dir")
                                 if "onnxruntime" in bench_config.backends else (None, None))
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ PROMPT = "an astronaut, best quality"
 
 
 @pytest.fixture(scope="module")
-def setup(bench_config, tmp_path_factory):
+def setup(request, bench_config):
     from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     from engine import Runner
@@ -34,7 +34,7 @@ def setup(bench_config, tmp_path_factory):
     # The engine dir is built first, in its own process: a full-size export peaks at many GB, which
     # must be given back before this process loads its own copy of the weights.
     graphs = {"onnxruntime", "openvino"} & set(bench_config.backends)
-    engine_dir, engine_build = _build_engine_dir(bench_config, tmp_path_factory) if graphs else (None, None)
+    engine_dir, engine_build = request.getfixturevalue("built_engine_dir") if graphs else (None, None)
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
     b = runner.backend
     pipe = StableDiffusionControlNetPipeline(
@@ -56,7 +56,7 @@ def setup(bench_config, tmp_path_factory):
     return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
 
 
-def _build_engine_dir(bench_config, tmp_path_factory):
+def build_engine_dir(bench_config, tmp_path_factory):
     """An engine dir for the same random weights (seeded presets), sized for this run, that ONNX Runtime
     and OpenVINO both run (the same ONNX graphs); returns it and what the build cost: wall seconds, and per
     artefact its files' bytes and export seconds."""

@@ -107,3 +107,12 @@ def machine_info() -> dict:
         threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
+
+
+@pytest.fixture(scope="session")
+def built_engine_dir(bench_config, tmp_path_factory):
+    """(engine dir, what its build cost), built once per run for every bench module that runs graphs: a
+    full-size build takes minutes (benchmarks/bench_pipeline.build_engine_dir)."""
+    from benchmarks.bench_pipeline import build_engine_dir
+
+    return build_engine_dir(bench_config, tmp_path_factory)
