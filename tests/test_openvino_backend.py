@@ -241,7 +241,7 @@ def test_build_with_openvino_verifies_with_it(engine_dir, tiny_dir, tmp_path):
             "--max-batch", "3", "--controlnet", str(tiny_dir["canny"])]
     code, out = _cli(*args, "--backend", "openvino")
     assert code == 0, out
-    assert "0 built, 5 reused; backend openvino" in out and "verified" in out
+    assert "0 built, 6 reused; backend openvino" in out and "verified" in out
     rebuilt = mf.load(target)
     assert rebuilt.backend == "openvino" and rebuilt.versions["openvino"]
     assert all(a.verify["runtime"] == "openvino" and a.verify["ok"] for a in rebuilt.artefacts.values())
