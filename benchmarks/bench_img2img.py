@@ -18,6 +18,7 @@ from benchmarks.bench_pipeline import (
     _record,
     _run,
     _skip_unless_selected,
+    diffusers_pipeline,
     engine_runner,
     image_error,
 )
@@ -28,7 +29,7 @@ BACKENDS = ["diffusers", "torch", "torch-fused", "torch-bf16", "onnxruntime"]
 
 @pytest.fixture(scope="module")
 def setup(request, bench_config):
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline, UniPCMultistepScheduler
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     from engine import Runner
     from engine.preprocess import canny
@@ -36,19 +37,7 @@ def setup(request, bench_config):
     engine_dir, engine_build = (request.getfixturevalue("built_engine_dir") if "onnxruntime" in bench_config.backends
                                 else (None, None))
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
-    b = runner.backend
-    pipe = StableDiffusionControlNetImg2ImgPipeline(
-        vae=b.vae_decoder.vae,
-        text_encoder=b.text_encoder.text_encoder,
-        tokenizer=runner.tokenizer,
-        unet=b.unet_model.unet,
-        controlnet=b.controlnet_bodies[0].net,
-        scheduler=UniPCMultistepScheduler.from_config(runner.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(StableDiffusionControlNetImg2ImgPipeline, runner)
     res = bench_config.resolution
     with PIL.Image.open(ASSET) as im:
         init = im.convert("RGB").resize((res, res), PIL.Image.LANCZOS)

@@ -26,7 +26,7 @@ PROMPT = "an astronaut, best quality"
 
 @pytest.fixture(scope="module")
 def setup(request, bench_config):
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from diffusers import StableDiffusionControlNetPipeline
 
     from engine import Runner
     from engine.preprocess import canny
@@ -36,8 +36,21 @@ def setup(request, bench_config):
     graphs = {"onnxruntime", "openvino"} & set(bench_config.backends)
     engine_dir, engine_build = request.getfixturevalue("built_engine_dir") if graphs else (None, None)
     runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
+    pipe = diffusers_pipeline(StableDiffusionControlNetPipeline, runner)
+    res = bench_config.resolution
+    with PIL.Image.open(ASSET) as im:
+        edges = canny(im.convert("RGB").resize((res, res), PIL.Image.LANCZOS))
+    flops = per_sample_flops(bench_config.preset, res, res)
+    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
+
+
+def diffusers_pipeline(pipeline_class, runner):
+    """A diffusers ControlNet pipeline of `pipeline_class` over the torch Runner's own modules (the same
+    weights, so each row's images compare with the baseline's), UniPC as the Runner's default."""
+    from diffusers import UniPCMultistepScheduler
+
     b = runner.backend
-    pipe = StableDiffusionControlNetPipeline(
+    pipe = pipeline_class(
         vae=b.vae_decoder.vae,
         text_encoder=b.text_encoder.text_encoder,
         tokenizer=runner.tokenizer,
@@ -49,11 +62,7 @@ def setup(request, bench_config):
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    res = bench_config.resolution
-    with PIL.Image.open(ASSET) as im:
-        edges = canny(im.convert("RGB").resize((res, res), PIL.Image.LANCZOS))
-    flops = per_sample_flops(bench_config.preset, res, res)
-    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
+    return pipe
 
 
 def build_engine_dir(bench_config, tmp_path_factory):

@@ -1,8 +1,10 @@
-"""img2img and inpainting on an ONNX Runtime engine dir equal the torch backend (fp32, max abs <= 1e-4),
-with the 4-channel model (the session's shared build) and a 9-channel inpainting model (its own build);
-an engine dir without a VAE encoder refuses img2img with a rebuild hint."""
+"""img2img and inpainting on an engine dir equal the torch backend (fp32, max abs <= 1e-4) in ONNX Runtime
+and in OpenVINO (the same ONNX files), with the 4-channel model (the session's shared build) and a
+9-channel inpainting model (its own build); an engine dir without a VAE encoder refuses img2img with a
+rebuild hint."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -16,6 +18,17 @@ from tests.test_build import _cli, one_torch_thread, staged_build  # noqa: F401 
 from tests.test_img2img import make_mask
 
 TOL = 1e-4
+# The backends that run an engine dir's ONNX graphs on this machine.
+GRAPH_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]
+
+
+def graph_runners(engine_dir) -> dict:
+    """backend name -> a Runner over `engine_dir`, for each backend installed here."""
+    from engine import Runner
+
+    installed = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    return {backend: Runner(engine_dir=str(engine_dir), backend=backend) for backend in installed}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +45,7 @@ def four(request, tmp_path_factory, tiny_dir):
 
     engine_dir = staged_build(request.config, tmp_path_factory.mktemp("build"), tiny_dir)["dir"]
     nets = [str(tiny_dir["canny"]), str(tiny_dir["depth"])]
-    return dict(dir=engine_dir,
-                ours=Runner(engine_dir=str(engine_dir), backend="onnxruntime"),
+    return dict(dir=engine_dir, ours=graph_runners(engine_dir),
                 torch=Runner(model=str(tiny_dir["model"]), controlnet=nets, backend="torch", device="cpu"))
 
 
@@ -48,7 +60,7 @@ def nine(tmp_path_factory):
     code, log = _cli("--model", str(paths["model"]), "--controlnet", str(paths["canny"]), "--out", str(out),
                      "--min-size", "64", "--max-size", "64", "--max-batch", "2")
     assert code == 0, log
-    return dict(dir=out, log=log, ours=Runner(engine_dir=str(out)),
+    return dict(dir=out, log=log, ours=graph_runners(out),
                 torch=Runner(model=str(paths["model"]), controlnet=str(paths["canny"]), backend="torch", device="cpu"))
 
 
@@ -63,33 +75,35 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_four_channel_modes_match_torch(four, pics, case):
+def test_four_channel_modes_match_torch(four, pics, case, backend):
     kwargs = {**BASE, **CASES[case]}
     if kwargs.pop("nets", 1) == 1:  # both runners hold both nets; scale 0 keeps the second from running
         kwargs.setdefault("controlnet_conditioning_scale", [1.0, 0.0])
     if kwargs.pop("mask", False):
         kwargs["mask_image"] = pics["mask"]
     call = dict(image=[pics["edges"], pics["init"]], init_image=pics["init"], **kwargs)
-    got = four["ours"].generate(**call).images
+    got = four["ours"][backend].generate(**call).images
     want = four["torch"].generate(**call).images
     abs_err, rel_err = max_errors(got, want)
-    print(f"ort {case}: max abs {abs_err:.2e}, rel {rel_err:.2e}")
+    print(f"{backend} {case}: max abs {abs_err:.2e}, rel {rel_err:.2e}")
     assert abs_err <= TOL, f"{case}: {abs_err:.3g}"
     assert float(np.abs(want).max()) > 0
 
 
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_nine_channel_inpaint_matches_torch(nine, pics, strength):
+def test_nine_channel_inpaint_matches_torch(nine, pics, strength, backend):
     manifest = mf.load(nine["dir"])
     assert manifest.config["unet_in_channels"] == 9
     assert manifest.artefacts["unet"].inputs[0].dims[1] == 9
     assert manifest.artefacts["controlnet_controlnet-canny"].inputs[0].dims[1] == 4
     kwargs = dict(BASE, image=pics["edges"], init_image=pics["init"], mask_image=pics["mask"], strength=strength)
-    got = nine["ours"].generate(**kwargs).images
+    got = nine["ours"][backend].generate(**kwargs).images
     want = nine["torch"].generate(**kwargs).images
     abs_err, rel_err = max_errors(got, want)
-    print(f"ort nine-channel strength {strength}: max abs {abs_err:.2e}, rel {rel_err:.2e}")
+    print(f"{backend} nine-channel strength {strength}: max abs {abs_err:.2e}, rel {rel_err:.2e}")
     assert abs_err <= TOL
 
 

@@ -1,5 +1,6 @@
-"""LoRA on the ONNX Runtime engine dir: the built graphs with replaced initializers equal the torch backend
-after several switches, with no export (the files stay untouched, the exporter is never called)."""
+"""LoRA on an engine dir, in ONNX Runtime and in OpenVINO: the built graphs with replaced initializers equal
+the torch backend after several switches, with no export (the files stay untouched, the exporter is never
+called)."""
 from __future__ import annotations
 
 import time
@@ -10,6 +11,7 @@ import pytest
 from engine import manifest as mf
 from tests.conftest import max_errors
 from tests.test_build import one_torch_thread, staged_build  # noqa: F401 (a fixture)
+from tests.test_img2img_ort import GRAPH_BACKENDS
 from tests.test_lora import GEN, control, lora_files, ours  # noqa: F401 (fixtures)
 
 TOL = 1e-4  # fp32, max abs: ONNX Runtime against torch
@@ -34,7 +36,8 @@ def test_manifest_records_where_each_weight_is(engine_dir):
         "transpose"]
 
 
-def test_switches_equal_torch_without_export(engine_dir, tiny_dir, lora_files, control, monkeypatch):
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_switches_equal_torch_without_export(engine_dir, tiny_dir, lora_files, control, monkeypatch, backend):
     import torch
 
     from engine import Runner
@@ -45,7 +48,7 @@ def test_switches_equal_torch_without_export(engine_dir, tiny_dir, lora_files, c
     monkeypatch.setattr(torch.onnx, "export", no_export)
     files = {p.name: p.stat().st_mtime_ns for p in engine_dir.iterdir() if p.is_file()}
     net = [str(tiny_dir["canny"])]
-    graphs = Runner(engine_dir=str(engine_dir), controlnet=net, backend="onnxruntime")
+    graphs = Runner(engine_dir=str(engine_dir), controlnet=net, backend=backend)
     reference = Runner(model=str(tiny_dir["model"]), controlnet=net, backend="torch", device="cpu")
     base = ours(graphs, control)
     f = lora_files
@@ -59,7 +62,7 @@ def test_switches_equal_torch_without_export(engine_dir, tiny_dir, lora_files, c
         reference.set_loras(loras)
         image = ours(graphs, control)
         abs_err, _ = max_errors(image, ours(reference, control))
-        print(f"onnxruntime lora {label}: switch {switch * 1e3:.0f} ms, max abs vs torch {abs_err:.2e}")
+        print(f"{backend} lora {label}: switch {switch * 1e3:.0f} ms, max abs vs torch {abs_err:.2e}")
         assert abs_err <= TOL, label
         if loras:
             assert max_errors(image, base)[0] > 100 * TOL, label
