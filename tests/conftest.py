@@ -26,6 +26,24 @@ def run_fresh_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
+def start_local_serve() -> int:
+    """Ray (2 CPUs, the repository importable in its workers) and Serve's HTTP proxy on a free loopback
+    port; returns the port. The caller deploys its apps and shuts both down."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> dict[str, Path]:
     """DIR/model (diffusers SD folder), DIR/controlnet-canny and DIR/controlnet-depth (two tiny nets)."""

@@ -9,13 +9,14 @@ import functools
 import io
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+
+from tests.conftest import start_local_serve
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -59,13 +60,7 @@ def server_url(lora_dir):
     if os.environ.pop(SERVE_TEST_URL_VAR, None) or ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     args = dict(model="tiny", controlnet=["canny", "depth"], torch_threads=1, demo=False, num_cpus=0.5, limits=LIMITS)
     if lora_dir is not None:
         args["lora_dir"] = str(lora_dir)

@@ -8,12 +8,13 @@ import base64
 import concurrent.futures
 import io
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+
+from tests.conftest import start_local_serve
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -35,13 +36,7 @@ def start_server() -> str:
         return os.environ[URL_VAR]
     from engine.serve.app import build_app
 
-    with socket.socket() as s:  # a free port on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     common = dict(model="tiny", torch_threads=1, max_batch_size=8, batch_wait_timeout_s=0.1, num_cpus=0.5)
     serve.run(build_app(dict(common, batch_mode="exact", demo=True)), name="exact", route_prefix="/")
     serve.run(build_app(dict(common, batch_mode="merge", demo=False)), name="merge", route_prefix="/merge")
