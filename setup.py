@@ -62,7 +62,7 @@ EXTRAS = {
     "tensorrt": ["onnx", "onnxscript", "onnxslim", "onnxruntime-gpu", "tensorrt"],
     "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
     "bench": ["pytest-benchmark", "matplotlib"],
-    "test": ["pytest", "pytest-benchmark", "onnx", "onnxruntime", "onnxscript", "onnxslim", "openvino", "triton", "pybind11",
+    "test": ["pytest", "pytest-benchmark", "pytest-xdist", "onnx", "onnxruntime", "onnxscript", "onnxslim", "openvino", "triton", "pybind11",
              "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx", "webuiapi", "schemathesis"],
 }
 

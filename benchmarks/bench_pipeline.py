@@ -149,6 +149,9 @@ def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
 
 
 # "torch-fused": the torch backend with the fused zero-conv residual path (engine.optimizations).
+# "torch-cpu" / "torch-compiled": the CPU presets "cpu" / "cpu-compiled" for this CPU's class in fp32, over
+# fp32 copies of the same weights (a preset changes modules in place, and the baseline's must stay as they
+# are): the presets held to diffusers at the same precision on every CPU, bf16 or not.
 # "-bf16": bf16 weights (the engine: preset "cpu", fp32 latents and scheduler; diffusers: the pipeline
 # cast to bf16, what its users would do); their floor is taken at the bf16 matmul rate.
 # "torch-compiled-bf16": preset "cpu-compiled", the step compiled with frozen weights over the same bf16
@@ -157,13 +160,14 @@ def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
 # OpenVINO with INFERENCE_PRECISION_HINT f32 / bf16 (Runner(backend="openvino", dtype=...)); the bf16 row
 # only where OpenVINO lists BF16 (AVX512-BF16 or AMX). Their compilation falls in the first warm-up call,
 # recorded as first_call_s beside compile_s (OpenVINO's own compile or cache-load seconds).
-STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "torch-compiled-bf16",
+STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-cpu", "torch-compiled", "torch-bf16", "torch-compiled-bf16",
                  "onnxruntime", "openvino-f32", "openvino-bf16", "tensorrt"]
 # What each backend adds to `setup` beyond the shared fp32 modules. Once the last backend that uses a
 # resource is done, the resource is dropped: at full size each is GBs (bf16 copies 2.6-2.9 GB, the frozen
 # step's packed weights ~2.4 GB more, ONNX Runtime's graphs 5.3 GB), and holding them all at once took the
 # sd15 run's peak RSS to 23.1 GB of this machine's 24.
-RESOURCES = {"diffusers-bf16": "bf16_pipe", "torch-fused": "fused_runner", "torch-bf16": "bf16_engine",
+RESOURCES = {"diffusers-bf16": "bf16_pipe", "torch-fused": "fused_runner", "torch-cpu": "fp32_engine",
+             "torch-compiled": "fp32_engine", "torch-bf16": "bf16_engine",
              "torch-compiled-bf16": "bf16_engine", "onnxruntime": "ort_runner", "openvino-f32": "ov_runner_f32",
              "openvino-bf16": "ov_runner_bf16"}
 
@@ -179,7 +183,7 @@ def backend(request, setup):
         import gc
 
         del setup[resource]
-        if resource == "bf16_engine":
+        if resource in ("bf16_engine", "fp32_engine"):
             torch._dynamo.reset()  # compiled code, and the frozen weights in it, live in dynamo's caches
         gc.collect()
 
@@ -300,10 +304,14 @@ def engine_runner(setup, bench_config, backend: str):
         return setup["runner"]
     if backend == "torch-fused":
         return _fused_runner(setup)
+    if backend == "torch-cpu":
+        return preset_engine(setup, torch.float32)["runner"]
+    if backend == "torch-compiled":
+        return preset_engine(setup, torch.float32)["compiled"]
     if backend == "torch-bf16":
-        return bf16_engine(setup)["runner"]
+        return preset_engine(setup, torch.bfloat16)["runner"]
     if backend == "torch-compiled-bf16":
-        return bf16_engine(setup)["compiled"]
+        return preset_engine(setup, torch.bfloat16)["compiled"]
     if backend == "onnxruntime" and setup["engine_dir"] is not None:
         if "ort_runner" not in setup:
             from engine import Runner
@@ -347,10 +355,10 @@ def _fused_runner(setup):
     return setup["fused_runner"]
 
 
-def _bf16_copy(module):
+def _copy(module, dtype=torch.bfloat16):
     import copy
 
-    return copy.deepcopy(module).to(torch.bfloat16)
+    return copy.deepcopy(module).to(dtype)
 
 
 def bf16_pipe(setup):
@@ -362,7 +370,7 @@ def bf16_pipe(setup):
 
     if "bf16_pipe" not in setup:
         pipe = setup["pipe"]
-        half = {name: _bf16_copy(getattr(pipe, name)) for name in ("vae", "text_encoder", "unet", "controlnet")}
+        half = {name: _copy(getattr(pipe, name)) for name in ("vae", "text_encoder", "unet", "controlnet")}
         pipe16 = StableDiffusionControlNetPipeline(
             **half, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -372,22 +380,23 @@ def bf16_pipe(setup):
     return setup["bf16_pipe"]
 
 
-def bf16_engine(setup) -> dict:
-    """The engine's bf16 Runners over their own bf16 copies of the same weights (the presets' switches
-    change models in place: channels-last): "cpu" eager, and "cpu-compiled" over the same modules (its
-    frozen weights are inductor's own packed copies)."""
+def preset_engine(setup, dtype) -> dict:
+    """The engine's Runners in `dtype` with this CPU's presets, over their own copies of the same weights
+    (the presets' switches change models in place: attention processors, channels-last): "cpu" eager, and
+    "cpu-compiled" over the same modules (its frozen weights are inductor's own packed copies)."""
     from types import SimpleNamespace
 
     from engine.optimizations import cpu_preset
 
-    if "bf16_engine" not in setup:
+    key = "bf16_engine" if dtype == torch.bfloat16 else "fp32_engine"
+    if key not in setup:
         pipe = setup["pipe"]
-        sd = SimpleNamespace(**{name: _bf16_copy(getattr(pipe, name)) for name in ("text_encoder", "unet", "vae")})
-        nets = [_bf16_copy(pipe.controlnet)]
+        sd = SimpleNamespace(**{name: _copy(getattr(pipe, name), dtype) for name in ("text_encoder", "unet", "vae")})
+        nets = [_copy(pipe.controlnet, dtype)]
         # The presets for this CPU's instruction-set class (engine/optimizations.py CPU_PRESETS).
-        setup["bf16_engine"] = dict(runner=_runner_over(setup, sd, nets, torch.bfloat16, cpu_preset("cpu")),
-                                    compiled=_runner_over(setup, sd, nets, torch.bfloat16, cpu_preset("cpu-compiled")))
-    return setup["bf16_engine"]
+        setup[key] = dict(runner=_runner_over(setup, sd, nets, dtype, cpu_preset("cpu")),
+                          compiled=_runner_over(setup, sd, nets, dtype, cpu_preset("cpu-compiled")))
+    return setup[key]
 
 
 def engine_backend(setup, bench_config, backend: str):

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from datetime import datetime, timezone
@@ -44,17 +43,12 @@ def _photo_b64() -> str:
 
 
 def start(modes: list[str], torch_threads: int) -> str:
-    import ray
     from ray import serve
 
     from engine.serve.app import build_app
+    from engine.serve.local import start_local_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     for mode in modes:
         args = dict(model="tiny", demo=False, torch_threads=torch_threads, batch_wait_timeout_s=0.05,
                     num_cpus=0.5, max_ongoing_requests=64, **MODES[mode])

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
               f"pip install -e '.[{EXTRA[args.backend]}]' -c requirements/constraints.txt", file=sys.stderr)
         return 2
     from engine.loading import DEFAULT_MODEL
-    from engine.verify import format_table
+    from engine.parity import format_table
     from export.build import BuildConfig, build
     from export.onnx_export import ExportConfig
     from export.spec import Sizes

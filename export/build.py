@@ -29,7 +29,7 @@ from engine import manifest as mf
 from engine.backends import pick_backend
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.registry import resolve
-from engine.verify import TOLERANCE, compare, reference_module, sample_feeds, verify_point
+from engine.parity import TOLERANCE, compare, reference_module, sample_feeds, verify_point
 from export import files as fs
 from export import onnx_export
 from export.spec import ModelConfig, Sizes, build_specs, model_config

@@ -1,6 +1,8 @@
-"""Shared fixtures: the tiny model saved to disk once per session, and a raw control picture."""
+"""Shared fixtures (the tiny model saved to disk, the tiny engine dir, a control picture), each made once per
+session (per worker under pytest-xdist), and how xdist spreads the modules over its workers."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -11,12 +13,23 @@ from pathlib import Path
 # torch may import it early): decide before anything else loads, and only where there is no GPU.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (the README's `-n auto`) each worker gets one OpenMP thread, set before torch loads and
+# inherited by the CLIs the tests start: on 2 cores, two workers of 2 threads each took the suite 852 s against
+# 583 s at one thread each (924 s without xdist), torch's OpenMP barriers stalling whenever a thread is
+# descheduled (tests/test_flops.py 5 s -> 51 s).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import PIL.Image
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The modules that run a local Ray (test_serve's server, shared, or one of their own started in turn).
+RAY_MODULES = {"test_serve", "test_serve_browser", "test_img2img_serve", "test_a1111", "bench_serve"}
+# The backends that run an engine dir's ONNX graphs, as a test parameter: OpenVINO where it is installed.
+GRAPH_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]
 ASSETS = REPO / "engine" / "assets"
 
 
@@ -26,22 +39,21 @@ def run_fresh_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
-def start_local_serve() -> int:
-    """Ray (2 CPUs, the repository importable in its workers) and Serve's HTTP proxy on a free loopback
-    port; returns the port. The caller deploys its apps and shuts both down."""
-    import socket
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error where xdist is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N --dist loadfile` (README): each module runs whole in one worker, so its module fixtures
+    (Runners, builds) are made once, and the modules that run a local Ray run in the same worker, one
+    after another, as without xdist (two local Rays would share the 2 cores and 24 GB)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
 
-    import ray
-    from ray import serve
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if Path(path).stem in RAY_MODULES else path
 
-    with socket.socket() as s:  # a free port on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +62,24 @@ def tiny_dir(tmp_path_factory) -> dict[str, Path]:
     from engine.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny"), controlnets=("canny", "depth"))
+
+
+@pytest.fixture(scope="session")
+def engine_dir(request, tmp_path_factory, tiny_dir) -> Path:
+    """The session's tiny engine dir (canny + depth, for ONNX Runtime, sides 64-128, batch up to 3), built
+    once (tests/test_build.staged_build) for every module that runs an engine dir's graphs."""
+    from tests.test_build import staged_build
+
+    return staged_build(request.config, tmp_path_factory.mktemp("build"), tiny_dir)["dir"]
+
+
+@pytest.fixture(scope="session")
+def engine_references(engine_dir):
+    """(sd, nets): the torch modules the engine dir was exported from (engine.parity.load_references)."""
+    from engine import manifest
+    from engine.parity import load_references
+
+    return load_references(manifest.load(engine_dir))
 
 
 @pytest.fixture(scope="session")

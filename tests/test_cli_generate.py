@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from engine import generate, pngmeta
+from engine import cli_flags, generate, pngmeta
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = str(ROOT / "engine" / "assets" / "astronaut.png")
@@ -35,11 +35,11 @@ def test_defaults_are_runners_own():
     for method in ("generate", "__init__"):
         real = {name: p.default for name, p in inspect.signature(getattr(Runner, method)).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-        read = generate.signature_defaults("engine.runner", "Runner", method)
+        read = cli_flags.signature_defaults("engine.runner", "Runner", method)
         assert read == {name: real[name] for name in read}, method
-    parser = generate.build_parser()
+    parser = cli_flags.build_parser()
     dests = {action.dest for action in parser._actions}
-    missing = set(inspect.signature(Runner.generate).parameters) - generate.NOT_FLAGS - dests
+    missing = set(inspect.signature(Runner.generate).parameters) - cli_flags.NOT_FLAGS - dests
     assert not missing, f"Runner.generate arguments without a flag: {missing}"
 
 

@@ -24,7 +24,7 @@ def tiny_models():
 def test_spec_matches_module_outputs(tiny_models):
     """The spec's residual dims are what ControlNetBody really returns (non-square, batch 3)."""
     from engine.modules import ControlNetBody, HintEncoder
-    from engine.verify import sample_feeds
+    from engine.parity import sample_feeds
 
     sd, net = tiny_models
     config = model_config(sd, [net])
@@ -46,7 +46,7 @@ def test_spec_matches_module_outputs(tiny_models):
 
 def _export_and_compare(sd, net, kind, precision, tmp_path, config):
     from engine.backends.onnxruntime_backend import OrtModel
-    from engine.verify import compare, reference_module, sample_feeds
+    from engine.parity import compare, reference_module, sample_feeds
 
     mc = model_config(sd, [net])
     spec = next(s for s in build_specs(mc, [("canny", False)], precision) if s.kind == kind)

@@ -13,14 +13,11 @@ import PIL.Image
 import pytest
 
 from engine import manifest as mf
-from tests.conftest import max_errors
-from tests.test_build import _cli, one_torch_thread, staged_build  # noqa: F401 (a fixture)
+from tests.conftest import GRAPH_BACKENDS, max_errors
+from tests.test_build import _cli, one_torch_thread  # noqa: F401 (a fixture)
 from tests.test_img2img import make_mask
 
 TOL = 1e-4
-# The backends that run an engine dir's ONNX graphs on this machine.
-GRAPH_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
-    importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]
 
 
 def graph_runners(engine_dir) -> dict:
@@ -40,10 +37,9 @@ def pics(photo):
 
 
 @pytest.fixture(scope="module")
-def four(request, tmp_path_factory, tiny_dir):
+def four(engine_dir, tiny_dir):
     from engine import Runner
 
-    engine_dir = staged_build(request.config, tmp_path_factory.mktemp("build"), tiny_dir)["dir"]
     nets = [str(tiny_dir["canny"]), str(tiny_dir["depth"])]
     return dict(dir=engine_dir, ours=graph_runners(engine_dir),
                 torch=Runner(model=str(tiny_dir["model"]), controlnet=nets, backend="torch", device="cpu"))

@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 
 from engine import manifest as mf
-from tests.conftest import max_errors
-from tests.test_build import one_torch_thread, staged_build  # noqa: F401 (a fixture)
-from tests.test_img2img_ort import GRAPH_BACKENDS
+from tests.conftest import GRAPH_BACKENDS, max_errors
+from tests.test_build import one_torch_thread  # noqa: F401 (a fixture)
 from tests.test_lora import GEN, control, lora_files, ours  # noqa: F401 (fixtures)
 
 TOL = 1e-4  # fp32, max abs: ONNX Runtime against torch
-
-
-@pytest.fixture(scope="module")
-def engine_dir(request, tmp_path_factory, tiny_dir):
-    return staged_build(request.config, tmp_path_factory.mktemp("build"), tiny_dir)["dir"]
 
 
 def test_manifest_records_where_each_weight_is(engine_dir):

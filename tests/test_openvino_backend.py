@@ -1,36 +1,22 @@
-"""The OpenVINO backend equals the torch reference on an engine dir built for ONNX Runtime (the same ONNX
-files): per graph at three shapes, and whole generations through Runner(engine_dir=..., backend="openvino")
-against Runner(backend="torch") on the parity tests' feature rows. Also: the inference precision is the one
-asked for (read back from the compiled model and its runtime graph), `set_initializers` swaps weights,
-the model cache is used by a second load, and `python -m engine.build --backend openvino` verifies with
-OpenVINO."""
+"""What is particular to the OpenVINO backend, on an engine dir built for ONNX Runtime (the same ONNX
+files): the inference precision is the one asked for (read back from the compiled model and its runtime
+graph), `set_initializers` swaps weights, the model cache is used by a second load, the THROUGHPUT hint
+serves concurrent calls, and `python -m engine.build --backend openvino` verifies with OpenVINO. Its
+parity with the torch reference (per graph and whole generations) is tests/test_graph_backends.py's."""
 from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from engine import manifest as mf
 from tests.conftest import max_errors, run_fresh_python
-from tests.test_build import _cli, one_torch_thread, staged_build  # noqa: F401 (a fixture)
+from tests.test_build import _cli, one_torch_thread  # noqa: F401 (a fixture)
 
 pytest.importorskip("openvino")
 
 TOL = 1e-4  # fp32, max abs
-
-
-@pytest.fixture(scope="module")
-def engine_dir(request, tmp_path_factory, tiny_dir):
-    return staged_build(request.config, tmp_path_factory.mktemp("build"), tiny_dir)["dir"]
-
-
-@pytest.fixture(scope="module")
-def references(engine_dir):
-    from engine.verify import load_references
-
-    return load_references(mf.load(engine_dir))
 
 
 def _model(engine_dir, kind, net=None, **config):
@@ -40,78 +26,14 @@ def _model(engine_dir, kind, net=None, **config):
     return OvModel(engine_dir / artefact.onnx, artefact, OvConfig(cache=False, **config))
 
 
-# (batch, height, width) in pixels: batch 3 and non-square, a shape the generations below never use (each
-# new shape costs a compile, 0.1-3 s a graph at tiny size; the build test checks each graph at its verify point).
-SHAPES = [(3, 128, 64)]
-
-
-@pytest.mark.parametrize("kind", ["text_encoder", "hint_encoder", "controlnet", "unet", "vae_decoder"])
-def test_each_graph_matches_torch(engine_dir, references, kind):
-    from engine.verify import compare, reference_module
-
-    manifest = mf.load(engine_dir)
-    sd, nets = references
-    net = "controlnet-depth" if kind in ("hint_encoder", "controlnet") else None
-    model = _model(engine_dir, kind, net, shapes=len(SHAPES))
-    module = reference_module(kind, sd, nets.get(net))
-    for batch, height, width in SHAPES:
-        point = dict(B=batch, h=height // 8, w=width // 8)
-        errors = compare(module, model.run, manifest.artefact(kind, net), point, manifest.config["vocab_size"])
-        print(f"{kind} {point}: max abs {errors['max_abs']:.2e}")
-        assert errors["max_abs"] <= TOL, (kind, point, errors)
-    assert len(model._compiled) == len(SHAPES)  # one compiled model per shape, kept
-
-
 def model_artefact(engine_dir, kind, net=None):
     return mf.load(engine_dir).artefact(kind, net)
 
 
-@pytest.fixture(scope="module")
-def runners(engine_dir, tiny_dir):
+def test_runner_reports_precision_and_cache(engine_dir):
     from engine import Runner
 
-    nets = [str(tiny_dir["canny"]), str(tiny_dir["depth"])]
-    ours = {1: Runner(engine_dir=str(engine_dir), controlnet=nets[:1], backend="openvino"),
-            2: Runner(engine_dir=str(engine_dir), backend="openvino")}
-    torch_ = {1: Runner(model=str(tiny_dir["model"]), controlnet=nets[:1], backend="torch", device="cpu"),
-              2: Runner(model=str(tiny_dir["model"]), controlnet=nets, backend="torch", device="cpu")}
-    return ours, torch_
-
-
-BASE = dict(prompt="a photo of the astronaut", num_inference_steps=4, height=64, width=64, seed=0, output_type="np",
-            preprocess=False)
-# The feature rows of tests/test_parity.py and tests/test_ort_backend.py; the 64x64 rows share one compiled
-# shape per graph, so most rows compile nothing.
-CASES = {
-    "guess_mode": (1, dict(guess_mode=True, controlnet_conditioning_scale=0.8)),
-    "guidance_window": (1, dict(control_guidance_start=0.2, control_guidance_end=0.7, num_inference_steps=6)),
-    "one_net": (1, {}),
-    "negative_prompt": (1, dict(negative_prompt="blurry, low quality")),
-    "non_square_64x128_two_images": (1, dict(height=64, width=128, num_images_per_prompt=2)),
-    "two_nets": (2, dict(controlnet_conditioning_scale=[0.7, 1.3])),
-    "windows_per_net": (2, dict(control_guidance_start=[0.0, 0.4], control_guidance_end=[0.5, 1.0], num_inference_steps=6)),
-    **{f"scheduler_{s}": (1, dict(scheduler=s)) for s in ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")},
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_generation_matches_torch_backend(runners, edges, photo, case):
-    nets, extra = CASES[case]
-    ours, reference = runners
-    images = [edges, photo][:nets]
-    kwargs = {**BASE, **extra}
-    got = ours[nets].generate(image=images, **kwargs)
-    want = reference[nets].generate(image=images, **kwargs).images
-    abs_err, rel_err = max_errors(got.images, want)
-    print(f"{case}: max abs {abs_err:.2e}, rel {rel_err:.2e}")
-    assert abs_err <= TOL, f"{case}: {abs_err:.3g}"
-    assert got.images.shape == want.shape and float(np.abs(want).max()) > 0
-
-
-def test_runner_reports_backend_precision_and_cache(runners, engine_dir):
-    ours, _ = runners
-    runner = ours[2]
-    assert runner.backend.name == "openvino" and runner.device == torch.device("cpu")
+    runner = Runner(engine_dir=str(engine_dir), backend="openvino")
     assert runner.dtype == torch.float32 and runner.backend.precision == "f32"
     assert runner.backend.cache_dir == engine_dir / "openvino_cache"
     runner.backend.encode_text(torch.zeros(1, 77, dtype=torch.int64))  # compiles one shape, at least
@@ -155,10 +77,10 @@ def test_bf16_is_bf16_or_refused(engine_dir, tiny_dir):
             model.run({"control_map": control})
 
 
-def test_set_initializers_swaps_weights(engine_dir, references):
-    from engine.verify import compare, reference_module
+def test_set_initializers_swaps_weights(engine_dir, engine_references):
+    from engine.parity import compare, reference_module
 
-    sd, nets = references
+    sd, nets = engine_references
     artefact = model_artefact(engine_dir, "hint_encoder", "controlnet-canny")
     model = _model(engine_dir, "hint_encoder", "controlnet-canny")
     module = reference_module("hint_encoder", sd, nets["controlnet-canny"])
@@ -221,13 +143,6 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="hint must be one of LATENCY, THROUGHPUT"):
         OvConfig(hint="FAST")
     assert OvConfig(threads=None).properties()["INFERENCE_NUM_THREADS"] == torch.get_num_threads()
-
-
-def test_backend_needs_engine_dir():
-    from engine import Runner
-
-    with pytest.raises(ValueError, match="pass engine_dir"):
-        Runner(model="tiny", backend="openvino")
 
 
 def test_build_with_openvino_verifies_with_it(engine_dir, tiny_dir, tmp_path):

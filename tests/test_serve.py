@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.conftest import start_local_serve
+from engine.serve.local import start_local_serve
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

@@ -8,7 +8,6 @@ dependency), so no test tool downloads a browser of its own.
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,7 +18,8 @@ pytest.importorskip("ray")
 pytest.importorskip("gradio")
 ws_client = pytest.importorskip("websockets.sync.client")
 
-from tests.test_serve import start_server, stop_server  # noqa: E402  (after the import skips)
+from engine.serve.local import free_port  # noqa: E402  (after the import skips)
+from tests.test_serve import start_server, stop_server  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WAIT_S = 60.0
@@ -70,15 +70,9 @@ class DevTools:
         self.ws.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def browser(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
          "--remote-debugging-address=127.0.0.1", f"--user-data-dir={tmp_path / 'profile'}",

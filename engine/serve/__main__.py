@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from engine.serve.app import build_app
+    from engine.serve.local import start_local_serve
 
     num_gpus = args.num_gpus if args.num_gpus is not None else (1 if torch.cuda.is_available() else 0)
-    ray.init(num_cpus=args.num_cpus, num_gpus=int(torch.cuda.device_count()), include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    start_local_serve(args.host, args.port, args.num_cpus, int(torch.cuda.device_count()), quiet=False)
     controlnets = args.controlnet or ["canny"]
     app_args = dict(model=args.model, controlnet=controlnets if len(controlnets) > 1 else controlnets[0], device=args.device, dtype=args.dtype,
                     batch_mode=args.batch_mode, max_batch_size=args.max_batch_size,
