@@ -160,8 +160,8 @@ def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
 # OpenVINO with INFERENCE_PRECISION_HINT f32 / bf16 (Runner(backend="openvino", dtype=...)); the bf16 row
 # only where OpenVINO lists BF16 (AVX512-BF16 or AMX). Their compilation falls in the first warm-up call,
 # recorded as first_call_s beside compile_s (OpenVINO's own compile or cache-load seconds).
-STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-cpu", "torch-compiled", "torch-bf16", "torch-compiled-bf16",
-                 "onnxruntime", "openvino-f32", "openvino-bf16", "tensorrt"]
+STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-cpu", "torch-compiled", "torch-bf16",
+                 "torch-compiled-bf16", "onnxruntime", "openvino-f32", "openvino-bf16", "tensorrt"]
 # What each backend adds to `setup` beyond the shared fp32 modules. Once the last backend that uses a
 # resource is done, the resource is dropped: at full size each is GBs (bf16 copies 2.6-2.9 GB, the frozen
 # step's packed weights ~2.4 GB more, ONNX Runtime's graphs 5.3 GB), and holding them all at once took the
@@ -355,7 +355,7 @@ def _fused_runner(setup):
     return setup["fused_runner"]
 
 
-def _copy(module, dtype=torch.bfloat16):
+def _copy(module, dtype):
     import copy
 
     return copy.deepcopy(module).to(dtype)
@@ -370,7 +370,8 @@ def bf16_pipe(setup):
 
     if "bf16_pipe" not in setup:
         pipe = setup["pipe"]
-        half = {name: _copy(getattr(pipe, name)) for name in ("vae", "text_encoder", "unet", "controlnet")}
+        names = ("vae", "text_encoder", "unet", "controlnet")
+        half = {name: _copy(getattr(pipe, name), torch.bfloat16) for name in names}
         pipe16 = StableDiffusionControlNetPipeline(
             **half, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -86,7 +86,8 @@ CASES = {
     "guess_mode": (1, dict(guess_mode=True, controlnet_conditioning_scale=0.8)),
     "guess_mode_two_nets": (2, dict(guess_mode=True, controlnet_conditioning_scale=[0.8, 0.5])),
     "guidance_window": (1, dict(control_guidance_start=0.2, control_guidance_end=0.7, num_inference_steps=6)),
-    "windows_per_net": (2, dict(control_guidance_start=[0.0, 0.4], control_guidance_end=[0.5, 1.0], num_inference_steps=6)),
+    "windows_per_net": (2, dict(control_guidance_start=[0.0, 0.4], control_guidance_end=[0.5, 1.0],
+                                num_inference_steps=6)),
     **{f"scheduler_{s}": (1, dict(scheduler=s)) for s in ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")},
 }
 
