@@ -21,6 +21,7 @@ from benchmarks.bench_pipeline import (
     diffusers_pipeline,
     engine_runner,
     image_error,
+    release_after,
 )
 
 STRENGTH = 0.5
@@ -45,8 +46,10 @@ def setup(request, bench_config):
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request):
-    return request.param
+def backend(request, setup):
+    """Module-scoped, as bench_pipeline's: once a backend's row is done, what only it needed is dropped."""
+    yield request.param
+    release_after(setup, request.param, BACKENDS)
 
 
 def _kwargs(bench_config) -> dict:

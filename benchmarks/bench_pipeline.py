@@ -177,8 +177,13 @@ def backend(request, setup):
     """The backend under test. Module-scoped, so pytest runs each backend's step and generate rows
     together, then releases what only that backend needed."""
     yield request.param
-    resource = RESOURCES.get(request.param)
-    later = STEP_BACKENDS[STEP_BACKENDS.index(request.param) + 1:]
+    release_after(setup, request.param, STEP_BACKENDS)
+
+
+def release_after(setup: dict, backend: str, order: list[str]) -> None:
+    """Drop from `setup` what `backend` added (RESOURCES) unless a backend after it in `order` uses it too."""
+    resource = RESOURCES.get(backend)
+    later = order[order.index(backend) + 1:]
     if resource in setup and not any(RESOURCES.get(b) == resource for b in later):
         import gc
 

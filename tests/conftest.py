@@ -83,6 +83,15 @@ def engine_references(engine_dir):
 
 
 @pytest.fixture(scope="session")
+def lora_files(tiny_dir, tmp_path_factory) -> dict[str, Path]:
+    """Tiny LoRA files of the tiny model (tests/test_lora.save_lora_files): read, never changed, by the
+    LoRA tests of the runner, CLI, graphs and both HTTP APIs."""
+    from tests.test_lora import save_lora_files
+
+    return save_lora_files(tiny_dir, tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="session")
 def photo() -> PIL.Image.Image:
     """The example photo at 128x128: big enough for edges, small enough to keep tests fast."""
     with PIL.Image.open(ASSETS / "astronaut.png") as im:

@@ -35,22 +35,9 @@ FUZZ_SECONDS = float(os.environ.get("A1111_FUZZ_SECONDS", "45"))
 SERVE_TEST_URL_VAR = "ENGINE_SERVE_TEST_URL"  # tests/test_serve.py's running server, if any
 
 
-def _lora_support() -> bool:
-    """engine.lora and Runner.set_loras (the LoRA issue); until they are merged the LoRA test skips."""
-    import importlib.util
-
-    from engine.runner import Runner
-
-    return importlib.util.find_spec("engine.lora") is not None and hasattr(Runner, "set_loras")
-
-
-if _lora_support():
-    from tests.test_lora import lora_files  # noqa: F401 (a fixture: tiny LoRA files of the tiny model)
-
-
 @pytest.fixture(scope="module")
-def lora_dir(request):
-    return request.getfixturevalue("lora_files")["unet_text"].parent if _lora_support() else None
+def lora_dir(lora_files):
+    return lora_files["unet_text"].parent
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +48,8 @@ def server_url(lora_dir):
         serve.shutdown()
         ray.shutdown()
     port = start_local_serve()
-    args = dict(model="tiny", controlnet=["canny", "depth"], torch_threads=1, demo=False, num_cpus=0.5, limits=LIMITS)
-    if lora_dir is not None:
-        args["lora_dir"] = str(lora_dir)
+    args = dict(model="tiny", controlnet=["canny", "depth"], torch_threads=1, demo=False, num_cpus=0.5, limits=LIMITS,
+                lora_dir=str(lora_dir))
     serve.run(build_app(args), name="a1111", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -312,8 +298,6 @@ def test_lora_tags_need_lora_support(server_url, photo64):
 
 
 def test_lora_tag_equals_runner_set_loras(api, lora_dir, photo64, runner, reference):
-    if lora_dir is None:
-        pytest.skip("no engine.lora / Runner.set_loras yet (the LoRA issue)")
     r = api.txt2img(prompt="an astronaut <lora:unet_text:0.7>", seed=6, controlnet_units=[canny_unit(photo64)], **SIZE)
     from engine.preprocess import canny_with
 
@@ -334,25 +318,8 @@ def test_lora_tag_equals_runner_set_loras(api, lora_dir, photo64, runner, refere
     assert not np.array_equal(pixels(plain.images[0]), expected)  # and the LoRA was taken off after the request
 
 
-def _runner_has_img2img() -> bool:
-    import inspect
-
-    from engine.runner import Runner
-
-    return "init_image" in inspect.signature(Runner.generate).parameters
-
-
-def test_img2img_without_runner_support_is_501(api, photo64):
-    if _runner_has_img2img():
-        pytest.skip("this build's Runner has img2img: tested by the tests below")
-    with pytest.raises(RuntimeError, match="501.*init_image"):
-        api.img2img(images=[photo64], prompt="x", **SIZE)
-
-
 @pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
 def test_img2img_with_a_unit_equals_runner(api, photo64, reference, inpaint):
-    if not _runner_has_img2img():
-        pytest.skip("Runner.generate has no init_image yet (the img2img/inpaint issue)")
     from engine.preprocess import canny_with
 
     mask = PIL.Image.new("L", (64, 64), 0)
@@ -395,8 +362,6 @@ def test_schema_fuzz_finds_no_5xx_and_no_schema_break(server_url):
     )
 
     schema = schemathesis.openapi.from_url(server_url + "/openapi.json")
-    if not _runner_has_img2img():  # it answers 501 (not implemented) by design until the img2img issue lands
-        schema = schema.exclude(path="/sdapi/v1/img2img")
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     deadline = time.monotonic() + FUZZ_SECONDS  # the time cap: later operations get no examples past it
     seen, statuses = [], {}

@@ -48,13 +48,13 @@ def _kohya(state: dict, prefix: str, alpha: float) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def lora_files(tiny_dir, tmp_path_factory):
+def save_lora_files(tiny_dir, out) -> dict:
+    """Tiny LoRAs of the tiny model, as diffusers and kohya write them, under `out`: name -> file (the session
+    fixture `lora_files` of tests/conftest.py, made once for every module that uses LoRA files)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    out = tmp_path_factory.mktemp("loras")
     unet = UNet2DConditionModel.from_pretrained(tiny_dir["model"], subfolder="unet")
     text = CLIPTextModel.from_pretrained(tiny_dir["model"], subfolder="text_encoder")
     unet_a, config_a = _peft_lora(unet, UNET_TARGETS, r=4, alpha=8, seed=1)

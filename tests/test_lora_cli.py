@@ -9,7 +9,6 @@ import PIL.Image
 
 from engine import generate, pngmeta
 from tests.test_build import one_torch_thread  # noqa: F401 (an autouse fixture)
-from tests.test_lora import lora_files  # noqa: F401 (a fixture)
 
 
 def test_lora_flags_tags_png_and_from_png(tiny_dir, lora_files, tmp_path, capsys):

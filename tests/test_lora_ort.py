@@ -11,7 +11,7 @@ import pytest
 from engine import manifest as mf
 from tests.conftest import GRAPH_BACKENDS, max_errors
 from tests.test_build import one_torch_thread  # noqa: F401 (a fixture)
-from tests.test_lora import GEN, control, lora_files, ours  # noqa: F401 (fixtures)
+from tests.test_lora import GEN, control, ours  # noqa: F401 (fixtures)
 
 TOL = 1e-4  # fp32, max abs: ONNX Runtime against torch
 

@@ -13,7 +13,6 @@ import pytest
 
 from engine.serve import api
 from tests.test_build import one_torch_thread  # noqa: F401 (an autouse fixture)
-from tests.test_lora import lora_files  # noqa: F401 (a fixture)
 
 FAST = dict(height=64, width=64, num_inference_steps=2, guidance_scale=7.5)
 

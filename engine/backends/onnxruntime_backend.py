@@ -184,6 +184,11 @@ class GraphBackend:
         self.device = self.unet_model.device
         self._zeros: dict[tuple, list[torch.Tensor]] = {}
 
+    def models(self) -> list:
+        """Every graph this backend runs, each once."""
+        every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
+        return every + ([self.vae_encoder] if self.vae_encoder is not None else [])
+
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder.run({"input_ids": input_ids})[0].float()
 
@@ -293,7 +298,5 @@ class OrtBackend(GraphBackend):
     def __init__(self, engine_dir: Path, manifest: Manifest, nets: list[int], config: OrtConfig = OrtConfig()):
         engine_dir = Path(engine_dir)
         super().__init__(manifest, nets, lambda a: OrtModel(engine_dir / a.onnx, a, config), engine_dir)
-        every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
-        every += [self.vae_encoder] if self.vae_encoder is not None else []
-        self.providers = {m.name: m.provider for m in every}
+        self.providers = {m.name: m.provider for m in self.models()}
         self.provider = self.unet_model.provider

@@ -274,10 +274,6 @@ class OvBackend(GraphBackend):
         super().__init__(manifest, nets, lambda a: OvModel(engine_dir / a.onnx, a, config, cache_dir, core),
                          engine_dir)
 
-    def models(self) -> list[OvModel]:
-        every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
-        return every + ([self.vae_encoder] if self.vae_encoder is not None else [])
-
     @property
     def compile_s(self) -> float:
         """Seconds spent compiling (or loading compiled models from the cache) so far, all graphs."""

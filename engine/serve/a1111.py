@@ -352,7 +352,7 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
     if "<lora:" in req.negative_prompt:
         raise ApiError(422, "negative_prompt", "negative_prompt: <lora:...> tags apply in prompt only")
     if "<lora:" in prompt:
-        prompt, loras = _parse_loras(prompt, runner, lora_dir)
+        prompt, loras = _parse_loras(prompt, lora_dir)
     if not prompt.strip():
         raise ApiError(422, "prompt", "prompt is required: this engine does not generate from an empty prompt")
     negative = req.negative_prompt if req.negative_prompt.strip() else None
@@ -369,13 +369,9 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
                 runner_kwargs=kwargs, units=units, prompt_as_sent=req.prompt, loras=loras)
 
 
-def _parse_loras(prompt: str, runner, lora_dir):
-    try:
-        from engine.lora import parse_prompt_loras
-    except ImportError:
-        raise ApiError(501, "prompt", "prompt has <lora:...> tags, but this build has no LoRA support (engine.lora)") from None
-    if not hasattr(runner, "set_loras"):
-        raise ApiError(501, "prompt", "prompt has <lora:...> tags, but this build's Runner has no set_loras")
+def _parse_loras(prompt: str, lora_dir):
+    from engine.lora import parse_prompt_loras
+
     if lora_dir is None:
         raise ApiError(422, "prompt", "prompt has <lora:...> tags, but this server was started without a lora_dir")
     try:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from engine.serve import a1111_control as control
 from engine.serve.a1111 import CONTROL_MODES, SCHEDULES, Plan, short_hash
 
-def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int) -> str:
-    """The "parameters" text the engine's PNGs carry (engine.pngmeta), per image."""
+def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int, lora_hashes: dict) -> str:
+    """The "parameters" text the engine's PNGs carry (engine.pngmeta), per image; `lora_hashes`: name -> A1111
+    hash of each LoRA the run applied."""
     from engine.pngmeta import format_parameters
 
     by_slot = {u.slot: u for u in plan.units}
@@ -22,9 +22,7 @@ def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int) -> 
              guess_mode=False, controlnet=[], preprocess=[], controlnet_conditioning_scale=[],
              control_guidance_start=[], control_guidance_end=[], image=[], unit_pairs=[])
     if plan.loras:  # A1111's "Lora hashes" (the prompt keeps its tags), written by engine.pngmeta
-        from engine.lora import lora_short_hash
-
-        p["lora_hashes"] = {Path(path).stem: lora_short_hash(path) for path, _ in plan.loras}
+        p["lora_hashes"] = lora_hashes
     canny = next((by_slot[k] for k in used if by_slot[k].module == "canny"), None)
     if canny is not None:  # pngmeta's global canny pair; each unit's own thresholds are in its unit_pairs
         p["canny_low"], p["canny_high"] = int(canny.threshold_a), int(canny.threshold_b)

@@ -11,7 +11,6 @@ use, so the Runner never runs two calls at once. Errors have A1111's shape plus 
 """
 import asyncio
 import base64
-import inspect
 import io
 import time
 from dataclasses import dataclass
@@ -108,11 +107,6 @@ class Progress:
         return dict(progress=done, eta_relative=eta, state=state, current_image=None, textinfo=None)
 
 
-def _runner_has_img2img(runner) -> bool:
-    params = inspect.signature(runner.generate).parameters
-    return all(name in params for name in ("init_image", "mask_image", "strength"))
-
-
 def add_routes(app, server) -> None:
     """The A1111 routes, closing over the ControlNetServer replica `server` (its runner, pool, limits)."""
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -120,8 +114,9 @@ def add_routes(app, server) -> None:
     progress = Progress()
     runner = server.runner
 
-    def run_plan(plan: a1111.Plan) -> list:
-        """Worker thread: one generate() per image, each from its own seed (A1111's seed + i)."""
+    def run_plan(plan: a1111.Plan) -> tuple[list, dict]:
+        """Worker thread: one generate() per image, each from its own seed (A1111's seed + i). Returns the
+        images and the applied LoRAs' A1111 hashes by name (hashed once per file, engine.lora.Lora)."""
         progress.job_count, progress.job_no, progress.step, progress.steps = len(plan.seeds), 0, 0, 0
         progress.started, progress.job_timestamp = time.time(), time.strftime("%Y%m%d%H%M%S")
 
@@ -137,17 +132,17 @@ def add_routes(app, server) -> None:
                 result = runner.generate(plan.prompt, negative_prompt=plan.negative_prompt, seed=seed,
                                          callback=on_step, **plan.runner_kwargs, **extra)
                 images.append(result.images[0])
-            return images
+            return images, {lora["name"]: lora["hash"] for lora in result.parameters["loras"]}
         finally:
             progress.job_count = 0
 
     async def generate(req, plan: a1111.Plan) -> dict:
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(server.pool, run_plan, plan)
+            images, lora_hashes = await loop.run_in_executor(server.pool, run_plan, plan)
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
             raise ApiError(422, None, str(err)) from None
-        texts = [a1111_response.infotext(plan, runner, seed, i % req.batch_size, req.batch_size)
+        texts = [a1111_response.infotext(plan, runner, seed, i % req.batch_size, req.batch_size, lora_hashes)
                  for i, seed in enumerate(plan.seeds)]
         encoded = [png_b64(im, text) for im, text in zip(images, texts)]
         encoded += [png_b64(u.control_map) for u in plan.units if u.save_detected_map]
@@ -174,7 +169,7 @@ def add_routes(app, server) -> None:
     async def txt2img(req: Txt2ImgRequest):
         async def work():
             check_overrides(req)
-            plan = a1111.plan_request(req, runner, server.limits, getattr(server, "lora_dir", None))
+            plan = a1111.plan_request(req, runner, server.limits, server.lora_dir)
             return await generate(req, plan)
 
         return await guarded(work)
@@ -182,14 +177,11 @@ def add_routes(app, server) -> None:
     @app.post("/sdapi/v1/img2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
     async def img2img(req: Img2ImgRequest):
         async def work():
-            if not _runner_has_img2img(runner):
-                raise ApiError(501, "init_images", "img2img needs Runner.generate(init_image=..., mask_image=..., "
-                                                   "strength=...), which this build's Runner does not have")
             check_overrides(req)
             from engine.serve.a1111_img2img import decode_init
 
             init = decode_init(req, server.limits)
-            plan = a1111.plan_request(req, runner, server.limits, getattr(server, "lora_dir", None), init.first_rgb)
+            plan = a1111.plan_request(req, runner, server.limits, server.lora_dir, init.first_rgb)
             plan.init = init.runner_kwargs
             return await generate(req, plan)
 
