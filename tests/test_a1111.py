@@ -186,7 +186,7 @@ def test_control_modes_equal_runner(api, photo64, reference, mode, runner_mode):
                          preprocess=[canny_with(100, 200), False], controlnet_conditioning_scale=[1.0, 0.0],
                          control_mode=[runner_mode, idle])
     np.testing.assert_array_equal(pixels(r.images[0]), expected)
-    from engine.serve.a1111 import CONTROL_MODES
+    from engine.serve.a1111.plan import CONTROL_MODES
 
     assert f"Control Mode: {CONTROL_MODES[['balanced', 'prompt', 'controlnet'].index(runner_mode)]}" in r.info["infotexts"][0]
 
@@ -221,7 +221,7 @@ def test_detect_canny_equals_cv2(api, photo, photo64):
 
 def test_resize_modes_fit_the_map(photo):
     """The three resize modes give a map of the generation size; Crop and Resize keeps the centre."""
-    from engine.serve import a1111_control as control
+    from engine.serve.a1111 import control
 
     wide = np.asarray(photo.resize((128, 64)))
     for mode in range(3):

@@ -4,7 +4,7 @@
     serve deploy engine/serve/config.yaml                   # a GPU cluster (see docs/SERVING.md)
 
 Routes: POST /generate, GET /healthz, GET /models, GET /stats, the demo at /demo, and the A1111 web UI
-API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111_routes.py).
+API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111/routes.py).
 
 Batching. `@serve.batch` hands the replica up to `max_batch_size` requests that arrived within
 `batch_wait_timeout_s`; they are grouped by `api.batch_key` (size, steps, scheduler, guidance, ControlNet
@@ -331,7 +331,7 @@ class ControlNetServer:
                            merged=outcome.merged),
             )
 
-        from engine.serve.a1111_routes import add_routes
+        from engine.serve.a1111.routes import add_routes
 
         add_routes(app, self)  # the A1111 web UI API: /sdapi/v1/*, /controlnet/*
         if self.demo:

@@ -6,7 +6,7 @@ What each A1111 field does here (docs/SERVING.md has the same as a table):
   does), steps, cfg_scale, width, height, sampler_name/sampler_index + scheduler (SAMPLERS below),
   batch_size x n_iter (one `generate` call per image, each from its own seed, so every image can be
   rerun alone with its seed), eta (DDIM's eta; Euler a runs at eta 1 only), send_images,
-  alwayson_scripts.controlnet units (engine/serve/a1111_control.py for the images), `<lora:NAME:W>`
+  alwayson_scripts.controlnet units (engine/serve/a1111/control.py for the images), `<lora:NAME:W>`
   tags (when engine.lora exists), img2img's init_images, denoising_strength, mask and its options.
 - Inert: fields A1111 itself does not read in the request as given (hires fields without enable_hr,
   subseed at subseed_strength 0, ...); INERT lists the values accepted, anything else is a 422.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.serve import a1111_control as control
+from engine.serve.a1111 import control
 from engine.serve.api import ApiError, Limits
 
 MAX_SEED = 2**32 - 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import time
 
-from engine.serve import a1111_control as control
-from engine.serve.a1111 import CONTROL_MODES, SCHEDULES, Plan, short_hash
+from engine.serve.a1111 import control
+from engine.serve.a1111.plan import CONTROL_MODES, SCHEDULES, Plan, short_hash
 
 def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int, lora_hashes: dict) -> str:
     """The "parameters" text the engine's PNGs carry (engine.pngmeta), per image; `lora_hashes`: name -> A1111

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 
-from engine.serve import a1111_control
+from engine.serve.a1111 import control
 from engine.serve.api import ApiError, Limits
 
 RESIZE_MODES = ("Just resize", "Crop and resize")  # 2 (Resize and fill) and 3 (latent upscale) are not implemented
@@ -56,7 +56,7 @@ def decode_init(req, limits: Limits) -> InitImages:
     if req.resize_mode not in (0, 1):
         raise ApiError(422, "resize_mode", f"resize_mode must be 0 ({RESIZE_MODES[0]}) or 1 ({RESIZE_MODES[1]}), "
                                            f"got {req.resize_mode!r}; 2 and 3 are not implemented")
-    pictures = [a1111_control.decode_rgb(data, f"init_images.{i}", limits) for i, data in enumerate(req.init_images)]
+    pictures = [control.decode_rgb(data, f"init_images.{i}", limits) for i, data in enumerate(req.init_images)]
     init = [fit_picture(PIL.Image.fromarray(p), req.resize_mode, req.width, req.height) for p in pictures]
     mask = None
     if req.mask:
@@ -68,7 +68,7 @@ def decode_init(req, limits: Limits) -> InitImages:
                                                     "false (whole picture)")
         if req.inpainting_mask_invert not in (0, 1):
             raise ApiError(422, "inpainting_mask_invert", "inpainting_mask_invert must be 0 or 1")
-        grey = a1111_control.decode_rgb(req.mask, "mask", limits).mean(axis=2).round().astype(np.uint8)
+        grey = control.decode_rgb(req.mask, "mask", limits).mean(axis=2).round().astype(np.uint8)
         if req.inpainting_mask_invert:
             grey = 255 - grey
         sigma_x, sigma_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)

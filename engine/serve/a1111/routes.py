@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.serve import a1111, a1111_control, a1111_response
-from engine.serve.a1111_models import (
+from engine.serve.a1111 import control as a1111_control, plan as a1111, response as a1111_response
+from engine.serve.a1111.models import (
     ControlNetSettingsResponse,
     ControlTypesResponse,
     DetectRequest,
@@ -178,7 +178,7 @@ def add_routes(app, server) -> None:
     async def img2img(req: Img2ImgRequest):
         async def work():
             check_overrides(req)
-            from engine.serve.a1111_img2img import decode_init
+            from engine.serve.a1111.img2img import decode_init
 
             init = decode_init(req, server.limits)
             plan = a1111.plan_request(req, runner, server.limits, server.lora_dir, init.first_rgb)

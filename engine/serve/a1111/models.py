@@ -3,7 +3,7 @@
 Field names, types and defaults are A1111's (`modules/api/models.py`, `modules/processing.py`) and the
 ControlNet extension's (`internal_controlnet/args.py`), so existing clients' bodies validate unchanged.
 Unknown fields are refused (extra="forbid"): A1111 drops them silently, which hides typos. Whether a
-field's *value* is one this engine implements is checked in `engine/serve/a1111.py`, which also says
+field's *value* is one this engine implements is checked in `engine/serve/a1111/plan.py`, which also says
 per field what happens to it (see INERT there).
 """
 from typing import Any, Optional, Union
@@ -52,7 +52,7 @@ class ControlNetUnit(_Body):
     input_image: Optional[str] = Field(None, description="Legacy name for image")
     guidance: Optional[float] = Field(None, description="Legacy name for guidance_end")
     lowvram: Optional[bool] = Field(None, description="Legacy name for low_vram")
-    # Extension fields accepted at their defaults only (see a1111.INERT_UNIT).
+    # Extension fields accepted at their defaults only (see plan.INERT_UNIT).
     is_ui: bool = False
     input_mode: str = "simple"
     batch_images: Optional[Any] = None
