@@ -28,7 +28,7 @@ import torch
 
 from engine import modes
 from engine import preprocess as pre
-from engine.backends import check_backend_name, check_request
+from engine.backends import check_backend_name, check_finite, check_request
 from engine.modules import block_scales
 from engine.optimizations import TorchOptimizations, resolve_optimizations
 from engine.parts import DTYPES, load_engine_dir, load_torch
@@ -388,6 +388,7 @@ class Runner:
         with timer("text_encoder"):
             ids = self._tokenize(negatives + prompts if do_cfg else prompts)
             embeddings = backend.encode_text(ids).repeat_interleave(per_prompt, dim=0)
+            check_finite(embeddings, "text embeddings", backend, self.dtype)
             cond_embeddings = embeddings[batch:] if do_cfg else embeddings
 
         # Which ControlNet runs at which kept step: diffusers' keep rule, plus "scale 0 never runs".
@@ -454,6 +455,7 @@ class Runner:
             if callback is not None:
                 callback(i + 1, total)
 
+        check_finite(latents, "final latents", backend, self.dtype)
         if output_type == "latent":
             images = latents
         else:
