@@ -20,6 +20,7 @@ from benchmarks.bench_pipeline import (
     _skip_unless_selected,
     diffusers_pipeline,
     engine_runner,
+    give_back_memory,
     image_error,
     release_after,
 )
@@ -42,12 +43,16 @@ def setup(request, bench_config):
     res = bench_config.resolution
     with PIL.Image.open(ASSET) as im:
         init = im.convert("RGB").resize((res, res), PIL.Image.LANCZOS)
-    return dict(runner=runner, pipe=pipe, init=init, edges=canny(init), engine_dir=engine_dir, engine_build=engine_build)
+    setup = dict(runner=runner, pipe=pipe, init=init, edges=canny(init), engine_dir=engine_dir, engine_build=engine_build)
+    yield setup
+    setup.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
+    give_back_memory()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, setup):
-    """Module-scoped, as bench_pipeline's: once a backend's row is done, what only it needed is dropped."""
+    """Module-scoped, as bench_pipeline's: once a backend's row is done, what only it needed is dropped (the
+    fp32 torch modules before the onnxruntime row)."""
     yield request.param
     release_after(setup, request.param, BACKENDS)
 

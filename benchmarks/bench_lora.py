@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.bench_pipeline import _after, _run
+from benchmarks.bench_pipeline import _after, _run, give_back_memory
 
 RANK = 16
 UNET_PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -53,8 +53,11 @@ def lora_setup(request, bench_config, tmp_path_factory):
                                               safe_serialization=True)
     targets = dict(unet=len(unet) // 2, text_encoder=len(text) // 2,
                    params=sum(t.numel() for t in [*unet.values(), *text.values()]))
-    return dict(runner=runner, engine_dir=engine_dir, engine_build=engine_build,
-                lora=str(out / "pytorch_lora_weights.safetensors"), targets=targets)
+    setup = dict(runner=runner, engine_dir=engine_dir, engine_build=engine_build,
+                 lora=str(out / "pytorch_lora_weights.safetensors"), targets=targets)
+    yield setup
+    setup.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
+    give_back_memory()
 
 
 def _reexport(engine_build: dict | None) -> dict:
@@ -73,9 +76,12 @@ def test_lora_switch(benchmark, lora_setup, bench_config, machine_info, backend)
     if backend not in bench_config.backends:
         pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
     benchmark.group = f"lora switch {bench_config.size} rank {RANK}"
-    runner = lora_setup["runner"]
     if backend == "onnxruntime":
+        if lora_setup.pop("runner", None) is not None:  # the torch row's fp32 modules, beside ORT's own graphs
+            give_back_memory()
         runner = Runner(engine_dir=str(lora_setup["engine_dir"]), backend="onnxruntime")
+    else:
+        runner = lora_setup["runner"]
     weights = iter([0.8, 0.6] * 64)  # each round a real switch: another weight of the same LoRA
 
     def switch():
