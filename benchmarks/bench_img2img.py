@@ -20,7 +20,7 @@ from benchmarks.bench_pipeline import (
     _skip_unless_selected,
     diffusers_pipeline,
     engine_runner,
-    give_back_memory,
+    held_for_the_module,
     image_error,
     release_after,
 )
@@ -31,6 +31,10 @@ BACKENDS = ["diffusers", "torch", "torch-fused", "torch-bf16", "onnxruntime"]
 
 @pytest.fixture(scope="module")
 def setup(request, bench_config):
+    yield from held_for_the_module(_setup(request, bench_config))
+
+
+def _setup(request, bench_config) -> dict:
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     from engine import Runner
@@ -43,10 +47,7 @@ def setup(request, bench_config):
     res = bench_config.resolution
     with PIL.Image.open(ASSET) as im:
         init = im.convert("RGB").resize((res, res), PIL.Image.LANCZOS)
-    setup = dict(runner=runner, pipe=pipe, init=init, edges=canny(init), engine_dir=engine_dir, engine_build=engine_build)
-    yield setup
-    setup.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
-    give_back_memory()
+    return dict(runner=runner, pipe=pipe, init=init, edges=canny(init), engine_dir=engine_dir, engine_build=engine_build)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

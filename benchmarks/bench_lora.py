@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.bench_pipeline import _after, _run, give_back_memory
+from benchmarks.bench_pipeline import _after, _run, give_back_memory, held_for_the_module
 
 RANK = 16
 UNET_PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -38,6 +38,10 @@ def _lora_tensors(module: torch.nn.Module, suffixes: tuple[str, ...], gen: torch
 
 @pytest.fixture(scope="module")
 def lora_setup(request, bench_config, tmp_path_factory):
+    yield from held_for_the_module(_lora_setup(request, bench_config, tmp_path_factory))
+
+
+def _lora_setup(request, bench_config, tmp_path_factory) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from engine import Runner
@@ -53,11 +57,8 @@ def lora_setup(request, bench_config, tmp_path_factory):
                                               safe_serialization=True)
     targets = dict(unet=len(unet) // 2, text_encoder=len(text) // 2,
                    params=sum(t.numel() for t in [*unet.values(), *text.values()]))
-    setup = dict(runner=runner, engine_dir=engine_dir, engine_build=engine_build,
-                 lora=str(out / "pytorch_lora_weights.safetensors"), targets=targets)
-    yield setup
-    setup.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
-    give_back_memory()
+    return dict(runner=runner, engine_dir=engine_dir, engine_build=engine_build,
+                lora=str(out / "pytorch_lora_weights.safetensors"), targets=targets)
 
 
 def _reexport(engine_build: dict | None) -> dict:

@@ -26,6 +26,20 @@ PROMPT = "an astronaut, best quality"
 
 @pytest.fixture(scope="module")
 def setup(request, bench_config):
+    yield from held_for_the_module(_setup(request, bench_config))
+
+
+def held_for_the_module(resources: dict):
+    """A module fixture's body: yield its dict of models, then empty it. The dict is made by a plain function
+    and only the dict is held here, so when a row's models are popped from it (release_after) nothing else
+    keeps them alive: a fixture that made them as its own locals before `yield` held every one of them,
+    from a suspended frame, until the module's end."""
+    yield resources
+    resources.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
+    give_back_memory()
+
+
+def _setup(request, bench_config) -> dict:
     from diffusers import StableDiffusionControlNetPipeline
 
     from engine import Runner
@@ -41,10 +55,7 @@ def setup(request, bench_config):
     with PIL.Image.open(ASSET) as im:
         edges = canny(im.convert("RGB").resize((res, res), PIL.Image.LANCZOS))
     flops = per_sample_flops(bench_config.preset, res, res)
-    setup = dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
-    yield setup
-    setup.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
-    give_back_memory()
+    return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
 
 
 def diffusers_pipeline(pipeline_class, runner):

@@ -58,19 +58,24 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_gb() -> float | None:
-    """This process's peak resident memory (GB) since the last reset_peak_rss; None where unreadable."""
+def rss_gb(field: str = "VmHWM") -> float | None:
+    """This process's resident memory (GB): VmHWM its peak since the last reset_peak_rss, VmRSS now; None
+    where unreadable."""
     try:
         with open("/proc/self/status") as f:
-            found = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+            found = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
     except OSError:
         return None
     return int(found.group(1)) * 1024 / 1e9 if found else None
 
 
+START_RSS = pytest.StashKey[float]()  # the resident memory a row started from
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     reset_peak_rss()  # before the row's fixtures are made: what it loads counts as its own
+    item.stash[START_RSS] = rss_gb("VmRSS")
     yield
 
 
@@ -80,7 +85,8 @@ def pytest_runtest_call(item):
     bench = getattr(item, "funcargs", {}).get("benchmark")
     if bench is None or not hasattr(bench, "extra_info"):
         return
-    bench.extra_info["peak_rss_gb"] = peak_rss_gb()
+    # The start says what earlier rows left behind; peak minus start is what this row itself added.
+    bench.extra_info.update(peak_rss_gb=rss_gb(), start_rss_gb=item.stash.get(START_RSS, None))
     if outcome.excinfo is None:
         write_results_so_far(item.config)
 

@@ -68,14 +68,14 @@ def table(path: Path) -> str:
         f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run" + _bf16_rate(rs),
         "",
         "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor | first call s | PSNR vs diffusers fp32 "
-        "| peak RSS GB |",
+        "| peak RSS GB (+ over its start) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rs:
         ratio = f"{r['vs_baseline']:.2f}" if r["vs_baseline"] else "–"
         floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
         first_call = f"{r['info']['first_call_s']:.1f}" if "first_call_s" in r["info"] else "–"  # compilation
-        peak = f"{r['info']['peak_rss_gb']:.1f}" if r["info"].get("peak_rss_gb") is not None else "–"
+        peak = _peak(r["info"])
         lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | "
                      f"{ratio} | {floor} | {first_call} | {_psnr(r['info'])} | {peak} |")
     build = next((r["info"]["engine_build"] for r in rs if "engine_build" in r["info"]), None)
@@ -94,6 +94,14 @@ def table(path: Path) -> str:
 def _bf16_rate(rs: list[dict]) -> str:
     bf16 = next((r for r in rs if r["backend"].endswith("-bf16") and "matmul_gflops" in r["info"]), None)
     return f" (bf16: {bf16['info']['matmul_gflops']:.0f}, the floor of the -bf16 rows)" if bf16 else ""
+
+
+def _peak(info: dict) -> str:
+    """The row's peak RSS, and what it added over the memory it started from (what earlier rows left)."""
+    peak, start = info.get("peak_rss_gb"), info.get("start_rss_gb")
+    if peak is None:
+        return "–"
+    return f"{peak:.1f}" + (f" (+{peak - start:.1f})" if start is not None else "")
 
 
 def _psnr(info: dict) -> str:

@@ -43,4 +43,4 @@ def test_a_killed_run_keeps_its_finished_rows(tmp_path):
     rows = json.loads(out.read_text())["benchmarks"]
     assert [r["name"] for r in rows] == ["test_cpu_point[320x64x64-torch_unfused]"]
     assert 0.1 < rows[0]["extra_info"]["peak_rss_gb"] < 24
-    assert "| peak RSS GB |" in table(out) and "Peak RSS of the benchmark process over all rows" in table(out)
+    assert "| peak RSS GB (+ over its start) |" in table(out) and "Peak RSS of the benchmark process over all rows" in table(out)
