@@ -96,7 +96,8 @@ def summary_table(rows: list[dict]) -> str:
 
 def write_results(rows: list[dict], meta: dict) -> None:
     """results/kernel-resources.json (every row) and .md (the table), and the summary in benchmarks/README.md."""
-    RESULTS_JSON.write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
+    body = json.dumps(meta)[:-1] + ', "rows": [\n' + ",\n".join(json.dumps(r) for r in rows) + "\n]}\n"
+    RESULTS_JSON.write_text(body)  # a row a line: diffs stay readable
     header = (f"# Triton kernels compiled for NVIDIA targets\n\n{meta['date']} · triton {meta['triton']} · "
               f"{len(rows)} compilations in {meta['compile_seconds']} s on {meta['cpu']} "
               "(`python -m benchmarks.kernel_resources`).\n\nCells: registers per thread · spill store bytes · "

@@ -463,17 +463,31 @@ class KnownProblem:
 
 
 KNOWN_PROBLEMS = (
+    # Full run of 2026-12-05 (results/kernel-resources.md has each variant's bytes).
     KnownProblem(
         "_zero_conv_add_kernel", "spills",
-        lambda config: config.startswith("fp32") or "NUM_NETS=1" not in config,
-        "fp32 (ieee dot on FMA units) spills from KBs on sm_80 at NUM_NETS=1 to tens of KB at NUM_NETS=4; fp16/bf16 "
-        "spill ~1 KB at NUM_NETS>=2 with 128-wide tiles: each net's term keeps its own fp32 accumulator beside the "
-        "running sum. Needs per-dtype/NUM_NETS autotune lists or one accumulator (a kernel change, measured on a GPU)."),
+        lambda config: (config.startswith("fp32") or " nchw unaligned " in config
+                        or "NUM_NETS=3" in config or "NUM_NETS=4" in config),
+        "fp32 (an ieee dot, on FMA units) spills in 207 of 320 variants, up to 32 KB (sm_80, NUM_NETS=4, "
+        "128x128x64); fp16/bf16 at NUM_NETS=3-4 in 106 of 256, up to 15.7 KB: each net's term keeps its own fp32 "
+        "accumulator beside the running sum; fp16/bf16 NCHW at a pixel count that is not a multiple of 16 in 24 of "
+        "64 (the 128-wide tiles), up to 248 B. fp16/bf16 NUM_NETS=1-2 aligned, the common case, never spills. "
+        "Needs autotune lists per dtype and NUM_NETS, or one accumulator: a kernel change, to be timed on a GPU."),
     KnownProblem(
         "_zero_conv_add_kernel", "shared memory",
         lambda config: config.startswith("fp32"),
-        "fp32 configs with 64-wide K steps need 128 KB of shared memory, over sm_89's 99 KB: Triton's autotuner "
-        "skips them there at run time (OutOfResources), after compiling them."),
+        "fp32 128x128x64 needs 128 KB of shared memory, over sm_89's 99 KB: Triton's autotuner compiles it there "
+        "and skips it at run time (OutOfResources)."),
+    KnownProblem(
+        "_gn_stats_kernel", "spills",
+        lambda config: " nchw unaligned " in config and ("BLOCK_C=64 " in config or "BLOCK_C=128 " in config),
+        "4 B on sm_100 (fp16/bf16, 64 channels x 32 pixels per tile, NCHW, pixels not a multiple of 16: a "
+        "channel-strided tile with 64-bit addresses, 168 registers)."),
+    KnownProblem(
+        "_gn_silu_apply_kernel", "spills",
+        lambda config: " nchw unaligned " in config and ("BLOCK_C=64 " in config or "BLOCK_C=128 " in config),
+        "8 B on sm_89 (fp16, 128 channels x 16 pixels per tile, NCHW, pixels not a multiple of 16: as the stats "
+        "kernel)."),
 )
 
 
