@@ -1,6 +1,6 @@
 """The table of every Triton kernel variant compiled for every NVIDIA target (benchmarks/triton_targets.py).
 
-    python -m benchmarks.kernel_resources            # compile all (~1 h of CPU) -> results/kernel-resources.{json,md}
+    python -m benchmarks.kernel_resources            # compile all (~3.5 h of CPU) -> results/kernel-resources.{json,md}
     python -m benchmarks.kernel_resources --rewrite  # rebuild the .md table and the README summary from the .json
 
 Writes benchmarks/results/kernel-resources.json (a row per kernel, config and target: registers, spill bytes,

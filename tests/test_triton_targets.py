@@ -7,7 +7,7 @@ variants are what the launchers really launch (benchmarks/triton_targets.py reco
 and specialises them with Triton's own binder), compiled in one process started without TRITON_INTERPRET.
 Each run compiles a covering subset, about 20 compilations: every kernel on every target, each dtype, layout,
 alignment and autotune config at least once, cheapest first by the committed table's compile times.
-ENGINE_KERNEL_TARGETS=all compiles every variant (~2500, hours of CPU), as `python -m
+ENGINE_KERNEL_TARGETS=all compiles every variant (2448, ~3.5 h of CPU), as `python -m
 benchmarks.kernel_resources` does when it writes the table.
 """
 from __future__ import annotations
