@@ -1,6 +1,6 @@
-"""A NaN or inf in the text embeddings or the final latents is an error naming the backend and precision,
+"""A NaN or inf in the text conditioning or the final latents is an error naming the backend and precision,
 never a NaN image (engine.backends.check_finite, called by the Runner once per generation for each). The
-tiny model is poisoned with a NaN weight; the graph backends' case is in tests/test_openvino_backend.py."""
+tiny model is poisoned with a NaN weight; the graph backends' case is in tests/test_graph_backends.py."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,8 @@ ARGS = dict(num_inference_steps=2, height=64, width=64, seed=0, preprocess=False
 
 
 @pytest.mark.parametrize("poisoned, stage", [
-    (lambda b: b.text_encoder.text_encoder.get_parameter("final_layer_norm.weight"), "text embeddings"),
+    (lambda b: b.text_encoder.text_encoder.get_parameter("final_layer_norm.weight"),
+     r"text conditioning \(encoder_hidden_states\)"),
     (lambda b: b.unet_model.unet.conv_in.weight, "final latents"),
 ], ids=["text_encoder", "unet"])
 def test_nan_weight_is_an_error_naming_backend_and_precision(photo, poisoned, stage):
