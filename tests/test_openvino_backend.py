@@ -87,6 +87,35 @@ def test_each_setting_compiles_into_its_own_cache_folder(engine_dir, tmp_path, m
     assert {p: b for p, b in _blobs(cache).items() if p.parent == first.blob_folder()} == f32_blobs
 
 
+def test_bf16_runner_after_an_f32_one_on_the_same_dir(engine_dir, tiny_dir, tmp_path):
+    """Issue #22's failure, end to end: an f32 generation writes its blobs into the dir's cache, then a bf16
+    Runner on the same dir. Where OpenVINO lists BF16 (AVX512-BF16 or AMX: the CPU flags decide, never a
+    skip), its images are finite and near f32's; elsewhere dtype bf16 is refused, naming the CPU."""
+    import numpy as np
+    import openvino as ov
+
+    from engine import Runner
+    from engine.backends.openvino_backend import ov_has_bf16
+    from tests.test_optimizations import psnr
+
+    target = tmp_path / "engine"
+    shutil.copytree(engine_dir, target, ignore=shutil.ignore_patterns("openvino_cache"))
+    args = dict(num_inference_steps=2, preprocess=False, seed=0, output_type="np")
+    control = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    net = dict(controlnet=str(tiny_dir["canny"]))
+    want = Runner(engine_dir=str(target), backend="openvino", **net).generate("a photo", control, **args).images
+    if not ov_has_bf16(ov.Core()):
+        with pytest.raises(ValueError, match="OpenVINO runs bf16 only on CPUs with AVX512-BF16 or AMX"):
+            Runner(engine_dir=str(target), backend="openvino", dtype="bf16", **net)
+        return
+    runner = Runner(engine_dir=str(target), backend="openvino", dtype="bf16", **net)
+    got = runner.generate("a photo", control, **args).images
+    assert runner.backend.precision == "bf16" and np.isfinite(got).all()
+    db = psnr(got, want)
+    print(f"\nopenvino bf16 after f32 on one dir: PSNR {db:.1f} dB against f32")
+    assert db >= 30
+
+
 def test_set_initializers_swaps_weights(engine_dir, engine_references):
     from engine.parity import compare, reference_module
 
