@@ -255,9 +255,8 @@ def test_native_bf16_read_from_cpu_flags(tmp_path, flags, native, isa):
 def test_bf16_tests_run_where_the_cpu_flags_say_bf16():
     """The bf16 tests and benchmark rows are conditioned on the CPU, never skipped outright: OpenVINO's bf16
     branches (tests/test_openvino_backend.py: the model cache, a bf16 Runner after an f32 one) and rows follow
-    OpenVINO's BF16 capability, the native attention
-    tests (tests/test_attention.py) the kernel's own AVX512-BF16 check, the torch bf16 rows
-    cpu_has_native_bf16(). On a CPU whose flags list amx_bf16 or avx512_bf16 all of them must say yes, so
+    OpenVINO's BF16 capability, the native attention tests (tests/test_attention.py) the kernel's own
+    AVX512-BF16 check, the torch bf16 rows cpu_has_native_bf16(). On a CPU whose flags list amx_bf16 or avx512_bf16 all of them must say yes, so
     none of those tests skips there; here (AVX2) all say no."""
     from engine.optimizations import cpu_flags
 
