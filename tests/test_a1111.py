@@ -222,13 +222,14 @@ def test_detect_canny_equals_cv2(api, photo, photo64):
 def test_resize_modes_fit_the_map(photo):
     """The three resize modes give a map of the generation size; Crop and Resize keeps the centre."""
     from engine.serve.a1111 import control
+    from engine.serve.api import Limits
 
     wide = np.asarray(photo.resize((128, 64)))
     for mode in range(3):
-        assert control.fit(wide, mode, 64, 48).shape == (64, 48, 3)
-    crop = control.fit(wide, 1, 64, 64)
+        assert control.fit(wide, mode, 64, 48, Limits(), "image").shape == (64, 48, 3)
+    crop = control.fit(wide, 1, 64, 64, Limits(), "image")
     np.testing.assert_array_equal(crop, wide[:, 32:96])
-    fill = control.fit(wide, 2, 64, 64)  # scaled to 64x32, centred, bands of the median border colour
+    fill = control.fit(wide, 2, 64, 64, Limits(), "image")  # scaled to 64x32, centred, bands of the median border colour
     assert (fill[:16] == fill[0, 0]).all() and (fill[48:] == fill[0, 0]).all()
     assert control.pixel_perfect_resolution(wide, 64, 64, 1) == 64 and control.pixel_perfect_resolution(wide, 64, 64, 2) == 32
 

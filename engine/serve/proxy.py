@@ -1,0 +1,61 @@
+"""The answers Ray Serve's HTTP proxy gives itself, in the API's JSON error shape.
+
+When a replica process dies during a request (killed, out of memory, crashed), Serve's proxy gets an actor
+error and ends the request without a response, which the HTTP server turns into a plain-text 500; past
+`max_queued_requests` it answers a plain-text 503 (with `Retry-After` from the deployment's
+`backpressure_config`), past `request_timeout_s` a plain-text 408. `middlewares()` gives the proxy one ASGI
+middleware that turns these into JSON (`{"error", "field"}`, A1111's shape under its routes): a request
+whose replica died gets a 503 saying so, with `Retry-After`, so a client can tell a failure of the server
+from a bad request and knows when to try again. Responses from the app itself pass unchanged.
+
+The proxy loads it from `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=engine.serve.proxy:middlewares`, which
+must be in the environment of the Ray node that runs the proxy: `engine.serve.local.start_local_serve` sets
+it before starting Ray; on a cluster set it for `ray start` (docs/SERVING.md).
+"""
+from __future__ import annotations
+
+from engine.serve.guard import send_error
+
+CALLBACK = "engine.serve.proxy:middlewares"
+RETRY_AFTER_S = 5  # what a client is told to wait after a 503: a busy queue drains, a failed replica restarts
+_PROXY_STATUSES = (408, 500, 503)  # the proxy's own answers come as plain text
+
+
+def middlewares() -> list:
+    from starlette.middleware import Middleware
+
+    return [Middleware(JsonFailures)]
+
+
+class JsonFailures:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "held": None, "body": b""}
+
+        async def relay(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                headers = [tuple(h) for h in message.get("headers", [])]
+                ctype = dict(headers).get(b"content-type", b"")
+                if message["status"] in _PROXY_STATUSES and ctype.startswith(b"text/plain"):
+                    state["held"] = (message["status"], headers)
+                    return
+            elif message["type"] == "http.response.body" and state["held"] is not None:
+                state["body"] += message.get("body", b"")
+                if message.get("more_body", False):
+                    return
+                status, headers = state["held"]
+                kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+                return await send_error(send, scope["path"], status, state["body"].decode("utf-8", "replace"), kept)
+            await send(message)
+
+        await self.app(scope, receive, relay)
+        if not state["started"]:
+            await send_error(send, scope["path"], 503,
+                             "the replica serving this request stopped before it answered (its process died: killed, "
+                             "out of memory or crashed); Serve starts a new one: retry the request",
+                             [(b"retry-after", str(RETRY_AFTER_S).encode())])
