@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The modules that run a local Ray (test_serve's server, shared, or one of their own started in turn).
-RAY_MODULES = {"test_serve", "test_serve_browser", "test_img2img_serve", "test_a1111", "bench_serve"}
+RAY_MODULES = {"test_serve", "test_serve_browser", "test_img2img_serve", "test_a1111", "test_serve_faults", "bench_serve"}
 # The backends that run an engine dir's ONNX graphs, as a test parameter: OpenVINO where it is installed.
 GRAPH_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]

@@ -59,6 +59,14 @@ def app_args(args: argparse.Namespace, num_gpus: float) -> dict:
                 lora_dir=args.lora_dir, api_auth=args.api_auth, api_key=args.api_key)
 
 
+def exposure_warning(host: str, api_auth: str | None, api_key: str | None) -> str | None:
+    """What to print when the server listens beyond this machine with no authentication."""
+    if host in LOCAL_HOSTS or api_auth or api_key:
+        return None
+    return (f"WARNING: serving on {host} without authentication: anyone who can reach this port can generate, read "
+            "/docs and use the demo; pass --api-auth USER:PASS or --api-key KEY")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -71,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
     num_gpus = args.num_gpus if args.num_gpus is not None else (1 if torch.cuda.is_available() else 0)
     built = app_args(args, num_gpus)
-    if args.host not in LOCAL_HOSTS and not (args.api_auth or args.api_key):
-        print(f"WARNING: serving on {args.host} without authentication: anyone who can reach this port can generate, "
-              "read /docs and use the demo; pass --api-auth USER:PASS or --api-key KEY", file=sys.stderr)
+    warning = exposure_warning(args.host, args.api_auth, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     start_local_serve(args.host, args.port, args.num_cpus, int(torch.cuda.device_count()), quiet=False)
     serve.run(build_app(built), name="controlnet", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
@@ -86,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the local Ray and everything on it; serve.shutdown() first would wait out each replica's grace
 
 
 if __name__ == "__main__":

@@ -66,10 +66,13 @@ class Stats:
     lora_switches: int = 0  # LoRA set changes between generate() calls
 
     def as_dict(self) -> dict:
+        import os
+
         def table(c):
             return {str(k): v for k, v in sorted(c.items())}
 
         return dict(
+            pid=os.getpid(),  # which replica answered: its process, as in Ray's logs
             requests=self.requests, failures=self.failures, batch_sizes=table(self.batch_sizes),
             group_sizes=table(self.group_sizes), generate_calls=table(self.generate_calls),
             recent_batches=list(self.recent_batches), lora_switches=self.lora_switches,
@@ -293,7 +296,7 @@ class Replica:
 
         r = self.runner
         return dict(
-            model=r.model, controlnets=[s.name for s in r.controlnet_specs], device=str(r.device),
+            model=r.model, controlnets=[s.name for s in r.controlnet_specs], backend=r.backend.name, device=str(r.device),
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
             preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
             batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
