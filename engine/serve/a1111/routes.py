@@ -64,8 +64,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(loc) or None
-    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    field = ".".join(loc) or "body"  # "body": the body as a whole (not a JSON object, say)
+    message = f"{field}: {first.get('msg')}"
     return error_response(422, field, message, "RequestValidationError")
 
 
