@@ -174,7 +174,7 @@ def test_event_loop_answers_while_requests_are_prepared(client, url, replica, ph
 
     release, inside, most = threading.Event(), [0], [0]
     lock = threading.Lock()
-    real_detect, real_decode = control.detect, api.decode_image
+    real_detect, real_decode = control.detect, api.to_rgb
 
     def held(fn):
         def wrapper(*args, **kwargs):
@@ -190,7 +190,7 @@ def test_event_loop_answers_while_requests_are_prepared(client, url, replica, ph
         return wrapper
 
     monkeypatch.setattr(control, "detect", held(real_detect))
-    monkeypatch.setattr(api, "decode_image", held(real_decode))
+    monkeypatch.setattr(api, "to_rgb", held(real_decode))
     image = png_b64(photo64)
     heavy = [("/controlnet/detect", dict(controlnet_module="canny", controlnet_input_images=[image],
                                          controlnet_processor_res=64)),

@@ -256,8 +256,10 @@ def _check_ranges(values: dict, limits: Limits) -> None:
                                       "in the loras field, e.g. [[\"NAME\", 0.8]]")
 
 
-def decode_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.Image.Image:
-    """Raw file bytes or base64 text (a data URL is fine) -> RGB PIL image, or ApiError naming `name`."""
+def open_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.Image.Image:
+    """Raw file bytes or base64 text (a data URL is fine) -> a PIL image whose header is read and checked but whose
+    pixels are not decoded yet (`to_rgb` decodes), or ApiError naming `name`. `build_request` decodes only once
+    every field and size check has passed, so a refused request costs no decoding."""
     if isinstance(data, str):
         text = data.split(",", 1)[1] if data.startswith("data:") else data
         try:
@@ -267,14 +269,20 @@ def decode_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.
     if not data:
         raise ApiError(422, name, f"{name} is empty")
     try:
-        with PIL.Image.open(io.BytesIO(data)) as opened:
-            w, h = opened.size  # read from the header: refuse huge images before decoding them
-            if w * h > limits.max_image_pixels:
-                raise ApiError(422, name, f"{name} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
-            return opened.convert("RGB")
-    except ApiError:
-        raise
+        opened = PIL.Image.open(io.BytesIO(data))
     except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ApiError(422, name, f"{name} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
+    w, h = opened.size  # from the header: huge images are refused before they are decoded
+    if w * h > limits.max_image_pixels:
+        raise ApiError(422, name, f"{name} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
+    return opened
+
+
+def to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """Decode an `open_image` result (or convert a ready image) to RGB; a broken file is an ApiError naming `name`."""
+    try:
+        return image.convert("RGB")
+    except Exception as err:  # truncated or corrupt data surfaces only now
         raise ApiError(422, name, f"{name} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
 
 
@@ -312,7 +320,8 @@ def _check_derived_size(values: dict, source, field: str, limits: Limits) -> Non
 
 def build_request(fields: dict, images: list, limits: Limits, num_controlnets: int, from_form: bool = False,
                   init_image=None, mask_image=None) -> GenerateRequest:
-    """Checked request from field values (JSON types, or form text when from_form) and decoded images."""
+    """Checked request from field values (JSON types, or form text when from_form) and images (`open_image`'s,
+    decoded here after the checks, or ready PIL images)."""
     unknown = sorted(set(fields) - set(FIELDS) - set(IMAGE_FIELDS))
     if unknown:
         raise ApiError(422, unknown[0], f"unknown field(s) {', '.join(unknown)}; allowed: "
@@ -332,6 +341,9 @@ def build_request(fields: dict, images: list, limits: Limits, num_controlnets: i
     _check_image_count(len(images), num_controlnets, inpaint=mask_image is not None)
     _check_derived_size(values, init_image if init_image is not None else (images[0] if images else None),
                         "init_image" if init_image is not None else "image", limits)
+    images = [to_rgb(im, "image") for im in images]  # every check passed: now decode
+    init_image = None if init_image is None else to_rgb(init_image, "init_image")
+    mask_image = None if mask_image is None else to_rgb(mask_image, "mask_image")
     if values["negative_prompt"] is not None and not values["negative_prompt"].strip():
         values["negative_prompt"] = None  # the Runner's "no negative prompt"; it refuses blank strings
     if values["seed"] is None:
@@ -359,8 +371,8 @@ def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateReq
         item = fields.get(name)
         if item is not None and not isinstance(item, str):
             raise ApiError(422, name, f"{name} must be a base64 string, got {type(item).__name__}")
-        extra[name] = None if item is None else decode_image(item, limits, name)
-    images = [decode_image(item, limits) for item in raw]
+        extra[name] = None if item is None else open_image(item, limits, name)
+    images = [open_image(item, limits) for item in raw]
     return build_request(fields, images, limits, num_controlnets, **extra)
 
 
@@ -372,11 +384,11 @@ def parse_form(items: list, limits: Limits, num_controlnets: int) -> GenerateReq
                        inpaint=any(key == "mask_image" for key, _ in items))
     for key, value in items:
         if key == "image":
-            images.append(decode_image(value, limits))
+            images.append(open_image(value, limits))
         elif key in ("init_image", "mask_image"):
             if key in extra:
                 raise ApiError(422, key, f"{key} is given more than once")
-            extra[key] = decode_image(value, limits, key)
+            extra[key] = open_image(value, limits, key)
         elif isinstance(value, bytes):
             raise ApiError(422, key, f"{key} must be a text field, not a file")
         elif key in fields:

@@ -3,10 +3,12 @@
 When a replica process dies during a request (killed, out of memory, crashed), Serve's proxy gets an actor
 error and ends the request without a response, which the HTTP server turns into a plain-text 500; past
 `max_queued_requests` it answers a plain-text 503 (with `Retry-After` from the deployment's
-`backpressure_config`), past `request_timeout_s` a plain-text 408. `middlewares()` gives the proxy one ASGI
+`backpressure_config`), past `request_timeout_s` a plain-text 408. `middlewares()` gives the proxy an ASGI
 middleware that turns these into JSON (`{"error", "field"}`, A1111's shape under its routes): a request
 whose replica died gets a 503 saying so, with `Retry-After`, so a client can tell a failure of the server
-from a bad request and knows when to try again. Responses from the app itself pass unchanged.
+from a bad request and knows when to try again. Responses from the app itself pass unchanged. It also caps
+request bodies (guard.BodyLimit, `ENGINE_PROXY_MAX_BODY_BYTES`, default 32 MiB): the proxy reads a client's
+body as fast as it comes, so an oversized one is refused there, never streamed on to a replica.
 
 The proxy loads it from `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=engine.serve.proxy:middlewares`, which
 must be in the environment of the Ray node that runs the proxy: `engine.serve.local.start_local_serve` sets
@@ -14,17 +16,25 @@ it before starting Ray; on a cluster set it for `ray start` (docs/SERVING.md).
 """
 from __future__ import annotations
 
-from engine.serve.guard import send_error
+from engine.serve.guard import BodyLimit, send_error
 
 CALLBACK = "engine.serve.proxy:middlewares"
+MAX_BODY_VAR = "ENGINE_PROXY_MAX_BODY_BYTES"  # the proxy's cap on a request body (default: Limits' 32 MiB)
 RETRY_AFTER_S = 5  # what a client is told to wait after a 503: a busy queue drains, a failed replica restarts
 _PROXY_STATUSES = (408, 500, 503)  # the proxy's own answers come as plain text
 
 
 def middlewares() -> list:
+    """The proxy's middleware: JSON for its own failures, and the body-size cap before any byte of an oversized
+    body reaches a replica (each replica caps it again at its app's own `Limits.max_body_bytes`)."""
+    import os
+
     from starlette.middleware import Middleware
 
-    return [Middleware(JsonFailures)]
+    from engine.serve.api import Limits
+
+    cap = int(os.environ.get(MAX_BODY_VAR, Limits().max_body_bytes))
+    return [Middleware(JsonFailures), Middleware(BodyLimit, max_bytes=cap)]
 
 
 class JsonFailures:

@@ -24,15 +24,11 @@ HxWx3 uint8 array, handed to `Runner.generate(preprocess=False)`. Nothing here i
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from dataclasses import dataclass
 
 import numpy as np
-import PIL.Image
 
-from engine.serve.api import ApiError, Limits
+from engine.serve.api import ApiError, Limits, open_image
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # index = the extension's number
 RESIZE_MODE_ALIASES = {
@@ -112,21 +108,11 @@ def decode_rgb(data, field: str, limits: Limits) -> np.ndarray:
     """Base64 text (a data URL is fine) -> HxWx3 uint8; alpha composited over white, as the extension does."""
     if not isinstance(data, str) or not data:
         raise ApiError(422, field, f"{field} must be a base64-encoded image (PNG, JPEG, WebP, ...)")
-    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    opened = open_image(data, limits, field)  # base64 and the header's size checked, nothing decoded yet
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, field, f"{field} must be base64-encoded image bytes (PNG, JPEG, WebP, ...): not valid base64") from None
-    try:
-        with PIL.Image.open(io.BytesIO(raw)) as opened:
-            w, h = opened.size
-            if w * h > limits.max_image_pixels:
-                raise ApiError(422, field, f"{field} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
-            rgba = opened.convert("RGBA") if "A" in opened.getbands() or "transparency" in opened.info else None
-            rgb = None if rgba is not None else np.asarray(opened.convert("RGB"))
-    except ApiError:
-        raise
-    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        rgba = opened.convert("RGBA") if "A" in opened.getbands() or "transparency" in opened.info else None
+        rgb = None if rgba is not None else np.asarray(opened.convert("RGB"))
+    except Exception as err:  # truncated or corrupt data surfaces when decoding
         raise ApiError(422, field, f"{field} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
     if rgb is not None:
         return rgb
