@@ -203,10 +203,33 @@ def _server_rss() -> int:
     return total
 
 
+def abuse_loop(url: str, stop, answers) -> None:
+    """The abusive client: every ABUSES request in turn, each as soon as the last is answered, until `stop`
+    is set; puts {"name: status": count} on the `answers` queue. Run in its own process (`run_abuse`), so its
+    work never holds the good clients' interpreter."""
+    from collections import Counter
+
+    import httpx
+
+    from engine.serve.api import Limits
+
+    abuses, sent = _abuses(Limits().max_body_bytes), Counter()
+    with httpx.Client(base_url=url, timeout=120) as c:
+        while not stop.is_set():
+            for name, send in abuses:
+                if stop.is_set():
+                    break
+                try:
+                    sent[f"{name}: {send(c).status_code}"] += 1
+                except httpx.HTTPError as err:  # the server may close a connection whose body it refused
+                    sent[f"{name}: {type(err).__name__}"] += 1
+    answers.put(dict(sent))
+
+
 def run_abuse(clients: int = 4, requests: int = 48, steps: int = 4, size: int = 64, torch_threads: int = 1,
               write: bool = True) -> dict:
+    import multiprocessing
     import threading
-    from collections import Counter
 
     import httpx
     import ray
@@ -216,42 +239,34 @@ def run_abuse(clients: int = 4, requests: int = 48, steps: int = 4, size: int = 
 
     url = start(["exact"], torch_threads)
     payload = dict(image=_photo_b64(), height=size, width=size, num_inference_steps=steps)
-    abuses, sent = _abuses(Limits().max_body_bytes), Counter()
-    stop, peak = threading.Event(), [0]
-
-    def abuser():
-        with httpx.Client(base_url=url, timeout=120) as c:
-            while not stop.is_set():
-                for name, send in abuses:
-                    if stop.is_set():
-                        break
-                    try:
-                        sent[f"{name}: {send(c).status_code}"] += 1
-                    except httpx.HTTPError as err:  # the server may close a connection whose body it refused
-                        sent[f"{name}: {type(err).__name__}"] += 1
+    spawn = multiprocessing.get_context("spawn")  # not fork: this process is Ray's driver
+    stop, answers, sampling, peak = spawn.Event(), spawn.Queue(), threading.Event(), [0]
 
     def sample():
-        while not stop.is_set():
+        while not sampling.is_set():
             peak[0] = max(peak[0], _server_rss())
             time.sleep(0.2)
 
     try:
         load(url, "exact", 2, 4, payload)  # warm-up
-        for name, send in abuses:  # and each abuse once, so the first-call costs fall outside the timed runs
+        for name, send in _abuses(Limits().max_body_bytes):  # and each abuse once: first-call costs fall outside
             with httpx.Client(base_url=url, timeout=120) as c:
                 send(c)
         time.sleep(1.0)
         rss_before = _server_rss()
         alone = load(url, "exact", clients, requests, payload)
-        threads = [threading.Thread(target=abuser), threading.Thread(target=sample)]
-        for t in threads:
-            t.start()
+        abuser, sampler = spawn.Process(target=abuse_loop, args=(url, stop, answers)), threading.Thread(target=sample)
+        abuser.start()
+        sampler.start()
+        time.sleep(2.0)  # the abuser's interpreter up and sending before the timed run
         try:
             abused = load(url, "exact", clients, requests, payload)
         finally:
             stop.set()
-            for t in threads:
-                t.join()
+            sent = answers.get(timeout=300)
+            abuser.join(60)
+            sampling.set()
+            sampler.join()
         again = load(url, "exact", clients, requests, payload)
     finally:
         serve.shutdown()
