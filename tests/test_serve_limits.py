@@ -407,6 +407,11 @@ def test_cli_flags(tmp_path):
     assert args["engine_dir"] == str(tmp_path) and args["backend"] == "openvino" and args["num_replicas"] == 2
     assert args["model"] is None and args["controlnet"] is None and args["max_queued_requests"] == 16
     assert app_args(parse_args([]), num_gpus=0)["model"] == "tiny"
+    assert app_args(parse_args(["--limit", "max_side=768", "--limit", "max_loras=4"]), num_gpus=0)["limits"] == \
+        dict(max_side=768, max_loras=4)
+    for bad in ("max_sides=768", "max_side=-1", "max_side"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            app_args(parse_args(["--limit", bad]), num_gpus=0)
     with pytest.raises(ValueError, match="user:password"):
         app_args(parse_args(["--api-auth", "nopassword"]), num_gpus=0)
     assert "without authentication" in exposure_warning("0.0.0.0", None, None)

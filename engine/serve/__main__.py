@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per replica")
     parser.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs (.safetensors) requests may name in 'loras'")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="a request limit (engine.serve.api.Limits; repeat), e.g. max_side=768 or max_loras=4")
     parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
                         help="HTTP Basic credentials every route asks for, /docs and the demo included (A1111's flag)")
     parser.add_argument("--api-key", default=None, metavar="KEY[,KEY]",
@@ -49,6 +51,7 @@ def app_args(args: argparse.Namespace, num_gpus: float) -> dict:
     from engine.serve.guard import parse_credentials
 
     parse_credentials(args.api_auth)  # a malformed pair stops here, not in every replica
+    limits = parse_limits(args.limit)
     controlnets = args.controlnet or (None if args.engine_dir else ["canny"])
     model = args.model or (None if args.engine_dir else "tiny")
     return dict(model=model, controlnet=controlnets if controlnets is None or len(controlnets) > 1 else controlnets[0],
@@ -56,7 +59,24 @@ def app_args(args: argparse.Namespace, num_gpus: float) -> dict:
                 max_queued_requests=args.max_queued_requests, device=args.device, dtype=args.dtype,
                 batch_mode=args.batch_mode, max_batch_size=args.max_batch_size, torch_threads=args.torch_threads,
                 demo=not args.no_demo, num_gpus=num_gpus, num_cpus=min(1.0, args.num_cpus / max(1, args.replicas)),
-                lora_dir=args.lora_dir, api_auth=args.api_auth, api_key=args.api_key)
+                lora_dir=args.lora_dir, api_auth=args.api_auth, api_key=args.api_key, limits=limits)
+
+
+def parse_limits(items: list[str]) -> dict:
+    """["max_side=768", ...] -> {"max_side": 768}: names and values checked against api.Limits."""
+    import dataclasses
+
+    from engine.serve.api import Limits
+
+    names = {f.name for f in dataclasses.fields(Limits)}
+    limits = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in names or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--limit takes NAME=VALUE with NAME one of {', '.join(sorted(names))} and VALUE a "
+                             f"positive integer, got {item!r}")
+        limits[name] = int(value)
+    return limits
 
 
 def exposure_warning(host: str, api_auth: str | None, api_key: str | None) -> str | None:

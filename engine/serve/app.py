@@ -4,7 +4,10 @@
     serve deploy engine/serve/config.yaml                   # a GPU cluster (see docs/SERVING.md)
 
 Routes: POST /generate, GET /healthz, GET /models, GET /stats, the demo at /demo, and the A1111 web UI
-API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111/routes.py).
+API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111/routes.py),
+all behind engine/serve/guard.py (authentication, the body-size cap). `Replica` is one replica's Runner,
+thread pools, limits and routes, usable without Serve; `ControlNetServer` is the deployment: a Replica
+whose POST /generate requests are batched.
 
 Batching. `@serve.batch` hands the replica up to `max_batch_size` requests that arrived within
 `batch_wait_timeout_s`; they are grouped by `api.batch_key` (size, steps, scheduler, guidance, ControlNet
