@@ -19,6 +19,9 @@ if shutil.which("nvidia-smi") is None:
 # descheduled (tests/test_flops.py 5 s -> 51 s).
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The serving tests send bad requests by the dozen from one address (loopback), whose 4xx answers Serve's
+# proxy would pace at 4 a second (engine/serve/proxy.py); the pacing has its own test (test_serve_limits.py).
+os.environ.setdefault("ENGINE_PROXY_ERRORS_PER_S", "1000")
 
 import numpy as np
 import PIL.Image

@@ -366,6 +366,43 @@ def test_a1111_bodies_of_each_mode_validate_against_the_served_schema(client, ph
             assert r.status_code == 200, r.text
 
 
+def test_client_errors_are_paced_per_client():
+    """guard.ErrorPacing, as Serve's proxy runs it: a burst of 4xx answers at once, then one per interval to that
+    client address; its 2xx answers and other clients' answers never wait. A fake clock: no timing here."""
+    import asyncio
+
+    from engine.serve.guard import ErrorPacing
+
+    now, waits = [0.0], []
+
+    async def sleep(seconds):
+        waits.append(round(seconds, 6))
+        now[0] += seconds
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 422 if scope["path"] == "/bad" else 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    paced = ErrorPacing(app, per_second=4, burst=3, clock=lambda: now[0], sleep=sleep)
+
+    async def call(path, host="10.0.0.1"):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await paced({"type": "http", "path": path, "client": (host, 5000)}, None, send)
+        return sent[0]["status"]
+
+    async def run():
+        statuses = [await call("/bad") for _ in range(6)]
+        statuses += [await call("/good"), await call("/bad", host="10.0.0.2")]
+        return statuses
+
+    assert asyncio.run(run()) == [422] * 6 + [200, 422]
+    assert waits == [0.25, 0.25, 0.25]  # after the burst of 3: one error answer each 1/4 s, only for that client
+
+
 # ---- who may call ------------------------------------------------------------------------------------------
 
 def test_auth_guards_every_route(replica, monkeypatch):

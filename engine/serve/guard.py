@@ -1,4 +1,5 @@
-"""What every request passes before a route sees it: authentication, then the body-size cap.
+"""What every request passes before a route sees it: authentication, then the body-size cap; and the pace at
+which one client's bad requests are answered.
 
 Both are plain ASGI middleware wrapped around the whole app (the engine's API, the A1111 routes, /docs,
 /openapi.json and the Gradio demo alike), so no route can forget them.
@@ -9,14 +10,21 @@ Both are plain ASGI middleware wrapped around the whole app (the engine's API, t
 - `BodyLimit`: a body over `max_bytes` gets 413 without reaching the app: refused from its Content-Length
   at once, or counted while it streams. The body is read before the app runs and handed to it whole.
 
+- `ErrorPacing`: client errors (4xx) go out at most `per_second` a second to one client address, after a
+  burst of `burst`; the answer waits, nothing else does. A client that sends bad requests one after the
+  other is held to that rate, so what it costs the server to refuse them stays small beside the work of
+  good clients (benchmarks/bench_serve.py --abuse). Serve's proxy runs it (engine/serve/proxy.py).
+
 Errors have the route's JSON shape: A1111's under /sdapi/ and /controlnet/, `{"error", "field"}` elsewhere.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
+import time
 
 A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
@@ -125,3 +133,36 @@ class BodyLimit:
             return await receive()  # after the body: disconnects, for streaming responses
 
         await self.app(scope, replay, send)
+
+
+class ErrorPacing:
+    """Answers with a 4xx status leave at most `per_second` a second per client address, after `burst` at
+    once (a token bucket kept as the time its next answer is due, GCRA); other answers are never held."""
+
+    def __init__(self, app, per_second: float, burst: int, clock=time.monotonic, sleep=asyncio.sleep):
+        self.app, self.clock, self.sleep = app, clock, sleep
+        self.interval = 1.0 / float(per_second)
+        self.slack = int(burst) * self.interval
+        self.due: dict[str, float] = {}  # client address -> when its next error answer is due
+
+    def _wait(self, address: str) -> float:
+        now = self.clock()
+        if len(self.due) > 4096:  # forget clients whose pace has run out
+            self.due = {a: t for a, t in self.due.items() if t > now}
+        due = max(self.due.get(address, now), now) + self.interval
+        self.due[address] = due
+        return due - now - self.slack
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        address = (scope.get("client") or ("unknown",))[0]
+
+        async def paced(message):
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                wait = self._wait(address)
+                if wait > 0:
+                    await self.sleep(wait)
+            await send(message)
+
+        await self.app(scope, receive, paced)
