@@ -13,12 +13,12 @@ client one request at a time. Each row of the JSON written to benchmarks/results
 
     python -m benchmarks.bench_serve --abuse         # good clients alone, then beside one abusive client
 
-The abuse row: 4 good clients on the "exact" app, alone, then with one client sending oversized and
-malformed requests alongside (ABUSES: bodies past the cap, broken JSON, a picture whose header claims
-12000x12000 pixels, a large picture without a size, thin strips for the A1111 units and /controlnet/detect,
-a wrong content type), then alone again, in one run: the good clients' p50/p95 each time, the ratio of the
-abused p95 to the alone p95s' mean, and the server's RSS (every process of the local Ray) before and at
-its peak.
+The abuse row: 4 good clients on the "exact" app, alone, then with one client (its own process) sending
+oversized and malformed requests alongside (`_abuses`: bodies past the cap, broken JSON, a picture whose
+header claims 12000x12000 pixels, a large picture without a size, thin strips for the A1111 units and
+/controlnet/detect, a wrong content type), three rounds of both in one run, each condition's latencies
+pooled: the good clients' p50/p95 alone and abused, their ratios, and the server's RSS (every process of
+the local Ray) before and at its peak.
 """
 import argparse
 import base64
@@ -65,11 +65,13 @@ def start(modes: list[str], torch_threads: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def load(url: str, mode: str, clients: int, requests: int, payload: dict) -> dict:
-    """`requests` POSTs from `clients` threads, each waiting for its reply before the next."""
+def load(url: str, mode: str, clients: int, requests: int, payload: dict, latencies: list | None = None) -> dict:
+    """`requests` POSTs from `clients` threads, each waiting for its reply before the next; each latency (s) is
+    also appended to `latencies` when given."""
     import httpx
 
-    latencies: list[float] = []
+    latencies = [] if latencies is None else latencies
+    first = len(latencies)
     sizes: list[int] = []
 
     def client(k: int):
@@ -85,10 +87,16 @@ def load(url: str, mode: str, clients: int, requests: int, payload: dict) -> dic
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=20, method="inclusive")
+    p50, p95 = percentiles(latencies[first:])
     return dict(mode=mode, clients=clients, requests=requests, wall_s=round(wall, 3),
-                rps=round(requests / wall, 3), p50_ms=round(statistics.median(latencies) * 1e3, 1),
-                p95_ms=round(q[18] * 1e3, 1), mean_batch=round(statistics.mean(sizes), 2), **MODES[mode])
+                rps=round(requests / wall, 3), p50_ms=p50, p95_ms=p95, mean_batch=round(statistics.mean(sizes), 2),
+                **MODES[mode])
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    """(median, 95th percentile) in ms."""
+    q = statistics.quantiles(latencies, n=20, method="inclusive")
+    return round(statistics.median(latencies) * 1e3, 1), round(q[18] * 1e3, 1)
 
 
 def run(requests: int = 16, steps: int = 4, size: int = 64, clients=(1, 4, 16), modes=tuple(MODES),
@@ -203,10 +211,10 @@ def _server_rss() -> int:
     return total
 
 
-def abuse_loop(url: str, stop, answers) -> None:
-    """The abusive client: every ABUSES request in turn, each as soon as the last is answered, until `stop`
-    is set; puts {"name: status": count} on the `answers` queue. Run in its own process (`run_abuse`), so its
-    work never holds the good clients' interpreter."""
+def abuse_loop(url: str, active, stop, answers) -> None:
+    """The abusive client: every ABUSES request in turn, each as soon as the last is answered, while `active` is
+    set, until `stop` is; puts {"name: status": count} on the `answers` queue. Run in its own process
+    (`run_abuse`), so its work never holds the good clients' interpreter."""
     from collections import Counter
 
     import httpx
@@ -217,7 +225,7 @@ def abuse_loop(url: str, stop, answers) -> None:
     with httpx.Client(base_url=url, timeout=120) as c:
         while not stop.is_set():
             for name, send in abuses:
-                if stop.is_set():
+                if not active.wait(0.1):
                     break
                 try:
                     sent[f"{name}: {send(c).status_code}"] += 1
@@ -226,8 +234,10 @@ def abuse_loop(url: str, stop, answers) -> None:
     answers.put(dict(sent))
 
 
-def run_abuse(clients: int = 4, requests: int = 48, steps: int = 4, size: int = 64, torch_threads: int = 1,
-              write: bool = True) -> dict:
+def run_abuse(clients: int = 4, requests: int = 32, rounds: int = 3, steps: int = 4, size: int = 64,
+              torch_threads: int = 1, write: bool = True) -> dict:
+    """`rounds` x (good clients alone, then beside the abusive client), `requests` good requests per phase; the
+    latencies of each condition pooled, so drift in the machine's load falls on both alike."""
     import multiprocessing
     import threading
 
@@ -240,49 +250,54 @@ def run_abuse(clients: int = 4, requests: int = 48, steps: int = 4, size: int = 
     url = start(["exact"], torch_threads)
     payload = dict(image=_photo_b64(), height=size, width=size, num_inference_steps=steps)
     spawn = multiprocessing.get_context("spawn")  # not fork: this process is Ray's driver
-    stop, answers, sampling, peak = spawn.Event(), spawn.Queue(), threading.Event(), [0]
+    active, stop, answers = spawn.Event(), spawn.Event(), spawn.Queue()
+    sampling, peak = threading.Event(), [0]
+    pooled = {"alone": [], "abused": []}
 
     def sample():
         while not sampling.is_set():
             peak[0] = max(peak[0], _server_rss())
             time.sleep(0.2)
 
+    abuser = spawn.Process(target=abuse_loop, args=(url, active, stop, answers))
+    sampler = threading.Thread(target=sample)
     try:
         load(url, "exact", 2, 4, payload)  # warm-up
         for name, send in _abuses(Limits().max_body_bytes):  # and each abuse once: first-call costs fall outside
             with httpx.Client(base_url=url, timeout=120) as c:
                 send(c)
-        time.sleep(1.0)
-        rss_before = _server_rss()
-        alone = load(url, "exact", clients, requests, payload)
-        abuser, sampler = spawn.Process(target=abuse_loop, args=(url, stop, answers)), threading.Thread(target=sample)
         abuser.start()
+        time.sleep(2.0)  # the abuser's interpreter up before anything is timed
+        rss_before = _server_rss()
         sampler.start()
-        time.sleep(2.0)  # the abuser's interpreter up and sending before the timed run
-        try:
-            abused = load(url, "exact", clients, requests, payload)
-        finally:
-            stop.set()
-            sent = answers.get(timeout=300)
-            abuser.join(60)
-            sampling.set()
-            sampler.join()
-        again = load(url, "exact", clients, requests, payload)
+        for _ in range(rounds):
+            load(url, "exact", clients, requests, payload, pooled["alone"])
+            active.set()
+            time.sleep(0.5)  # the abuser sending before the timed requests start
+            load(url, "exact", clients, requests, payload, pooled["abused"])
+            active.clear()
+        stop.set()
+        active.set()
+        sent = answers.get(timeout=300)
+        abuser.join(60)
     finally:
+        sampling.set()
+        if sampler.is_alive():
+            sampler.join()
         serve.shutdown()
         ray.shutdown()
-    alone_p95 = (alone["p95_ms"] + again["p95_ms"]) / 2
-    row = dict(mode="exact", clients=clients, requests=requests, size=size, steps=steps, torch_threads=torch_threads,
-               model="tiny", device="cpu",
-               alone_p50_ms=alone["p50_ms"], alone_p95_ms=alone["p95_ms"], abused_p50_ms=abused["p50_ms"],
-               abused_p95_ms=abused["p95_ms"], alone_again_p50_ms=again["p50_ms"], alone_again_p95_ms=again["p95_ms"],
-               p95_ratio=round(abused["p95_ms"] / alone_p95, 3), rss_before_mb=round(rss_before / 2**20),
-               rss_peak_mb=round(peak[0] / 2**20), rss_growth_mb=round((peak[0] - rss_before) / 2**20),
+    (alone_p50, alone_p95), (abused_p50, abused_p95) = percentiles(pooled["alone"]), percentiles(pooled["abused"])
+    row = dict(mode="exact", clients=clients, requests_per_phase=requests, rounds=rounds, size=size, steps=steps,
+               torch_threads=torch_threads, model="tiny", device="cpu",
+               alone_p50_ms=alone_p50, alone_p95_ms=alone_p95, abused_p50_ms=abused_p50, abused_p95_ms=abused_p95,
+               p50_ratio=round(abused_p50 / alone_p50, 3), p95_ratio=round(abused_p95 / alone_p95, 3),
+               rss_before_mb=round(rss_before / 2**20), rss_peak_mb=round(peak[0] / 2**20),
+               rss_growth_mb=round((peak[0] - rss_before) / 2**20),
                abusive_requests=sum(sent.values()), abusive_answers=dict(sorted(sent.items())))
-    print(f"good clients ({clients}) alone: p50 {alone['p50_ms']} / p95 {alone['p95_ms']} ms; beside the abusive "
-          f"client ({row['abusive_requests']} requests): p50 {abused['p50_ms']} / p95 {abused['p95_ms']} ms; alone "
-          f"again: p50 {again['p50_ms']} / p95 {again['p95_ms']} ms; p95 ratio {row['p95_ratio']}; server RSS "
-          f"{row['rss_before_mb']} MB before, {row['rss_peak_mb']} MB at peak (+{row['rss_growth_mb']} MB)")
+    print(f"good clients ({clients}; {rounds} rounds of {requests} requests a phase) alone: p50 {alone_p50} / p95 "
+          f"{alone_p95} ms; beside the abusive client ({row['abusive_requests']} requests): p50 {abused_p50} / p95 "
+          f"{abused_p95} ms; p95 ratio {row['p95_ratio']}; server RSS {row['rss_before_mb']} MB before, "
+          f"{row['rss_peak_mb']} MB at peak (+{row['rss_growth_mb']} MB)")
     print(json.dumps(row["abusive_answers"], indent=1))
     if write:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -324,10 +339,10 @@ def main(argv=None) -> None:
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON")
     parser.add_argument("--abuse", action="store_true", help="the abuse row instead: 4 good clients alone and beside "
-                                                            "an abusive one (--requests per phase, default 48)")
+                                                            "an abusive one, 3 rounds (--requests per phase, >= 32)")
     args = parser.parse_args(argv)
     if args.abuse:
-        run_abuse(requests=max(args.requests, 48), steps=args.steps, size=args.size, torch_threads=args.torch_threads,
+        run_abuse(requests=max(args.requests, 32), steps=args.steps, size=args.size, torch_threads=args.torch_threads,
                   write=not args.no_write)
         return
     run(args.requests, args.steps, args.size, tuple(int(c) for c in args.clients.split(",")),
