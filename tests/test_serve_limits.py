@@ -272,7 +272,9 @@ def test_prompt_check_has_its_own_tokenizer(client, replica, photo64, monkeypatc
             calls.append(threading.current_thread().name)
             return real(*args, **kwargs)
 
-    monkeypatch.setattr(replica.runner, "tokenizer", Spy())
+    spy = Spy()
+    monkeypatch.setattr(replica.runner, "tokenizer", spy)
+    monkeypatch.setattr(replica.runner.family, "tokenizer", spy)  # the one the worker's text encoding uses
     r = client.post("/sdapi/v1/txt2img", json=txt2img([unit(png_b64(photo64))], prompt="astronaut " * 80))
     body = assert_error(r, 422, "prompt")
     assert "tokens" in body["detail"] and calls == [], calls
