@@ -155,7 +155,7 @@ ROUTES = ["/generate", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/controlnet/de
 def test_body_size_is_capped_on_every_route(client, path):
     big = b"{" + b" " * (LIMITS["max_body_bytes"] + 10) + b"}"
     r = client.post(path, content=big, headers={"content-type": "application/json"})
-    assert r.status_code == 413 and r.json()["field"] is None and "at most" in r.text, r.text
+    assert r.status_code == 413 and r.json()["field"] == "body" and "at most" in r.text, r.text
 
     def chunks():  # no Content-Length: counted as it streams
         yield b"{"
@@ -163,7 +163,7 @@ def test_body_size_is_capped_on_every_route(client, path):
             yield b" " * 65536
 
     r = client.post(path, content=chunks(), headers={"content-type": "application/json"})
-    assert r.status_code == 413 and r.json()["field"] is None, r.text
+    assert r.status_code == 413 and r.json()["field"] == "body", r.text
     assert client.get("/healthz").status_code == 200
 
 
@@ -218,6 +218,23 @@ def test_event_loop_answers_while_requests_are_prepared(client, url, replica, ph
     print(f"/healthz answered in {answered_in * 1e3:.0f} ms with {held_at_once} requests held; then {statuses}")
     assert healthy.status_code == 200 and held_at_once == replica.prepare_pool._max_workers == 2  # noqa: SLF001
     assert statuses == [200] * len(heavy)
+
+
+def test_runner_checks_name_their_field(client, photo64):
+    """A body that passes the API's checks but fails one of the Runner's (a preprocessor without its annotator,
+    a strength that keeps no step) is a 422 naming the field, on both APIs; one naming no argument, "body"."""
+    picture = png_b64(photo64)
+    r = client.post("/generate", json=dict(prompt="a cat", image=picture, seed=1, preprocess="depth", **FAST))
+    assert "annotator" in assert_error(r, 422, "preprocess")["error"]
+    r = client.post("/generate", json=dict(prompt="a cat", image=picture, init_image=picture, strength=0.01, seed=1,
+                                           **FAST))
+    assert "keeps no step" in assert_error(r, 422, "strength")["error"]
+    r = client.post("/sdapi/v1/img2img", json=dict(prompt="a cat", init_images=[picture], denoising_strength=0.01,
+                                                   seed=1, **A1111_FAST))
+    assert "keeps no step" in assert_error(r, 422, "denoising_strength")["detail"]
+    assert api.runner_error(ValueError("model 'x' needs a VAE encoder"), api.GENERATE_WORDS).field == "body"
+    assert api.runner_error(ValueError("mask_image is 8x8 but init_image is 9x9"), api.GENERATE_WORDS).field == \
+        "mask_image"
 
 
 def test_lora_tags_count_against_max_loras(client, photo64):
@@ -428,7 +445,7 @@ def test_auth_guards_every_route(replica, monkeypatch):
             kwargs = dict(json={}) if method == "POST" else {}
             for headers in ({}, {"authorization": wrong}, {"x-api-key": "k-12"}, {"authorization": "Bearer nope"}):
                 r = c.request(method, path, headers=headers, **kwargs)
-                assert r.status_code == 401 and "field" in r.json(), (method, path, headers, r.text)
+                assert r.status_code == 401 and r.json()["field"] == "authorization", (method, path, headers, r.text)
                 assert r.headers["www-authenticate"].startswith("Basic")
             for headers in ({"authorization": basic}, {"authorization": "Bearer k-123"}, {"x-api-key": "k-123"}):
                 r = c.request(method, path, headers=headers, **kwargs)

@@ -43,7 +43,8 @@ class Limits:
 
 
 class ApiError(Exception):
-    """A client error: HTTP status, the offending field (or None for the whole body) and why."""
+    """An error: HTTP status, the offending field ("body" for the request as a whole; None only on a 5xx) and
+    why."""
 
     def __init__(self, status: int, field: str | None, message: str):
         super().__init__(message)
@@ -51,6 +52,16 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
+
+
+def runner_error(err: Exception, words: dict[str, str]) -> ApiError:
+    """A Runner argument check that a request passed the API's own checks to fail (a preprocessor without
+    its annotator, a strength that keeps no step), as a 422 naming the field: the one whose word comes first
+    in the message (`words`: the Runner's names -> the route's fields), else "body" (the request as a whole)."""
+    text = str(err)
+    found = [(m.start(), field) for word, field in words.items()
+             for m in [re.search(rf"(?<![\w.]){re.escape(word)}(?!\w)", text)] if m]
+    return ApiError(422, min(found)[1] if found else "body", text)
 
 
 @dataclass
@@ -125,6 +136,10 @@ FIELDS = {
     "loras": Field("loras", (), max_length="max_loras"),
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
+# The Runner's argument names (and words its checks use for them) -> POST /generate's fields, for
+# `runner_error`. The rest (control images, ControlNets) is the `image` field.
+GENERATE_WORDS = {**{name: name for name in (*FIELDS, *IMAGE_FIELDS)}, "preprocessor": "preprocess",
+                  "control guidance": "control_guidance_start", "control image": "image", "ControlNet": "image"}
 LORA_NAME = re.compile(r"^[\w][\w .\-]*$")  # a file name without extension: no folders, so no paths
 
 
@@ -357,9 +372,9 @@ def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateReq
     try:
         fields = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ApiError(400, None, f"request body is not valid JSON: {err}") from None
+        raise ApiError(400, "body", f"request body is not valid JSON: {err}") from None
     if not isinstance(fields, dict):
-        raise ApiError(400, None, f"request body must be a JSON object, got {type(fields).__name__}")
+        raise ApiError(400, "body", f"request body must be a JSON object, got {type(fields).__name__}")
     raw = fields.get("image")
     raw = raw if isinstance(raw, list) else ([] if raw is None else [raw])
     _check_image_count(len(raw), num_controlnets, inpaint=fields.get("mask_image") is not None)
@@ -420,12 +435,12 @@ async def parse_http(request, limits: Limits, num_controlnets: int, pool=None) -
         try:
             form = await request.form(max_part_size=limits.max_body_bytes)
         except Exception as err:  # malformed multipart bodies raise from the parser
-            raise ApiError(400, None, f"request body is not valid form data: {err}") from None
+            raise ApiError(400, "body", f"request body is not valid form data: {err}") from None
         try:
             return await off_loop(parse_form, await form_items(form))
         finally:
             await form.close()
-    raise ApiError(415, None, f"content type {ctype!r} is not supported; send application/json or multipart/form-data")
+    raise ApiError(415, "content-type", f"content type {ctype!r} is not supported; send application/json or multipart/form-data")
 
 
 def batch_key(req: GenerateRequest) -> tuple:

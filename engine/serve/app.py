@@ -215,7 +215,7 @@ class Replica:
                                               latents=self._merged_latents(reqs, first.images[0]), **kwargs)
             self.stats.generate_calls[len(reqs)] += 1
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
-            return [api.ApiError(422, None, str(err))] * len(reqs)
+            return [api.runner_error(err, api.GENERATE_WORDS)] * len(reqs)
         except Exception as err:  # noqa: BLE001 - one failed call must not take the replica down
             return [api.ApiError(500, None, f"generation failed: {type(err).__name__}: {err}")] * len(reqs)
         per = first.num_images_per_prompt

@@ -35,8 +35,11 @@ def error_body(path: str, field: str | None, message: str) -> dict:
     return {"error": message, "field": field}
 
 
-async def send_error(send, path: str, status: int, message: str, headers: list | None = None) -> None:
-    body = json.dumps(error_body(path, None, message)).encode()
+async def send_error(send, path: str, status: int, message: str, headers: list | None = None,
+                     field: str | None = None) -> None:
+    """A JSON error in the route's shape. A 4xx names its field: given, else "body" (the request as a whole)."""
+    field = field or ("body" if status < 500 else None)
+    body = json.dumps(error_body(path, field, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -94,7 +97,7 @@ class Auth:
             return await send({"type": "websocket.close", "code": 1008})
         challenge = [(b"www-authenticate", b'Basic realm="controlnet-engine"')] if self.basic else []
         await send_error(send, scope["path"], 401, "authentication required: HTTP Basic (user:password) or an API key "
-                                                   "(Authorization: Bearer KEY, or X-API-Key: KEY)", challenge)
+                                                   "(Authorization: Bearer KEY, or X-API-Key: KEY)", challenge, field="authorization")
 
 
 class BodyLimit:

@@ -143,6 +143,16 @@ MAPPED = {"prompt", "negative_prompt", "seed", "sampler_name", "scheduler", "sam
           "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert"}
 
 
+# The Runner's argument names (and words its checks use) -> A1111's fields, for api.runner_error.
+UNITS = "alwayson_scripts.controlnet.args"
+RUNNER_WORDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height": "height", "width": "width",
+                "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "strength": "denoising_strength",
+                "init_image": "init_images", "mask_image": "mask", "scheduler": "sampler_name",
+                "num_images_per_prompt": "batch_size", "controlnet_conditioning_scale": UNITS,
+                "control guidance": UNITS, "control_guidance_start": UNITS, "control_guidance_end": UNITS,
+                "control_mode": UNITS, "preprocessor": UNITS, "control image": UNITS, "ControlNet": UNITS}
+
+
 def check_inert(values: dict) -> None:
     for name, value in values.items():
         if name in MAPPED:

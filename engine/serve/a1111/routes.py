@@ -41,7 +41,7 @@ from engine.serve.a1111.models import (
     Txt2ImgRequest,
     VersionResponse,
 )
-from engine.serve.api import ApiError
+from engine.serve.api import ApiError, runner_error
 
 EXTENSION_API_VERSION = 3  # what sd-webui-controlnet's GET /controlnet/version answers
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 422, 500, 501)}
@@ -58,7 +58,8 @@ def _from_api_error(err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # FastAPI's own 4xx (a body it cannot parse, 404, 405), in the same shape as every other error.
-    return error_response(exc.status_code, None, str(exc.detail))
+    field = {404: "path", 405: "method"}.get(exc.status_code, "body" if exc.status_code < 500 else None)
+    return error_response(exc.status_code, field, str(exc.detail))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -147,7 +148,7 @@ def add_routes(app, server) -> None:
         try:
             images, lora_hashes = await loop.run_in_executor(server.pool, run_plan, plan)
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
-            raise ApiError(422, None, str(err)) from None
+            raise runner_error(err, a1111.RUNNER_WORDS) from None
         texts = [a1111_response.infotext(plan, runner, seed, i % req.batch_size, req.batch_size, lora_hashes)
                  for i, seed in enumerate(plan.seeds)]
 
