@@ -194,9 +194,7 @@ def _apply_loras(runner, args) -> tuple[str, list]:
 
     prompt, tagged = parse_prompt_loras(args.prompt, args.lora_dir)
     wanted = [(str(path), float(weight)) for path, weight in [*(args.lora or []), *tagged]]
-    current = [(lora.source, weight) for lora, weight in runner.loras.active] if runner.loras is not None else []
-    if wanted != current:
-        runner.set_loras(wanted)
+    runner.set_loras(wanted)  # a no-op when it is the set merged already (and its files are unchanged)
     expected = getattr(args, "expected_lora_hashes", None) or {}
     found = {lora["name"]: lora["hash"] for lora in runner.loras.describe()} if runner.loras is not None else {}
     for name, digest in expected.items():

@@ -39,6 +39,7 @@ from engine.serve.a1111.models import (
     Txt2ImgRequest,
     VersionResponse,
 )
+from engine.lora import LoraError
 from engine.serve.api import ApiError
 
 EXTENSION_API_VERSION = 3  # what sd-webui-controlnet's GET /controlnet/version answers
@@ -123,8 +124,11 @@ def add_routes(app, server) -> None:
         def on_step(step: int, total: int) -> None:
             progress.step, progress.steps = step, total
 
-        server.switch_loras(plan.loras)  # [] too: a /generate request before may have left its set merged
         try:
+            try:
+                server.switch_loras(plan.loras)  # [] too: a /generate request before may have left its set merged
+            except (LoraError, FileNotFoundError) as err:
+                raise ApiError(422, "prompt", f"prompt: {err}") from None
             images = []
             for i, seed in enumerate(plan.seeds):
                 progress.job_no = i
