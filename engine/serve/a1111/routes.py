@@ -135,7 +135,7 @@ def add_routes(app, server) -> None:
                 extra = {k: (v[i % len(v)] if k == "init_image" else v) for k, v in plan.init.items()}
                 result = runner.generate(plan.prompt, negative_prompt=plan.negative_prompt, seed=seed,
                                          callback=on_step, **plan.runner_kwargs, **extra)
-                images.append(result.images[0])
+                images.append(plan.img2img.finish(result.images[0], i) if plan.img2img else result.images[0])
             return images, {lora["name"]: lora["hash"] for lora in result.parameters["loras"]}
         finally:
             progress.job_count = 0
@@ -186,7 +186,7 @@ def add_routes(app, server) -> None:
 
             init = decode_init(req, server.limits)
             plan = a1111.plan_request(req, runner, server.limits, server.lora_dir, init.first_rgb)
-            plan.init = init.runner_kwargs
+            plan.init, plan.img2img = init.runner_kwargs, init
             return await generate(req, plan)
 
         return await guarded(work)
