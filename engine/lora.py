@@ -94,17 +94,17 @@ def load_lora(source: str | Path, allow_download: bool = True) -> Lora:
         raise FileNotFoundError(f"LoRA file {source!r} does not exist")
     if path.is_file():
         _refuse_dora(source, path)
+    where = str(path) if path.exists() else source
+    if not path.exists() and not allow_download:
+        where = _cached_snapshot(source)
     try:
         state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            str(path) if path.exists() else source, return_lora_metadata=True, unet_config=SD15_UNET_BLOCKS,
-            local_files_only=None if allow_download else True)
+            where, return_lora_metadata=True, unet_config=SD15_UNET_BLOCKS)
     except OSError as err:
         if path.exists():
             raise LoraError(f"{source!r} is not a LoRA file diffusers can read ({type(err).__name__}: {err})") from err
-        where = "on the Hugging Face Hub or in its cache" if allow_download else \
-            "in the local Hugging Face cache (downloading was not allowed)"
-        raise OSError(f"could not load the LoRA {source!r}: not a local file and not found {where} "
-                      f"({type(err).__name__}: {err})") from err
+        raise OSError(f"could not load the LoRA {source!r}: not a local file and not reachable on the Hugging Face "
+                      f"Hub or in its cache ({type(err).__name__}: {err})") from err
     except Exception as err:  # safetensors' and torch's own errors on a file that is something else
         raise LoraError(f"{source!r} is not a LoRA file diffusers can read ({type(err).__name__}: {err})") from err
     if not state_dict or not all("lora" in key for key in state_dict):
@@ -133,6 +133,17 @@ def load_lora(source: str | Path, allow_download: bool = True) -> Lora:
             if not torch.isfinite(tensor).all():
                 raise LoraError(f"{source!r}: tensor {graph}.{key} holds non-finite values (NaN or inf): the file is broken")
     return lora
+
+
+def _cached_snapshot(source: str) -> str:
+    """The local hub cache's copy of a Hugging Face id, or OSError: nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - huggingface_hub's errors for an id it has not cached
+        raise OSError(f"the LoRA {source!r} is not a local file and not in the local Hugging Face cache, and "
+                      f"downloading it was not allowed ({type(err).__name__})") from None
 
 
 def _refuse_dora(source: str, path: Path) -> None:
