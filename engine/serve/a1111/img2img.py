@@ -20,6 +20,8 @@ from engine.a1111_inpaint import MASKED_CONTENT, A1111Inpaint, cover_size
 from engine.serve.a1111 import control
 from engine.serve.api import ApiError, Limits
 
+# A1111's UI sliders: its API takes any integer, but a blur of sigma s costs a kernel of 5 s pixels per row.
+MAX_BLUR, MAX_PADDING = 64, 256
 RESIZE_MODES = ("Just resize", "Crop and resize")  # 2 (Resize and fill) and 3 (latent upscale) are not implemented
 
 
@@ -91,10 +93,11 @@ def inpaint_settings(req) -> A1111Inpaint:
         raise ApiError(422, "inpainting_fill", f"inpainting_fill={req.inpainting_fill} ({MASKED_CONTENT[req.inpainting_fill]}) "
                                                "changes the latents and is not implemented; use 0 (fill) or 1 (original)")
     blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
-    for value, name in ((blur_x, "mask_blur_x" if req.mask_blur is None else "mask_blur"), (blur_y, "mask_blur_y"),
-                        (req.inpaint_full_res_padding, "inpaint_full_res_padding")):
-        if value < 0:
-            raise ApiError(422, name, f"{name} must be >= 0, got {value}")
+    for value, name, most in ((blur_x, "mask_blur_x" if req.mask_blur is None else "mask_blur", MAX_BLUR),
+                              (blur_y, "mask_blur_y" if req.mask_blur is None else "mask_blur", MAX_BLUR),
+                              (req.inpaint_full_res_padding, "inpaint_full_res_padding", MAX_PADDING)):
+        if not 0 <= value <= most:
+            raise ApiError(422, name, f"{name} must be in [0, {most}] (A1111's slider), got {value}")
     return A1111Inpaint(blur_x=blur_x, blur_y=blur_y, invert=bool(req.inpainting_mask_invert),
                         masked_content=MASKED_CONTENT[req.inpainting_fill], only_masked=bool(req.inpaint_full_res),
                         padding=req.inpaint_full_res_padding, resize_mode=req.resize_mode)
