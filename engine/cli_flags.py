@@ -340,7 +340,7 @@ def check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = T
              if used]
     if (a1111 or args.mask_blur is not None) and not args.mask_image:
         fail(f"{(a1111 or ['--mask-blur'])[0]} is an inpainting setting: it needs --mask (and --init-image)")
-    if a1111 and args.mask_blur is None:
+    if a1111 and a1111_mask_blur(args) is None:
         fail(f"{a1111[0]} is a setting of A1111's inpainting: give --mask-blur N (0 for no blur) with it")
     if args.strength is not None and not args.init_image:
         fail(f"--strength {args.strength} needs --init-image (img2img or inpaint)")
@@ -349,6 +349,12 @@ def check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = T
     for k, (start, end) in enumerate(zip(args.control_guidance_start, args.control_guidance_end)):
         if not start < end:
             fail(f"ControlNet {k}: --control-start ({start}) must be below --control-end ({end})")
+
+
+def a1111_mask_blur(args: argparse.Namespace) -> int | None:
+    """The mask blur of inpainting as A1111 does it: --mask-blur, else an A1111 PNG's (--from-png: its Mask blur,
+    0 when it has none); None: diffusers' inpainting."""
+    return args.mask_blur if args.mask_blur is not None else getattr(args, "png_mask_blur", None)
 
 
 def apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str) -> argparse.Namespace:
@@ -360,8 +366,8 @@ def apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str)
     defaults["lora"] = [tuple(item) for item in defaults.pop("lora_files", [])] or None
     defaults["expected_lora_hashes"] = defaults.pop("lora_hashes", {})  # checked once the LoRAs are loaded
     defaults["lora_from_png"] = [path for path, _ in defaults["lora"] or []]  # never downloaded unless asked
-    if "strength" in p and p.get("init_image") is None:  # A1111's img2img (no Init image key): its inpainting
-        defaults["mask_blur"] = p.get("mask_blur", 0)  # A1111 writes Mask blur only when it is not 0
+    if "strength" in p and p.get("init_image") is None:  # A1111's img2img (no Init image key): with --mask, its
+        defaults["png_mask_blur"] = p.get("mask_blur", 0)  # inpainting; A1111 writes Mask blur only when not 0
     defaults["inpaint_area"] = "masked" if defaults.pop("inpaint_only_masked", False) else "whole"
     for name in ("controlnet", *PER_NET):  # a PNG from A1111 may lack these: then the flags decide
         if not defaults.get(name) or None in defaults[name]:

@@ -195,7 +195,10 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
 
 def _a1111_inpainting(args):
     """(settings, job) for inpainting as A1111 does it (--mask-blur given), else (None, None)."""
-    if args.mask_image is None or args.mask_blur is None:
+    from engine.cli_flags import a1111_mask_blur
+
+    blur = a1111_mask_blur(args)
+    if args.mask_image is None or blur is None:
         return None, None
     import PIL.Image
 
@@ -205,7 +208,7 @@ def _a1111_inpainting(args):
         init = opened.copy()
     with PIL.Image.open(args.mask_image) as opened:
         mask = opened.copy()  # as it is: an RGBA mask is read by its alpha
-    inpaint = A1111Inpaint(blur_x=args.mask_blur, blur_y=args.mask_blur, invert=args.mask_invert,
+    inpaint = A1111Inpaint(blur_x=blur, blur_y=blur, invert=args.mask_invert,
                            masked_content=args.masked_content, only_masked=args.inpaint_area == "masked",
                            padding=args.inpaint_padding)
     width, height = args.width or init.width // 8 * 8, args.height or init.height // 8 * 8

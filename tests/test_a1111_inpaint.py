@@ -150,3 +150,20 @@ def test_inpaint_entries_round_trip():
     assert ("Denoising strength: 0.75, Mask mode: Inpaint not masked, Mask blur: 4, Inpaint area: Only masked, "
             "Masked area padding: 32, Masked content: fill") in text
     assert pngmeta.parse_parameters(text) == {**p, "init_image": None}
+
+
+def test_from_png_of_a_plain_img2img(client, init, photo, tmp_path):
+    """A served img2img without a mask (its infotext has Denoising strength, no Mask blur): --from-png with the
+    init image reproduces it; the PNG's A1111 mask blur applies only when a --mask is given."""
+    body = dict(prompt="a helmet", seed=4, denoising_strength=0.6, init_images=[b64(init)], **SIZE)
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    served = tmp_path / "served.png"
+    served.write_bytes(base64.b64decode(r.json()["images"][0]))
+    init.save(tmp_path / "init.png")
+    photo.save(tmp_path / "photo.png")
+    again = tmp_path / "again.png"
+    pictures = ["--init-image", str(tmp_path / "init.png"),
+                "--controlnet", "canny", "--image", str(tmp_path / "photo.png"), "--scale", "0"]  # the route ran no unit
+    assert generate.main(["--from-png", str(served), *pictures, "--out", str(again), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(again)), np.asarray(PIL.Image.open(served)))
