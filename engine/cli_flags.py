@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from engine import pngmeta
+from engine.a1111_inpaint import IMPLEMENTED_CONTENT as A1111_CONTENT
 from engine.optimizations import PRESET_NAMES
 
 # Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
@@ -185,6 +186,22 @@ def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
     parser.add_argument("--init-image", metavar="PATH", help="img2img: start from this picture instead of noise")
     parser.add_argument("--mask", dest="mask_image", metavar="PATH",
                         help="inpaint (with --init-image): white repaints, black keeps; the init image's size")
+    parser.add_argument("--mask-blur", type=_int_at_least(0), metavar="N",
+                        help="inpaint as the A1111 web UI does (engine/a1111_inpaint.py): the mask blurred by a "
+                             "Gaussian of sigma N (A1111's mask blur, its default 4), read by its alpha when it has "
+                             "one, and the init image pasted back over the unmasked part after decoding; without "
+                             "it the mask is diffusers' (binarised, nothing pasted back)")
+    parser.add_argument("--mask-invert", action="store_true",
+                        help="with --mask-blur: repaint what the mask leaves black (A1111's 'Inpaint not masked')")
+    parser.add_argument("--masked-content", choices=A1111_CONTENT, default="original",
+                        help="with --mask-blur: what the masked part starts from (A1111's masked content: fill "
+                             "paints it with blurred colours of the rest; default: original)")
+    parser.add_argument("--inpaint-area", choices=("whole", "masked"), default="whole",
+                        help="with --mask-blur: masked = A1111's 'Only masked': the box around the mask, widened "
+                             "by --inpaint-padding, is generated at --width x --height and pasted back (default: "
+                             "whole picture)")
+    parser.add_argument("--inpaint-padding", type=_int_at_least(0), default=0, metavar="PX",
+                        help="with --inpaint-area masked: pixels around the mask's box (default: 0)")
     parser.add_argument("--strength", type=_strength, default=gen["strength"],
                         help="how much of the init image to repaint, 0 < S <= 1: only the last S of the steps "
                              "run (default: img2img 0.8, inpaint 1.0)")
@@ -261,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-file", help="one prompt (or one line of flags) per line; one output each")
     parser.add_argument("--from-png", metavar="PNG", help="take every parameter from a PNG this CLI (or A1111) "
                                                           "wrote; flags given here override")
+    parser.add_argument("--allow-lora-download", action="store_true",
+                        help="with --from-png: LoRAs the PNG names by Hugging Face id may be downloaded (without "
+                             "it they must be files here or in the local hub cache)")
     parser.add_argument("--out", type=_png_path, default="output.png",
                         help="PNG path; several images: STEM_0.png, STEM_1.png ... and STEM_grid.png")
     parser.add_argument("--save-control", action="store_true", help="also write the control map(s): STEM_control.png")
@@ -315,6 +335,13 @@ def check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = T
         setattr(args, name, _per_net(getattr(args, name), count, flags.get(name) or FLAG_NAMES[name], default, fail))
     if args.mask_image and not args.init_image:
         fail("--mask needs --init-image: inpainting repaints the masked part of the init image")
+    a1111 = [flag for flag, used in (("--mask-invert", args.mask_invert), ("--masked-content", args.masked_content != "original"),
+                                     ("--inpaint-area", args.inpaint_area != "whole"), ("--inpaint-padding", args.inpaint_padding))
+             if used]
+    if (a1111 or args.mask_blur is not None) and not args.mask_image:
+        fail(f"{(a1111 or ['--mask-blur'])[0]} is an inpainting setting: it needs --mask (and --init-image)")
+    if a1111 and a1111_mask_blur(args) is None:
+        fail(f"{a1111[0]} is a setting of A1111's inpainting: give --mask-blur N (0 for no blur) with it")
     if args.strength is not None and not args.init_image:
         fail(f"--strength {args.strength} needs --init-image (img2img or inpaint)")
     if whole and args.image[0] is None and not args.mask_image:  # inpaint ControlNets build theirs from the mask
@@ -322,6 +349,12 @@ def check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = T
     for k, (start, end) in enumerate(zip(args.control_guidance_start, args.control_guidance_end)):
         if not start < end:
             fail(f"ControlNet {k}: --control-start ({start}) must be below --control-end ({end})")
+
+
+def a1111_mask_blur(args: argparse.Namespace) -> int | None:
+    """The mask blur of inpainting as A1111 does it: --mask-blur, else an A1111 PNG's (--from-png: its Mask blur,
+    0 when it has none); None: diffusers' inpainting."""
+    return args.mask_blur if args.mask_blur is not None else getattr(args, "png_mask_blur", None)
 
 
 def apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str) -> argparse.Namespace:
@@ -332,6 +365,10 @@ def apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str)
     defaults["negative_prompt"] = p["negative_prompt"] or None
     defaults["lora"] = [tuple(item) for item in defaults.pop("lora_files", [])] or None
     defaults["expected_lora_hashes"] = defaults.pop("lora_hashes", {})  # checked once the LoRAs are loaded
+    defaults["lora_from_png"] = [path for path, _ in defaults["lora"] or []]  # never downloaded unless asked
+    if "strength" in p and p.get("init_image") is None:  # A1111's img2img (no Init image key): with --mask, its
+        defaults["png_mask_blur"] = p.get("mask_blur", 0)  # inpainting; A1111 writes Mask blur only when not 0
+    defaults["inpaint_area"] = "masked" if defaults.pop("inpaint_only_masked", False) else "whole"
     for name in ("controlnet", *PER_NET):  # a PNG from A1111 may lack these: then the flags decide
         if not defaults.get(name) or None in defaults[name]:
             defaults.pop(name, None)

@@ -123,15 +123,19 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     scales = list(args.controlnet_conditioning_scale) if given_scales else None  # None: the mode's default
     given_modes = [m for m in args.control_mode or [] if m is not None]
     control_mode = [m or "balanced" for m in args.control_mode] if given_modes else None
+    inpaint, job = _a1111_inpainting(args)
+    init_image, mask_image, height, width = args.init_image, args.mask_image, args.height, args.width
+    if job is not None:
+        init_image, mask_image, height, width = job.init, job.mask, job.init.height, job.init.width
     try:
         result = runner.generate(
             prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
-            height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+            height=height, width=width, num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale, controlnet_conditioning_scale=scales,
             guess_mode=args.guess_mode, control_guidance_start=args.control_guidance_start,
             control_guidance_end=args.control_guidance_end, scheduler=args.scheduler, seed=args.seed,
             num_images_per_prompt=args.num_images_per_prompt, preprocess=preprocess, eta=args.eta,
-            callback=progress, init_image=args.init_image, mask_image=args.mask_image, strength=args.strength,
+            callback=progress, init_image=init_image, mask_image=mask_image, strength=args.strength,
             control_mode=control_mode,
         )
     finally:
@@ -159,31 +163,74 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         record.update(strength=used["strength"], init_image=str(args.init_image))
         if args.mask_image is not None:
             record["mask_image"] = str(args.mask_image)
+        if inpaint is not None:  # A1111's entries, Mask blur also at 0: it says A1111's inpainting was used
+            record.update(inpaint.parameters(always_blur=True))
     if loras:  # the prompt keeps its <lora:...> tags, as A1111 records it
         record["lora_hashes"] = {lora["name"]: lora["hash"] for lora in used["loras"] if lora["hash"]}
         record["lora_files"] = [(str(path), weight) for path, weight in args.lora or []]
     if "canny" in modules:
         record.update(canny_low=args.canny_low, canny_high=args.canny_high)
 
-    paths, stem = _outputs(Path(args.out), index, len(result.images))
+    images = [job.finish(im) for im in result.images] if job is not None else result.images  # the original pasted back
+    paths, stem = _outputs(Path(args.out), index, len(images))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    batch = len(result.images) > 1
-    for j, (image, path) in enumerate(zip(result.images, paths)):
+    batch = len(images) > 1
+    for j, (image, path) in enumerate(zip(images, paths)):
         text = pngmeta.format_parameters(record, batch_pos=j if batch else None)
         image.save(path, pnginfo=pngmeta.png_info(text))
         if args.verbose:
             print(f"{path}:\n{text}\n")
     if batch:
         paths.append(stem.with_name(stem.name + "_grid.png"))
-        _grid(result.images).save(paths[-1], pnginfo=pngmeta.png_info(pngmeta.format_parameters(record)))
+        _grid(images).save(paths[-1], pnginfo=pngmeta.png_info(pngmeta.format_parameters(record)))
     if args.save_control:
         maps = result.control_maps
         for k, picture in enumerate(maps):
             paths.append(stem.with_name(stem.name + ("_control.png" if len(maps) == 1 else f"_control_{k}.png")))
             _as_pil(picture).save(paths[-1])
-    run = {"timings": result.timings, "steps": record["num_inference_steps"], "images": len(result.images),
+    run = {"timings": result.timings, "steps": record["num_inference_steps"], "images": len(images),
            "seed": result.seed}
     return run, paths
+
+
+def _a1111_inpainting(args):
+    """(settings, job) for inpainting as A1111 does it (--mask-blur given), else (None, None)."""
+    from engine.cli_flags import a1111_mask_blur
+
+    blur = a1111_mask_blur(args)
+    if args.mask_image is None or blur is None:
+        return None, None
+    import PIL.Image
+
+    from engine.a1111_inpaint import A1111Inpaint
+
+    with PIL.Image.open(args.init_image) as opened:
+        init = opened.copy()
+    with PIL.Image.open(args.mask_image) as opened:
+        mask = opened.copy()  # as it is: an RGBA mask is read by its alpha
+    inpaint = A1111Inpaint(blur_x=blur, blur_y=blur, invert=args.mask_invert,
+                           masked_content=args.masked_content, only_masked=args.inpaint_area == "masked",
+                           padding=args.inpaint_padding)
+    width, height = args.width or init.width // 8 * 8, args.height or init.height // 8 * 8
+    return inpaint, inpaint.prepare(init, mask, width, height)
+
+
+def _check_png_loras(args) -> None:
+    """LoRAs a PNG's metadata names (--from-png) are read from files or the local hub cache only: a PNG from
+    elsewhere must not make this machine download whatever it names, unless --allow-lora-download."""
+    from engine.lora import load_lora
+
+    from_png = set(getattr(args, "lora_from_png", None) or [])
+    if getattr(args, "allow_lora_download", False):
+        return
+    for source, _ in args.lora or []:
+        if source in from_png and not Path(source).expanduser().exists():
+            try:
+                load_lora(source, allow_download=False)
+            except OSError as err:
+                raise OSError(f"the PNG names the LoRA {source!r}, which is neither a file here nor in the local "
+                              "Hugging Face cache; it is not downloaded unless you pass --allow-lora-download (or "
+                              f"give --lora FILE): {err}") from None
 
 
 def _apply_loras(runner, args) -> tuple[str, list]:
@@ -194,9 +241,7 @@ def _apply_loras(runner, args) -> tuple[str, list]:
 
     prompt, tagged = parse_prompt_loras(args.prompt, args.lora_dir)
     wanted = [(str(path), float(weight)) for path, weight in [*(args.lora or []), *tagged]]
-    current = [(lora.source, weight) for lora, weight in runner.loras.active] if runner.loras is not None else []
-    if wanted != current:
-        runner.set_loras(wanted)
+    runner.set_loras(wanted)  # a no-op when it is the set merged already (and its files are unchanged)
     expected = getattr(args, "expected_lora_hashes", None) or {}
     found = {lora["name"]: lora["hash"] for lora in runner.loras.describe()} if runner.loras is not None else {}
     for name, digest in expected.items():
@@ -251,6 +296,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int
     for path, _ in args.lora or []:
         if (path.endswith(".safetensors") or path.startswith((".", "/"))) and not Path(path).is_file():
             raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+    _check_png_loras(args)
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise FileNotFoundError(f"LoRA folder {args.lora_dir!r} does not exist or is not a folder")
 

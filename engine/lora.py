@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,7 +37,12 @@ from pathlib import Path
 import torch
 
 GRAPHS = ("unet", "text_encoder")  # diffusers' prefixes in a LoRA file, and the backends' graph names
-SDXL_MARKERS = ("text_encoder_2.", "lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")
+# After diffusers' conversion, a second text encoder's keys say SDXL (kohya's lora_te2_ becomes text_encoder_2.).
+SDXL_MARKERS = ("text_encoder_2.",)
+# What diffusers' `load_lora_weights` passes as `unet_config` to number SGM/LDM block names (kohya's
+# `lora_unet_input_blocks_4_1_...`) as diffusers' down/mid/up blocks: only `layers_per_block` is read, and
+# every SD1.5 UNet has 2 resnets per down block.
+SD15_UNET_BLOCKS = types.SimpleNamespace(layers_per_block=2)
 EXTENSIONS = (".safetensors",)
 # LoRA files LoraSwitch keeps read (the least recently used is dropped): a server whose clients name many
 # LoRAs in turn holds this many, not every file ever named.
@@ -79,8 +85,9 @@ def _is_local(source: str) -> bool:
         or source.count("/") != 1
 
 
-def load_lora(source: str | Path) -> Lora:
-    """Read and convert one LoRA with diffusers' loader; raises LoraError / FileNotFoundError saying why."""
+def load_lora(source: str | Path, allow_download: bool = True) -> Lora:
+    """Read and convert one LoRA with diffusers' loader; raises LoraError / FileNotFoundError saying why, each
+    naming the file. `allow_download=False`: a Hugging Face id is read from the local hub cache only."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     if not isinstance(source, (str, Path)) or not str(source).strip():
@@ -89,9 +96,14 @@ def load_lora(source: str | Path) -> Lora:
     path = Path(source).expanduser()
     if _is_local(source) and not path.exists():
         raise FileNotFoundError(f"LoRA file {source!r} does not exist")
+    if path.is_file():
+        _refuse_dora(source, path)
+    where = str(path) if path.exists() else source
+    if not path.exists() and not allow_download:
+        where = _cached_snapshot(source)
     try:
         state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            str(path) if path.exists() else source, return_lora_metadata=True)
+            where, return_lora_metadata=True, unet_config=SD15_UNET_BLOCKS)
     except OSError as err:
         if path.exists():
             raise LoraError(f"{source!r} is not a LoRA file diffusers can read ({type(err).__name__}: {err})") from err
@@ -106,10 +118,14 @@ def load_lora(source: str | Path) -> Lora:
     marker = next((k for k in state_dict for m in SDXL_MARKERS if k.startswith(m) or f".{m}" in k), None)
     if marker is not None:
         raise LoraError(f"{source!r} is an SDXL LoRA (key {marker!r}); this engine runs SD1.5: use a LoRA trained on SD1.5")
+    embedding = next((k for k in state_dict if "lora_embedding_" in k or ".embeddings." in k), None)
+    if embedding is not None:
+        raise LoraError(f"{source!r} changes an embedding table (key {embedding!r}): LoRAs on the text encoder's token "
+                        "or position embeddings are not merged by this engine (only linear and convolution layers)")
     name = path.name.removesuffix(".safetensors") if path.is_file() else Path(source.rstrip("/")).name
     lora = Lora(source, name, path.resolve() if path.is_file() else None)
     for graph in GRAPHS:
-        part = _part(graph, state_dict, alphas, metadata)
+        part = _part(graph, state_dict, alphas, metadata, source)
         if part is not None:
             lora.parts[graph] = part
     if not lora.parts:
@@ -123,7 +139,35 @@ def load_lora(source: str | Path) -> Lora:
     return lora
 
 
-def _part(graph: str, state_dict: dict, alphas: dict | None, metadata: dict | None) -> LoraPart | None:
+def _cached_snapshot(source: str) -> str:
+    """The local hub cache's copy of a Hugging Face id, or OSError: nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - huggingface_hub's errors for an id it has not cached
+        raise OSError(f"the LoRA {source!r} is not a local file and not in the local Hugging Face cache, and "
+                      f"downloading it was not allowed ({type(err).__name__})") from None
+
+
+def _refuse_dora(source: str, path: Path) -> None:
+    """kohya's DoRA files carry a `dora_scale` per layer, which diffusers' loader drops with only a log line,
+    leaving a plain LoRA that is not what was trained: refused by name (read from the file's header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file: diffusers' loader says what it is
+        return
+    dora = next((k for k in keys if k.endswith("dora_scale")), None)
+    if dora is not None:
+        raise LoraError(f"{source!r} is a DoRA (weight-decomposed LoRA; key {dora!r}): its magnitude vectors "
+                        "(dora_scale) cannot be merged as a plain LoRA, and diffusers would silently drop them; DoRA "
+                        "files are not supported")
+
+
+def _part(graph: str, state_dict: dict, alphas: dict | None, metadata: dict | None, source: str) -> LoraPart | None:
     """One model's part as diffusers' `load_lora_adapter` (UNet) / `_load_lora_into_text_encoder` makes it."""
     from diffusers.utils.peft_utils import _create_lora_config
     from diffusers.utils.state_dict_utils import (
@@ -152,7 +196,8 @@ def _part(graph: str, state_dict: dict, alphas: dict | None, metadata: dict | No
         rank = {k: v.shape[1] for k, v in part.items() if k.endswith(".lora_B.weight")}
         config = _create_lora_config(part, alphas, meta, rank, is_unet=False)
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
-        raise LoraError(f"the {graph} part is a DoRA or has LoRA biases; only plain LoRA (lora_A/lora_B) is supported")
+        raise LoraError(f"{source!r}: its {graph} part is a DoRA or has LoRA biases; only plain LoRA (lora_A/lora_B) "
+                        "is supported")
     return LoraPart(part, config)
 
 
@@ -168,7 +213,9 @@ def targets(adapters: list[tuple[Lora, float]], graph: str) -> list[str]:
 
 
 def check_shapes(adapters: list[tuple[Lora, float]], graph: str, base: dict[str, torch.Tensor]) -> None:
-    """Every targeted layer exists and has the LoRA's shape; else say it is a LoRA for another model."""
+    """Every targeted layer exists and has the LoRA's shape, past the first two dims too; else say, naming the
+    file, what does not fit. A LoRA written for a linear layer fits a 1x1 convolution (and the reverse): the
+    same linear map, reshaped as A1111 applies it (`fit_to_layers`); diffusers' loader refuses those."""
     for lora, _ in adapters:
         part = lora.parts.get(graph)
         if part is None:
@@ -177,13 +224,35 @@ def check_shapes(adapters: list[tuple[Lora, float]], graph: str, base: dict[str,
             weight = base.get(f"{module}.weight")
             down, up = part.state_dict[f"{module}.lora_A.weight"], part.state_dict[f"{module}.lora_B.weight"]
             if weight is None:
-                raise LoraError(f"LoRA {lora.name!r} targets {graph} layer {module!r}, which this model does not "
+                raise LoraError(f"LoRA {lora.source!r} targets {graph} layer {module!r}, which this model does not "
                                 "have: a LoRA for another architecture")
             if weight.ndim not in (2, 4) or up.shape[0] != weight.shape[0] or down.shape[1] != weight.shape[1]:
                 raise LoraError(
-                    f"LoRA {lora.name!r} does not fit {graph} layer {module!r}: it maps {down.shape[1]} -> {up.shape[0]} "
+                    f"LoRA {lora.source!r} does not fit {graph} layer {module!r}: it maps {down.shape[1]} -> {up.shape[0]} "
                     f"features, the layer {weight.shape[1]} -> {weight.shape[0]}: a LoRA for another architecture "
                     "(SD1.5 text features are 768 wide, SDXL's 2048)")
+            kernel = tuple(weight.shape[2:]) or (1, 1)  # a linear layer is a 1x1 convolution
+            for what, tensor, wanted in (("lora_down", down, kernel), ("lora_up", up, (1, 1))):
+                got = tuple(tensor.shape[2:]) or (1, 1)
+                if tensor.ndim not in (2, 4) or got != wanted:
+                    raise LoraError(
+                        f"LoRA {lora.source!r} does not fit {graph} layer {module!r}: its {what} has shape "
+                        f"{tuple(tensor.shape)}, kernel {got[0]}x{got[1]}, where the layer {tuple(weight.shape)} needs "
+                        f"kernel {wanted[0]}x{wanted[1]}: merged as it is, it would change the wrong weights")
+
+
+def fit_to_layers(part: LoraPart, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part's tensors in the form peft's layer for each base weight takes: (r, in) <-> (r, in, 1, 1) where
+    a LoRA for a linear layer targets a 1x1 convolution or the reverse (check_shapes allowed only those)."""
+    fitted = {}
+    for key, tensor in part.state_dict.items():
+        weight = base[f"{key.split('.lora_')[0]}.weight"]
+        if weight.ndim == 4 and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        elif weight.ndim == 2 and tensor.ndim == 4:
+            tensor = tensor[:, :, 0, 0]
+        fitted[key] = tensor
+    return fitted
 
 
 def _stand_in(base: dict[str, torch.Tensor], modules: list[str]) -> torch.nn.Module:
@@ -233,11 +302,13 @@ def merged_weights(adapters: list[tuple[Lora, float]], graph: str, base: dict[st
         # before the merge, so the merged weights are the same.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one adapter per LoRA: meant
-            inject_adapter_in_model(part.config, root, adapter_name=name, state_dict=part.state_dict)
-        result = set_peft_model_state_dict(root, part.state_dict, name)
+            state_dict = fit_to_layers(part, base)
+            inject_adapter_in_model(part.config, root, adapter_name=name, state_dict=state_dict)
+        result = set_peft_model_state_dict(root, state_dict, name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
         if unexpected:
-            raise LoraError(f"LoRA {lora.name!r}: peft did not load {len(unexpected)} of its {graph} tensors (e.g. {unexpected[0]!r})")
+            raise LoraError(f"LoRA {lora.source!r}: peft did not load {len(unexpected)} of its {graph} tensors "
+                            f"(e.g. {unexpected[0]!r})")
         adapter_names.append(name)
         weights.append(weight)
     merged = {}
@@ -252,7 +323,8 @@ def merged_weights(adapters: list[tuple[Lora, float]], graph: str, base: dict[st
             merged[f"{module_name}.weight"] = module.get_base_layer().weight.detach()
     missing = sorted(set(names) - set(merged))
     if missing:
-        raise LoraError(f"peft did not wrap {graph} layers {missing[:3]}: these LoRA targets cannot be merged")
+        raise LoraError(f"peft did not wrap {graph} layers {missing[:3]} of LoRA(s) "
+                        f"{[lora.source for lora, _ in adapters]}: these targets cannot be merged")
     return {n: merged[n] for n in names}
 
 
@@ -326,6 +398,16 @@ def lora_short_hash(path) -> str:
 # ---- the set applied to one backend -------------------------------------------------------------------------
 
 
+def file_key(source: str) -> tuple:
+    """What identifies a LoRA's contents: a local file by path, size and modification time (a file replaced on
+    disk gets a new key, so it is read and merged again); anything else (a hub id) by its name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+    return (str(source),)
+
+
 def check_lora_list(loras) -> list[tuple[str, float]]:
     """[(source, weight), ...] checked: sources non-empty, weights finite numbers."""
     if loras is None:
@@ -350,19 +432,27 @@ class LoraSwitch:
     weight the old set changed but the new one does not goes back to its base value (bit for bit: the base is
     kept as read, float32, which holds fp16/bf16/fp32 values exactly). The base is read from the backend the
     first time a weight is targeted, before anything changed it, so the model is never reloaded. Files are
-    read once and kept (keyed by path, size and modification time), the FILE_CACHE_SIZE most recently used.
+    read once and kept, keyed by path, size and modification time (`file_key`), the FILE_CACHE_SIZE most
+    recently used: a file changed on disk is read again, and `is_current` tells a caller that its set must be
+    merged again.
+
+    All or nothing: a switch writes the UNet, then the text encoder; if any write fails (a TensorRT refit, an
+    ONNX Runtime session rebuild, OpenVINO), every graph it touched gets its previous weights back and the
+    error is raised, so `active` always names what the weights hold. Should that restore fail too, the state
+    is unknown (`active` None): `describe` (every generation reads it) refuses until a `set` succeeds, and
+    that `set` rewrites every weight ever changed.
     """
 
     def __init__(self, backend):
         self.backend = backend
-        self.active: list[tuple[Lora, float]] = []
+        self.active: list[tuple[Lora, float]] | None = []  # None: unknown, after a switch that could not be undone
         self.base: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GRAPHS}
         self.changed: dict[str, set[str]] = {g: set() for g in GRAPHS}
         self._files: OrderedDict[tuple, Lora] = OrderedDict()  # least recently used first
+        self._keys: list[tuple] = []  # file_key of each active LoRA, in order
 
     def _load(self, source: str) -> Lora:
-        path = Path(source).expanduser()
-        key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else (source,)
+        key = file_key(source)
         if key not in self._files:
             self._files[key] = load_lora(source)
             while len(self._files) > FILE_CACHE_SIZE:
@@ -370,9 +460,21 @@ class LoraSwitch:
         self._files.move_to_end(key)
         return self._files[key]
 
+    def is_current(self, loras) -> bool:
+        """Whether [(source, weight), ...] is the merged set, its files unchanged on disk since they were read."""
+        if self.active is None:
+            return False
+        wanted = check_lora_list(loras)
+        if wanted != [(lora.source, weight) for lora, weight in self.active]:
+            return False
+        return [file_key(source) for source, _ in wanted] == self._keys
+
     def set(self, loras) -> None:
-        """Every check (files, weights, shapes, reachability) runs before any weight changes."""
-        adapters = [(self._load(source), weight) for source, weight in check_lora_list(loras)]
+        """Every check (files, weights, shapes, reachability) runs before any weight changes; a failed write
+        is undone on every graph (see the class docstring)."""
+        checked = check_lora_list(loras)
+        adapters = [(self._load(source), weight) for source, weight in checked]
+        keys = [file_key(source) for source, _ in checked]
         plan = {}
         for graph in GRAPHS:
             names = targets(adapters, graph)
@@ -385,13 +487,46 @@ class LoraSwitch:
             for name in self.changed[graph] - weights.keys():
                 weights[name] = self.base[graph][name]
             plan[graph] = weights
-        for graph in GRAPHS:  # the UNet first: a compiled step that refuses a switch refuses before any change
-            if plan[graph]:
-                self.backend.set_weights(graph, plan[graph])
+        check = getattr(self.backend, "check_set_weights", None)  # a backend that would refuse, refuses now
+        for graph in GRAPHS:
+            if plan[graph] and check is not None:
+                check(graph)
+        written = []
+        try:
+            for graph in GRAPHS:  # the UNet first: a compiled step that refuses a switch refuses before any change
+                if plan[graph]:
+                    written.append(graph)
+                    self.backend.set_weights(graph, plan[graph])
+        except BaseException:
+            self._undo(written, plan)
+            raise
+        for graph in GRAPHS:
             self.changed[graph] = set(targets(adapters, graph))
-        self.active = adapters
+        self.active, self._keys = adapters, keys
+
+    def _undo(self, written: list[str], plan: dict) -> None:
+        """Put back, on each graph a failed switch wrote to (the failing one included: it may have taken part
+        of its weights), the values it held before; if that fails too, mark the state unknown."""
+        try:
+            if self.active is None:
+                raise RuntimeError("the weights were already in an unknown state")
+            for graph in written:
+                previous = merged_weights(self.active, graph, self.base[graph])
+                self.backend.set_weights(graph, {n: previous.get(n, self.base[graph][n]) for n in plan[graph]})
+        except Exception as err:  # noqa: BLE001 - the switch's own error is the one raised
+            import warnings
+
+            warnings.warn(f"a failed LoRA switch could not be undone ({type(err).__name__}: {err}); the weights are in "
+                          "an unknown state until the next successful set_loras", RuntimeWarning, stacklevel=3)
+            self.active, self._keys = None, []
+            for graph in GRAPHS:  # the next set rewrites every weight any set ever touched
+                self.changed[graph] = set(self.base[graph])
 
     def describe(self) -> list[dict]:
-        """The active set, for a result's parameters: name, source, weight and A1111's short hash."""
+        """The active set, for a result's parameters: name, source, weight and A1111's short hash. Raises
+        LoraError while the weights are in an unknown state (a failed switch that could not be undone)."""
+        if self.active is None:
+            raise LoraError("a LoRA switch failed and the previous weights could not be restored: the weights are "
+                            "in an unknown state; set the LoRAs again (set_loras) before generating")
         return [dict(name=lora.name, source=lora.source, weight=weight, hash=lora.short_hash)
                 for lora, weight in self.active]

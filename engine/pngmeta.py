@@ -14,7 +14,9 @@ tags and `Lora hashes: "name: hash, ..."` is written as A1111 writes it (engine/
 LoRAs given as files (not tags) are listed with their weights under `Lora files` (JSON).
 
 img2img and inpainting add A1111's `Denoising strength` and our `Init image` and `Mask` (the files' paths;
-A1111 records neither, so its PNGs say only that a strength was used).
+A1111 records neither, so its PNGs say only that a strength was used). Inpainting done as A1111 does it
+(engine/a1111_inpaint.py: the A1111 routes, or the CLI's --mask-blur) adds A1111's own `Mask blur`,
+`Mask mode`, `Inpaint area` with `Masked area padding`, and `Masked content`, as A1111 writes them.
 
 `format_parameters` and `parse_parameters` are inverses on the dict the CLI records (keys named as
 `Runner`'s arguments); keys this module does not know are kept under `extra` when parsing. Text from
@@ -45,6 +47,8 @@ CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important"
 CONTROL_MODES_BY_NAME = {name: mode for mode, name in CONTROL_MODES.items()}
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+INVERTED_MASK = "Inpaint not masked"  # A1111's "Mask mode" for inpainting_mask_invert 1
+ONLY_MASKED = "Only masked"  # A1111's "Inpaint area" for inpaint_full_res
 NEGATIVE = "Negative prompt:"
 CHUNK = "parameters"
 # A1111's own pair pattern: a key, then a JSON-quoted value or anything up to the next comma.
@@ -98,6 +102,7 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         pairs["Eta"] = _number(p["eta"])
     if p.get("strength") is not None:  # img2img / inpaint
         pairs["Denoising strength"] = _number(p["strength"])
+        pairs.update(_inpaint_pairs(p))
         if p.get("init_image"):
             pairs["Init image"] = p["init_image"]
         if p.get("mask_image"):
@@ -135,6 +140,38 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         lines.append(f"{NEGATIVE} {p['negative_prompt']}")
     lines.append(_join(pairs))
     return "\n".join(lines)
+
+
+def _inpaint_pairs(p: dict) -> dict:
+    """A1111's inpainting entries, in the order it writes them (engine/a1111_inpaint.A1111Inpaint.parameters)."""
+    pairs = {}
+    if p.get("mask_invert"):
+        pairs["Mask mode"] = INVERTED_MASK
+    if p.get("mask_blur") is not None:
+        pairs["Mask blur"] = p["mask_blur"]
+    if p.get("inpaint_only_masked"):
+        pairs["Inpaint area"] = ONLY_MASKED
+        pairs["Masked area padding"] = p.get("inpaint_padding", 0)
+    if p.get("masked_content"):
+        pairs["Masked content"] = p["masked_content"]
+    return pairs
+
+
+def _parse_inpaint(pairs: dict, p: dict) -> None:
+    if "Mask mode" in pairs:
+        mode = pairs.pop("Mask mode")
+        if mode != INVERTED_MASK:
+            raise ValueError(f"unknown Mask mode {mode!r}; known: {INVERTED_MASK!r} (and none, 'Inpaint masked')")
+        p["mask_invert"] = True
+    if "Mask blur" in pairs:
+        p["mask_blur"] = int(pairs.pop("Mask blur"))
+    if "Inpaint area" in pairs:
+        area = pairs.pop("Inpaint area")
+        if area != ONLY_MASKED:
+            raise ValueError(f"unknown Inpaint area {area!r}; known: {ONLY_MASKED!r} (and none, 'Whole picture')")
+        p["inpaint_only_masked"], p["inpaint_padding"] = True, int(pairs.pop("Masked area padding", 0))
+    if "Masked content" in pairs:
+        p["masked_content"] = pairs.pop("Masked content")
 
 
 def _need(pairs: dict, key: str, where: str = "parameters") -> str:
@@ -175,6 +212,7 @@ def parse_parameters(text: str) -> dict:
         p["batch_pos"] = int(pairs.pop("Batch pos"))
     if "Denoising strength" in pairs:
         p["strength"] = float(pairs.pop("Denoising strength"))
+        _parse_inpaint(pairs, p)
         p["init_image"] = pairs.pop("Init image", None)  # None in A1111's PNGs: give --init-image
         if "Mask" in pairs:
             p["mask_image"] = pairs.pop("Mask")

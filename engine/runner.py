@@ -109,17 +109,22 @@ class Runner:
         self.global_pool, self.num_residuals = parts.global_pool, parts.num_residuals
         self.set_loras(loras or [])
 
-    def set_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+    def set_loras(self, loras: Sequence[tuple[str, float]]) -> bool:
         """Replace the whole LoRA set: [(source, weight), ...]; [] removes every LoRA (the base model exactly).
         Merged once into the weights (no per-step cost), without reloading the model or re-exporting graphs;
-        every check runs before any weight changes (engine/lora.LoraSwitch)."""
+        every check runs before any weight changes, and a switch that fails part way is undone
+        (engine/lora.LoraSwitch). The set already merged, its files unchanged on disk, is left as it is.
+        Returns whether the weights changed."""
         from engine.lora import LoraSwitch
 
         if self.loras is None:
             if not loras:
-                return
+                return False
             self.loras = LoraSwitch(self.backend)
+        if self.loras.is_current(loras):
+            return False
         self.loras.set(loras)
+        return True
 
     @property
     def num_controlnets(self) -> int:

@@ -332,6 +332,11 @@ def test_img2img_with_a_unit_equals_runner(api, photo64, reference, inpaint):
                          mask_image=mask if inpaint else None, strength=0.6,
                          preprocess=[canny_with(100, 200), False], controlnet_conditioning_scale=[1.0, 0.0],
                          control_mode=["balanced", "balanced"])
+    if inpaint:  # A1111 pastes the original back over the unmasked part (engine/a1111_inpaint.py)
+        from engine.a1111_inpaint import A1111Inpaint
+
+        job = A1111Inpaint(blur_x=0, blur_y=0).prepare(photo64, mask, 64, 64)
+        expected = np.asarray(job.finish(PIL.Image.fromarray(expected)))
     np.testing.assert_array_equal(pixels(r.images[0]), expected)
 
 

@@ -272,3 +272,176 @@ def test_frozen_compiled_step_refuses_a_switch_once_compiled(tiny_dir, lora_file
     runner.backend.frozen_step_ran = True  # what the first compiled step sets (TorchBackend._run_step)
     with pytest.raises(ValueError, match="frozen weights"):
         runner.set_loras([])
+
+
+# ---- all or nothing, refusals, files changed on disk (issue #23) ------------------------------------------
+
+
+def _fail_text_encoder_writes(monkeypatch, backend, times: int):
+    """The backend's text-encoder set_weights fails part way `times` times (half its weights written, then an
+    error), as a refit or a session rebuild can; the UNet's writes, and later ones, go through."""
+    real, left = backend.set_weights, [times]
+
+    def flaky(graph, weights):
+        if graph == "text_encoder" and left[0] > 0:
+            left[0] -= 1
+            real(graph, dict(list(weights.items())[: len(weights) // 2]))
+            raise RuntimeError("injected: the text encoder's write failed part way")
+        real(graph, weights)
+
+    monkeypatch.setattr(backend, "set_weights", flaky)
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory, lora_files):
+    """A small kohya LoRA on both graphs (the `second` UNet layers and `kohya`'s text encoder): switches in ~1 s."""
+    from safetensors.torch import load_file, save_file
+
+    second = load_file(str(lora_files["second"]))
+    unet = {}
+    for key, value in second.items():
+        module, kind = key.removeprefix("unet.").rsplit(".lora_", 1)
+        name = f"lora_unet_{module.replace('.', '_')}"
+        unet[f"{name}.lora_down.weight" if kind == "A.weight" else f"{name}.lora_up.weight"] = value
+        unet[f"{name}.alpha"] = torch.tensor(1.0)
+    text = {k: v for k, v in load_file(str(lora_files["kohya"])).items() if k.startswith("lora_te_")}
+    path = tmp_path_factory.mktemp("small") / "small.safetensors"
+    save_file({**unet, **text}, str(path))
+    return path
+
+
+def test_failed_switch_restores_every_graph(small_file, runner, control, monkeypatch):
+    """The UNet is written, the text encoder's write fails part way: both graphs hold the previous set's weights
+    again (bit for bit), `active` names it, and the next switch works. If the undo fails too, the state is
+    unknown: generate refuses until a set succeeds, and [] then gives back the base weights bit for bit."""
+    from engine.lora import LoraError
+
+    base_weights = state(runner)
+    old, new = [(small_file, 0.5)], [(small_file, -0.8)]
+    runner.set_loras(old)
+    before_image, before_weights = ours(runner, control), state(runner)
+    _fail_text_encoder_writes(monkeypatch, runner.backend, times=1)
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.set_loras(new)
+    after = state(runner)
+    assert all(torch.equal(after[k], v) for k, v in before_weights.items()), "every graph back to the previous set"
+    assert [(lora.source, w) for lora, w in runner.loras.active] == [(str(small_file), 0.5)]
+    assert np.array_equal(ours(runner, control), before_image)
+    assert runner.set_loras(new) and not np.array_equal(ours(runner, control), before_image)
+
+    _fail_text_encoder_writes(monkeypatch, runner.backend, times=2)  # the switch and its undo both fail
+    with pytest.warns(RuntimeWarning, match="could not be undone"), pytest.raises(RuntimeError, match="injected"):
+        runner.set_loras(old)
+    with pytest.raises(LoraError, match="unknown state"):
+        ours(runner, control)
+    assert runner.set_loras(new), "an unknown state is never taken for the set asked for"
+    runner.set_loras([])
+    after = state(runner)
+    assert all(torch.equal(after[k], v) for k, v in base_weights.items()), "[] after an unknown state: the base"
+
+
+def _sgm_name(module: str) -> str:
+    """A diffusers UNet module path as SGM/LDM (A1111's own UNet) numbers it, for SD1.5's 2 layers per block."""
+    import re
+
+    def down(m):
+        return f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1"
+
+    def up(m):
+        return f"output_blocks.{3 * int(m[1]) + int(m[2])}.1"
+
+    module = re.sub(r"^down_blocks\.(\d+)\.attentions\.(\d+)", down, module)
+    module = re.sub(r"^up_blocks\.(\d+)\.attentions\.(\d+)", up, module)
+    return module.replace("mid_block.attentions.0", "middle_block.1")
+
+
+LAYER_1X1 = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1x1 convolution in SD1.5's (and the tiny) UNet
+PROJ_IN = "down_blocks.0.attentions.0.proj_in.weight"
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory, tiny_dir, lora_files) -> dict:
+    """LoRA files in the layouts issue #23 lists, written from the session's tiny LoRAs."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("odd_loras")
+    kohya = load_file(str(lora_files["kohya"]))
+    conv3 = "lora_unet_down_blocks_0_resnets_0_conv1"  # a 3x3 convolution
+    g = torch.Generator().manual_seed(5)
+    flat = {f"{LAYER_1X1}.lora_down.weight": torch.randn(2, 32, generator=g),
+            f"{LAYER_1X1}.lora_up.weight": torch.randn(32, 2, generator=g), f"{LAYER_1X1}.alpha": torch.tensor(2.0)}
+    files = {
+        "dora": {**kohya, f"{LAYER_1X1}.dora_scale": torch.ones(1, 32, 1, 1)},  # kohya's DoRA: one per layer
+        "kernel": {f"{conv3}.lora_down.weight": torch.randn(2, 32, 1, 1), f"{conv3}.lora_up.weight": torch.randn(32, 2, 1, 1),
+                   f"{conv3}.alpha": torch.tensor(2.0)},
+        "linear_on_1x1": flat,
+        "as_conv": {k: (v[:, :, None, None] if v.ndim == 2 else v) for k, v in flat.items()},
+        "sgm": _sgm_kohya(load_file(str(lora_files["unet_only"])), alpha=8),  # unet_only as kohya names SGM blocks
+    }
+    paths = {}
+    for name, tensors in files.items():
+        paths[name] = out / f"{name}.safetensors"
+        save_file(tensors, str(paths[name]))
+    paths["embedding"] = _embedding_lora(tiny_dir, out)
+    return paths
+
+
+@pytest.mark.parametrize("name, message", [
+    ("dora", "is a DoRA"),  # diffusers drops dora_scale with a log line and merges a plain LoRA
+    ("kernel", "kernel 1x1, .* needs kernel 3x3"),  # a 1x1 LoRA on a 3x3 convolution: peft's size mismatch
+    ("embedding", "embedding table"),  # lora_embedding_A/B: no linear layer to merge into
+])
+def test_refusals_name_the_file(odd_files, runner, control, name, message):
+    from engine.lora import LoraError
+
+    before = ours(runner, control)
+    with pytest.raises(LoraError, match=message) as err:
+        runner.set_loras([(odd_files[name], 1.0)])
+    assert str(odd_files[name]) in str(err.value), err.value
+    assert np.array_equal(ours(runner, control), before)
+
+
+def test_linear_lora_on_a_1x1_conv_merges_as_that_conv(odd_files, runner):
+    """The same linear map, reshaped, as A1111 applies it; diffusers' loader stops at a size mismatch."""
+    from engine.lora import load_lora, merged_weights
+
+    base = runner.backend.get_weights("unet", [PROJ_IN])
+    flat = merged_weights([(load_lora(odd_files["linear_on_1x1"]), 0.9)], "unet", base)[PROJ_IN]
+    conv = merged_weights([(load_lora(odd_files["as_conv"]), 0.9)], "unet", base)[PROJ_IN]
+    assert torch.equal(flat, conv) and not torch.equal(flat, base[PROJ_IN])
+
+
+def test_sgm_named_sd15_lora_is_converted(odd_files, lora_files, runner):
+    """kohya's SGM block names (lora_unet_input_blocks_4_1_...) for an SD1.5 UNet, converted as diffusers'
+    load_lora_weights converts them: the same weights as the diffusers-named file, bit for bit."""
+    from engine.lora import load_lora, merged_weights
+
+    sgm, named = load_lora(odd_files["sgm"]), load_lora(lora_files["kohya"])
+    names = named.parts["unet"].params()
+    assert sgm.parts["unet"].params() == names and "text_encoder" not in sgm.parts
+    base = runner.backend.get_weights("unet", names)
+    ours_sgm, ours_named = merged_weights([(sgm, 0.8)], "unet", base), merged_weights([(named, 0.8)], "unet", base)
+    assert all(torch.equal(ours_sgm[n], ours_named[n]) for n in names)
+
+
+def _sgm_kohya(peft_file: dict, alpha: float) -> dict:
+    """A diffusers-format UNet LoRA (unet.<module>.lora_A/B) as kohya writes it for SGM block names."""
+    out = {}
+    for key, value in peft_file.items():
+        module, kind = key.removeprefix("unet.").rsplit(".lora_", 1)
+        name = f"lora_unet_{_sgm_name(module).replace('.', '_')}"
+        out[f"{name}.lora_down.weight" if kind == "A.weight" else f"{name}.lora_up.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def _embedding_lora(tiny_dir, tmp_path):
+    """A peft LoRA on the text encoder's token embedding (and q_proj), saved as diffusers saves it."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(tiny_dir["model"], subfolder="text_encoder")
+    tensors, _ = _peft_lora(text, ["token_embedding", "q_proj"], r=2, alpha=2, seed=4)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "embedding", text_encoder_lora_layers=tensors,
+                                              safe_serialization=True)
+    return tmp_path / "embedding" / "pytorch_lora_weights.safetensors"

@@ -37,3 +37,31 @@ def test_lora_flags_tags_png_and_from_png(tiny_dir, lora_files, tmp_path, capsys
     capsys.readouterr()
     assert generate.main(["--from-png", str(first), "--lora-dir", str(folder), "--out", str(again), "--quiet"]) == 1
     assert "hash" in capsys.readouterr().err
+
+
+def test_from_png_downloads_no_lora_unless_asked(tmp_path, monkeypatch, capsys):
+    """A PNG's "Lora files" naming a Hugging Face id: --from-png reads it from the local hub cache only, and says
+    how to allow the download; with --allow-lora-download the loader may fetch it."""
+    from engine import lora
+
+    p = dict(prompt="a cat", negative_prompt="", num_inference_steps=2, scheduler="unipc", guidance_scale=7.5, seed=1,
+             width=64, height=64, model="tiny", eta=0.0, num_images_per_prompt=1, controlnet=["canny"],
+             controlnet_conditioning_scale=[1.0], control_guidance_start=[0.0], control_guidance_end=[1.0],
+             image=["engine/assets/astronaut.png"], preprocess=["canny"], canny_low=100, canny_high=200,
+             guess_mode=False, lora_files=[("someone/ink-lora", 0.7)])
+    png = tmp_path / "from_elsewhere.png"
+    PIL.Image.new("RGB", (8, 8)).save(png, pnginfo=pngmeta.png_info(pngmeta.format_parameters(p)))
+    asked, real = [], lora.load_lora
+
+    def spy(source, allow_download=True):
+        asked.append((str(source), allow_download))
+        if allow_download:
+            raise OSError("this test's stand-in for a download")
+        return real(source, allow_download=False)
+
+    monkeypatch.setattr(lora, "load_lora", spy)
+    out = ["--out", str(tmp_path / "x.png"), "--quiet"]
+    assert generate.main(["--from-png", str(png), *out]) == 1
+    assert "--allow-lora-download" in capsys.readouterr().err and asked == [("someone/ink-lora", False)]
+    assert generate.main(["--from-png", str(png), "--allow-lora-download", *out]) == 1
+    assert "stand-in for a download" in capsys.readouterr().err and asked[-1] == ("someone/ink-lora", True)

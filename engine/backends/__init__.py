@@ -20,6 +20,10 @@ Weights, for LoRA switching (engine/lora.py), by the diffusers model's own param
 
     get_weights(graph, names) -> {name: float32 tensor}   graph: "unet" or "text_encoder"; the base values
     set_weights(graph, {name: complete new weight})      in place (torch) or replaced initializers (graphs)
+    check_set_weights(graph)   optional: raises if the graph's weights cannot change now (asked before any write)
+
+A failed set_weights may leave the graph holding part of the new weights; engine.lora.LoraSwitch then writes
+the previous values back on every graph it touched, so a backend need not undo its own partial writes.
 
 `pick_backend` says which built backend can run here (and why); `open_engine_dir` checks an engine dir's
 manifest against the request and returns the backend over its graphs (onnxruntime, openvino or tensorrt;

@@ -79,9 +79,11 @@ class OrtModel:
                 f"{[i.name for i in self.inputs]} -> {[o.name for o in self.outputs]}"
             )
 
-    def _new_session(self):
+    def _new_session(self, replaced: dict | None = None):
+        """A session of the graph file with `replaced` (default: the model's) initializers in place of the file's."""
         import onnxruntime as ort
 
+        replaced = self.replaced if replaced is None else replaced
         config = self.config
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.threads or machine_cores()
@@ -89,19 +91,19 @@ class OrtModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
         providers = config.pick_providers(ort.get_available_providers())
-        if not self.replaced:
+        if not replaced:
             return ort.InferenceSession(str(self.path), options, providers=providers)
         # Replaced initializers go in as "external" ones, which ONNX Runtime puts into the graph before any
         # optimisation, so fusions, NCHWc reordering and pre-packing all see the new values.
         # (`add_initializer` instead shares a value after optimisation: convolution weights that the layout
         # optimiser had already reordered kept their old values.) It only replaces initializers the graph
         # marks external, so the in-memory copy of the graph marks them so; the rest of the graph is the file's.
-        names = list(self.replaced)
-        options.add_external_initializers(names, [self.replaced[n][1] for n in names])
+        names = list(replaced)
+        options.add_external_initializers(names, [replaced[n][1] for n in names])
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
-        return ort.InferenceSession(self._graph_bytes(names), options, providers=providers)
+        return ort.InferenceSession(self._graph_bytes(names, replaced), options, providers=providers)
 
-    def _graph_bytes(self, names: list[str]) -> bytes:
+    def _graph_bytes(self, names: list[str], replaced: dict) -> bytes:
         """The graph file (its external data left on disk) with these initializers marked external."""
         import onnx
 
@@ -119,7 +121,7 @@ class OrtModel:
             for part in ("raw_data", "float_data", "int32_data", "double_data", "external_data"):
                 init.ClearField(part)
             init.data_location = onnx.TensorProto.EXTERNAL
-            nbytes = self.replaced[name][0].nbytes
+            nbytes = replaced[name][0].nbytes
             for key, value in (("location", REPLACED), ("offset", "0"), ("length", str(nbytes))):
                 init.external_data.add(key=key, value=value)
         return self._proto.SerializeToString()
@@ -128,13 +130,20 @@ class OrtModel:
         """Replace initializers by name (LoRA switching) and rebuild the session from memory: the same graph, no
         re-export, the new values handed over with `SessionOptions.add_external_initializers`. Replacements
         accumulate: each session is the file plus every initializer set so far. Each array must have the
-        initializer's shape and dtype."""
+        initializer's shape and dtype. All or nothing: if the new session cannot be made, the old one and its
+        replacements stay as they were (the graph marked for the failed set is read again from the file)."""
         import onnxruntime as ort
 
+        replaced = dict(self.replaced)
         for name, array in named.items():
             array = np.ascontiguousarray(array)
-            self.replaced[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
-        self.session = self._new_session()
+            replaced[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        try:
+            session = self._new_session(replaced)
+        except BaseException:
+            self._proto = None  # it may mark initializers of the failed set as replaced: reloaded when next needed
+            raise
+        self.session, self.replaced = session, replaced
 
     def run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         binding = self.session.io_binding()

@@ -246,22 +246,28 @@ class OvModel:
         unknown = [name for name in named if name not in constants]
         if unknown:
             raise KeyError(f"{self.name}: no constant from ONNX initializer(s) {unknown[:5]} in {self.path.name}")
+        values = {}  # every value checked before the first constant is replaced
         for name, value in named.items():
             old = constants[name]
             value = np.ascontiguousarray(np.asarray(value, dtype=old.get_element_type().to_dtype()))
             if list(value.shape) != list(old.get_output_shape(0)):
                 raise ValueError(f"{self.name}: initializer {name!r} has shape {list(old.get_output_shape(0))}, "
                                  f"got {list(value.shape)}")
-            new = ov.op.Constant(ov.Tensor(value))  # copies: the caller's array may change afterwards
-            new.set_friendly_name(old.get_friendly_name())
-            new.output(0).set_names(old.output(0).get_names())
-            old.output(0).replace(new.output(0))
-        self.model.validate_nodes_and_infer_types()
-        with self._lock:
-            self._compiled.clear()
-            # New weights never go through the model cache: each LoRA set would leave a blob per shape
-            # there, and a cache keyed on anything less than every weight would hand back the old ones.
-            self.cache_dir = None
+            values[name] = value
+        try:
+            for name, value in values.items():
+                old = constants[name]
+                new = ov.op.Constant(ov.Tensor(value))  # copies: the caller's array may change afterwards
+                new.set_friendly_name(old.get_friendly_name())
+                new.output(0).set_names(old.output(0).get_names())
+                old.output(0).replace(new.output(0))
+            self.model.validate_nodes_and_infer_types()
+        finally:  # also after a failure part way: no compiled model of the old weights outlives a replaced constant
+            with self._lock:
+                self._compiled.clear()
+                # New weights never go through the model cache: each LoRA set would leave a blob per shape
+                # there, and a cache keyed on anything less than every weight would hand back the old ones.
+                self.cache_dir = None
 
 
 def resolve_precision(manifest: Manifest, dtype, core) -> str:

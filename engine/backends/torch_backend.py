@@ -205,6 +205,14 @@ class TorchBackend:
         """Float32 copies of `graph`'s parameters by their diffusers names."""
         return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in self._params(graph, names).items()}
 
+    def check_set_weights(self, graph: str) -> None:
+        """Raise if `graph`'s weights cannot be changed now (LoraSwitch asks before it writes any graph)."""
+        if graph == "unet" and self.frozen_step_ran:
+            raise ValueError("this Runner's step was compiled with frozen weights (optimizations freeze_weights, preset "
+                             "'cpu-compiled'): they are constants of the compiled code and a LoRA switch would not be "
+                             "seen. Pass loras= to Runner(...) (applied before compilation), or use a preset without "
+                             "freeze_weights (e.g. 'cpu') to switch LoRAs per request")
+
     @torch.no_grad()
     def set_weights(self, graph: str, weights: dict[str, torch.Tensor]) -> None:
         """Copy complete new weights into the live parameters, in place (cast to the model's dtype; the same
@@ -213,11 +221,7 @@ class TorchBackend:
         compiled steps read parameters at every call. A step compiled with frozen weights baked them into its
         code: once it has run, a switch is refused rather than silently ignored. Fused Q/K/V projections
         (fused_qkv) are refreshed from the updated separate ones."""
-        if graph == "unet" and self.frozen_step_ran:
-            raise ValueError("this Runner's step was compiled with frozen weights (optimizations freeze_weights, preset "
-                             "'cpu-compiled'): they are constants of the compiled code and a LoRA switch would not be "
-                             "seen. Pass loras= to Runner(...) (applied before compilation), or use a preset without "
-                             "freeze_weights (e.g. 'cpu') to switch LoRAs per request")
+        self.check_set_weights(graph)
         params = self._params(graph, weights)
         for name, value in weights.items():
             params[name].copy_(value)

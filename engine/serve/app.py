@@ -205,6 +205,8 @@ class Replica:
             self._use_loras(first.loras)
         except api.ApiError as err:
             return [err] * len(reqs)
+        except Exception as err:  # noqa: BLE001 - a failed switch (a refit, a session rebuild) fails this group only
+            return [api.ApiError(500, "loras", f"switching LoRAs failed: {type(err).__name__}: {err}")] * len(reqs)
         try:
             if len(reqs) == 1:
                 result = self.runner.generate(first.prompt, images, negative_prompt=first.negative_prompt,
@@ -242,13 +244,10 @@ class Replica:
             raise api.ApiError(422, "loras", str(err)) from None
 
     def switch_loras(self, loras: list) -> None:
-        """Make [(path, weight), ...] the merged set, on the worker thread, unless it already is. Every route
-        sets the set it needs (the empty one too), so a request never runs with another's LoRAs."""
-        runner = self.runner
-        current = tuple((lora.source, w) for lora, w in runner.loras.active) if runner.loras is not None else ()
-        wanted = tuple((str(path), float(w)) for path, w in loras)
-        if wanted != current:
-            runner.set_loras(list(wanted))
+        """Make [(path, weight), ...] the merged set, on the worker thread, unless it already is (its files
+        unchanged on disk). Every route sets the set it needs (the empty one too), so a request never runs
+        with another's LoRAs; a failed switch is undone by the Runner (engine/lora.LoraSwitch)."""
+        if self.runner.set_loras([(str(path), float(w)) for path, w in loras]):
             self.stats.lora_switches += 1
 
     def available_loras(self) -> list[str]:

@@ -146,14 +146,17 @@ class Img2ImgRequest(_Processing):
     resize_mode: int = Field(0, description="0 Just resize, 1 Crop and resize (2, 3 are not implemented)")
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     image_cfg_scale: Optional[float] = None
-    mask: Optional[str] = Field(None, description="base64 inpaint mask: white is repainted")
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: Optional[int] = None
+    mask: Optional[str] = Field(None, description="base64 inpaint mask: white is repainted; an RGBA mask that is "
+                                                  "not all opaque is read by its alpha (a canvas mask)")
+    mask_blur_x: int = Field(4, description="Gaussian blur of the mask across, 0..64")
+    mask_blur_y: int = Field(4, description="Gaussian blur of the mask down, 0..64")
+    mask_blur: Optional[int] = Field(None, description="Both blurs at once")
     mask_round: bool = True
-    inpainting_fill: int = Field(0, description="Only 1 (original) is implemented")
-    inpaint_full_res: bool = Field(True, description="Only False (whole picture) is implemented")
-    inpaint_full_res_padding: int = 0
+    inpainting_fill: int = Field(0, description="Masked content: 0 fill, 1 original (2 latent noise and 3 latent "
+                                                "nothing are not implemented)")
+    inpaint_full_res: bool = Field(True, description="True: only the box around the mask is generated and pasted "
+                                                     "back (Only masked); False: the whole picture")
+    inpaint_full_res_padding: int = Field(0, description="Only masked: pixels around the mask's box, 0..256")
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None

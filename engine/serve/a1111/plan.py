@@ -227,6 +227,7 @@ class Plan:
     prompt_as_sent: str = ""  # with its tags, as A1111 records it in infotexts and info
     loras: list = field(default_factory=list)  # [(path, weight)] for Runner.set_loras
     init: dict = field(default_factory=dict)  # img2img: init_image, mask_image, strength
+    img2img: object = None  # img2img.InitImages: its pictures, and A1111's inpainting (settings, paste-back)
 
 
 def unit_image(unit, where: str, fallback: np.ndarray | None, limits: Limits) -> np.ndarray:

@@ -21,6 +21,10 @@ def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int, lor
              height=kw["height"], model=runner.model, eta=kw["eta"], num_images_per_prompt=batch_size,
              guess_mode=False, controlnet=[], preprocess=[], controlnet_conditioning_scale=[],
              control_guidance_start=[], control_guidance_end=[], image=[], unit_pairs=[])
+    if plan.init:  # img2img: A1111's Denoising strength, and its inpainting entries (Mask blur, ...)
+        p["strength"] = plan.init["strength"]
+        if plan.img2img is not None and plan.img2img.inpaint is not None and plan.init["mask_image"] is not None:
+            p.update(plan.img2img.inpaint.parameters())
     if plan.loras:  # A1111's "Lora hashes" (the prompt keeps its tags), written by engine.pngmeta
         p["lora_hashes"] = lora_hashes
     canny = next((by_slot[k] for k in used if by_slot[k].module == "canny"), None)

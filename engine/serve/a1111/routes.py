@@ -41,6 +41,7 @@ from engine.serve.a1111.models import (
     Txt2ImgRequest,
     VersionResponse,
 )
+from engine.lora import LoraError
 from engine.serve.api import ApiError, runner_error
 
 EXTENSION_API_VERSION = 3  # what sd-webui-controlnet's GET /controlnet/version answers
@@ -126,15 +127,18 @@ def add_routes(app, server) -> None:
         def on_step(step: int, total: int) -> None:
             progress.step, progress.steps = step, total
 
-        server.switch_loras(plan.loras)  # [] too: a /generate request before may have left its set merged
         try:
+            try:
+                server.switch_loras(plan.loras)  # [] too: a /generate request before may have left its set merged
+            except (LoraError, FileNotFoundError) as err:
+                raise ApiError(422, "prompt", f"prompt: {err}") from None
             images = []
             for i, seed in enumerate(plan.seeds):
                 progress.job_no = i
                 extra = {k: (v[i % len(v)] if k == "init_image" else v) for k, v in plan.init.items()}
                 result = runner.generate(plan.prompt, negative_prompt=plan.negative_prompt, seed=seed,
                                          callback=on_step, **plan.runner_kwargs, **extra)
-                images.append(result.images[0])
+                images.append(plan.img2img.finish(result.images[0], i) if plan.img2img else result.images[0])
             return images, {lora["name"]: lora["hash"] for lora in result.parameters["loras"]}
         finally:
             progress.job_count = 0
@@ -196,7 +200,7 @@ def add_routes(app, server) -> None:
                 init = decode_init(req, server.limits)
                 plan = a1111.plan_request(req, runner, server.limits, server.prompt_tokenizer, server.lora_dir,
                                           init.first_rgb)
-                plan.init = init.runner_kwargs
+                plan.init, plan.img2img = init.runner_kwargs, init
                 return plan
 
             return await generate(req, await prepare(plan_img2img))
