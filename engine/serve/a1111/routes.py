@@ -244,8 +244,9 @@ def add_routes(app, server) -> None:
         current = options()
         for key, value in values.items():
             if current.get(key, object()) != value:
-                return error_response(422, key, f"{key}={value!r}: this server's options are fixed; in force: "
-                                                f"{current.get(key, 'no such option')!r}")
+                field = key or "body"  # an option named "" (the fuzz sends one) is still a named field
+                return error_response(422, field, f"{key!r}={value!r}: this server's options are fixed; in force: "
+                                                  f"{current.get(key, 'no such option')!r}")
         return {}
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=ERRORS, tags=["A1111"])
