@@ -35,6 +35,10 @@ SAMPLERS = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
+    "lcm": "LCM",  # A1111's own LCM sampler name
+    "tcd": "TCD",  # Forge's and ComfyUI's name; A1111 has none
+    "ddim_trailing": "DDIM Trailing",  # not A1111's: DDIM with trailing timestep spacing (Hyper-SD LoRAs)
+    "euler_trailing": "Euler Trailing",  # not A1111's: Euler with trailing spacing (Lightning-style LoRAs)
 }
 SCHEDULERS_BY_SAMPLER = {sampler: name for name, sampler in SAMPLERS.items()}
 

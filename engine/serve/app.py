@@ -36,7 +36,6 @@ from ray import serve
 from engine.serve import api
 
 BATCH_MODES = ("exact", "merge")
-STEP_NOISE_SCHEDULERS = ("euler_a",)  # draw fresh noise in every step from the call's generator
 
 
 @dataclass
@@ -174,9 +173,11 @@ class ControlNetServer:
 
     def _calls(self, requests: list, members: list[int]) -> list[list[int]]:
         """How one same-key group is split into generate() calls (see the module docstring)."""
+        from engine.schedulers import STEP_NOISE  # draw fresh noise in every step from the call's generator
+
         first = requests[members[0]]
         # img2img/inpaint start from the init image, not from latents a merged call could pass in.
-        if self.batch_mode == "exact" or first.scheduler in STEP_NOISE_SCHEDULERS or first.init_image is not None:
+        if self.batch_mode == "exact" or first.scheduler in STEP_NOISE or first.init_image is not None:
             return [[i] for i in members]
         calls: dict[tuple, list[int]] = {}
         for i in members:
