@@ -81,9 +81,10 @@ class Runner:
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
-        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime",
-        "openvino" and "tensorrt" need an `engine_dir` from `python -m engine.build` (openvino also takes
-        dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
+        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and "openvino"
+        without `engine_dir` build one on first use into the engine cache and reuse it on the next start
+        (engine/engine_cache.py; ENGINE_CACHE moves it); "tensorrt" needs an `engine_dir` from
+        `python -m engine.build` (openvino also takes dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
         backend's switches, a preset name ("reference", "fused") or a TorchOptimizations. `loras`: [(source,
         weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them.
         `vae`: a VAE beside the model's own, which then decodes and encodes by default (engine/vaes.py): an
@@ -99,9 +100,17 @@ class Runner:
                 raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; an engine dir "
                                  "runs its built graphs: leave optimizations unset with engine_dir")
             parts = load_engine_dir(engine_dir, model, names, backend, device, dtype, vae)
-        elif backend in ("onnxruntime", "tensorrt", "openvino"):
-            raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
-                             "python -m engine.build, or use backend='torch'")
+        elif backend == "tensorrt":
+            raise ValueError(f"backend {backend!r} runs built plans: pass engine_dir=DIR from "
+                             "python -m engine.build on the GPU, or use backend='torch'")
+        elif backend in ("onnxruntime", "openvino"):  # built on first use into the engine cache, then reused
+            if optimizations is not None:
+                raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; backend "
+                                 f"{backend!r} runs built graphs: leave optimizations unset")
+            from engine.engine_cache import engine_dir_for
+
+            built = engine_dir_for(model, names, [vae] if vae is not None else [], backend)
+            parts = load_engine_dir(built, model, names, backend, device, dtype, vae)
         else:
             parts = load_torch(model, names, device, dtype, torch_optimizations, vae)
         self.parts = parts

@@ -126,11 +126,3 @@ def test_runner_reports_backend_and_recorded_model(runners, tiny_dir, backend):
     assert runner.backend.name == backend and runner.device == torch.device("cpu")
     assert runner.model == str(tiny_dir["model"].resolve()) and runner.num_controlnets == 2
     assert runner.dtype == torch.float32
-
-
-@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_backend_needs_engine_dir(backend):
-    from engine import Runner
-
-    with pytest.raises(ValueError, match="pass engine_dir"):
-        Runner(model="tiny", backend=backend)
