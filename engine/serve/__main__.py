@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per replica")
     parser.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs (.safetensors) requests may name in 'loras'")
+    parser.add_argument("--vae", default=None, help="a VAE beside the model's own, the default for requests: TAESD "
+                                                    "(madebyollin/taesd or a folder) or an AutoencoderKL; requests pick "
+                                                    "with vae (POST /generate) or override_settings.sd_vae (A1111)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
+                        help="onnxruntime and openvino build their engines on first use (ENGINE_CACHE)")
     args = parser.parse_args(argv)
 
     import ray
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     app_args = dict(model=args.model, controlnet=controlnets if len(controlnets) > 1 else controlnets[0], device=args.device, dtype=args.dtype,
                     batch_mode=args.batch_mode, max_batch_size=args.max_batch_size,
                     torch_threads=args.torch_threads, demo=not args.no_demo, num_gpus=num_gpus,
-                    lora_dir=args.lora_dir)
+                    lora_dir=args.lora_dir, vae=args.vae, backend=args.backend)
     serve.run(build_app(app_args), name="controlnet", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.model} at {url}  (POST /generate, GET /healthz, GET /models, demo: {url}/demo, "

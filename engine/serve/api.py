@@ -75,6 +75,8 @@ class GenerateRequest:
     init_image: object = None  # PIL RGB image (img2img, inpaint)
     mask_image: object = None  # PIL image, the init image's size (inpaint)
     loras: tuple = ()  # ((name, weight), ...): LoRAs of the server's --lora-dir, by A1111 name
+    eta: float = 0.0  # DDIM's eta; TCD's gamma (the tcd scheduler's stochasticity)
+    vae: str | None = None  # a loaded VAE by name ("model", or the server's --vae, e.g. "taesd"); None: the default
 
 
 # name: (kind, default). Ranges live in `_check_ranges`, where they can read the Limits.
@@ -98,6 +100,8 @@ FIELDS = {
     "response_format": ("str", "json"),
     "strength": ("float", None),
     "loras": ("loras", ()),
+    "eta": ("float", 0.0),
+    "vae": ("str", None),
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
 LORA_NAME = re.compile(r"^[\w][\w .\-]*$")  # a file name without extension: no folders, so no paths
@@ -213,6 +217,7 @@ def _check_ranges(values: dict, limits: Limits) -> None:
             f"{values['control_guidance_start']}, end={values['control_guidance_end']}",
         )
     _in_range("num_images_per_prompt", values["num_images_per_prompt"], 1, limits.max_images)
+    _in_range("eta", values["eta"], 0.0, 1.0)
     _in_range("canny_low", values["canny_low"], 0, 255)
     _in_range("canny_high", values["canny_high"], 0, 255)
     if values["canny_low"] > values["canny_high"]:
@@ -390,6 +395,7 @@ def batch_key(req: GenerateRequest) -> tuple:
         req.controlnet_conditioning_scale, req.guess_mode, req.control_guidance_start, req.control_guidance_end,
         req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
         None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength, req.loras,
+        req.eta, req.vae,
     )
 
 
@@ -423,6 +429,8 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         init_image=req.init_image,
         mask_image=req.mask_image,
         strength=req.strength,
+        eta=req.eta,
+        vae=req.vae,
     )
 
 

@@ -120,6 +120,7 @@ class ControlNetServer:
         demo_size: int | None = None,
         limits: dict | None = None,
         lora_dir: str | None = None,
+        vae: str | None = None,
     ):
         import torch
 
@@ -131,7 +132,7 @@ class ControlNetServer:
             # Replicas sharing a CPU node each get a slice; torch otherwise takes every core per replica.
             torch.set_num_threads(int(torch_threads))
         self.runner = Runner(model=model, controlnet=controlnet, backend=backend, engine_dir=engine_dir,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, vae=vae)
         self.lora_dir = lora_dir  # requests name LoRAs in it (api.GenerateRequest.loras)
         self.batch_mode = batch_mode
         self.max_batch_size = int(max_batch_size)
@@ -292,6 +293,8 @@ class ControlNetServer:
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
             preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
             batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
+            vaes=[dict(name=v.name, source=v.source, tiny=v.tiny, default=v.name == r.parts.default_vae)
+                  for v in r.vaes.values()],
         )
 
     def __serve_build_asgi_app__(self):
