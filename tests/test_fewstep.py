@@ -34,6 +34,29 @@ DIFFUSERS_SCHEDULERS = {
     "euler_trailing": lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
 }
 BASE = dict(prompt="a photo of the astronaut", num_inference_steps=4, height=64, width=64)
+# What latent-consistency/lcm-lora-sdv1-5 targets (its training script's list): attention, feed-forward, and
+# the resnets' convolutions and time projections; written in kohya's format, as that file is.
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def save_lcm_style_lora(tiny_dir, out) -> str:
+    """A LoRA of the tiny UNet shaped like LCM-LoRA (3x3 convs, time embeddings; rank 4, alpha 4)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from tests.test_lora import _kohya, _peft_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir["model"], subfolder="unet")
+    state, _ = _peft_lora(unet, LCM_LORA_TARGETS, r=4, alpha=4, seed=7)
+    path = out / "lcm_style_lora.safetensors"
+    save_file(_kohya(state, "lora_unet", 4), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lcm_lora(tiny_dir, tmp_path_factory):
+    return save_lcm_style_lora(tiny_dir, tmp_path_factory.mktemp("lcm_lora"))
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +155,9 @@ def test_guidance_embedding_equals_diffusers():
             assert torch.equal(guidance_embedding(guidance, dim, 2), want), (guidance, dim)
 
 
-def test_lora_at_guidance_1_5(tiny_dir, pipe, runner, lora_files, control):
+def test_lora_at_guidance_1_5(tiny_dir, pipe, runner, lcm_lora, control):
     """An LCM-LoRA is an ordinary LoRA: the existing path, with the lcm scheduler at guidance 1.5."""
-    file = lora_files["unet_text"]
+    file = lcm_lora
     lora_pipe = pipeline(StableDiffusionControlNetPipeline, tiny_dir["model"], tiny_dir["canny"])
     lora_pipe.load_lora_weights(str(file), adapter_name="fewstep")
     lora_pipe.fuse_lora()

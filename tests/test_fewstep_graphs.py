@@ -17,7 +17,7 @@ from diffusers import StableDiffusionControlNetPipeline
 from engine import manifest as mf
 from tests.conftest import GRAPH_BACKENDS, max_errors
 from tests.test_build import SIZES, one_torch_thread  # noqa: F401 (autouse fixture)
-from tests.test_fewstep import BASE, diffusers_images, pipeline
+from tests.test_fewstep import BASE, diffusers_images, lcm_lora, pipeline  # noqa: F401 (lcm_lora: a fixture)
 
 TOL = 1e-4  # fp32, max abs
 
@@ -65,8 +65,9 @@ def test_schedulers_match_diffusers(pipe, runners, control, backend, scheduler, 
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_lora_at_guidance_1_5(tiny_dir, runners, lora_files, control, backend):
-    file = lora_files["unet_text"]
+def test_lora_at_guidance_1_5(tiny_dir, runners, lcm_lora, control, backend):
+    """An LCM-LoRA-shaped LoRA (3x3 convs, time embeddings) switched into the graphs without re-export."""
+    file = lcm_lora
     lora_pipe = pipeline(StableDiffusionControlNetPipeline, tiny_dir["model"], tiny_dir["canny"])
     lora_pipe.load_lora_weights(str(file), adapter_name="fewstep")
     lora_pipe.fuse_lora()
