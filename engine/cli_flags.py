@@ -17,7 +17,7 @@ from engine import pngmeta
 from engine.optimizations import PRESET_NAMES
 
 # Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
-NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback"}
+NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback", "latents_callback"}
 
 # Runner.generate argument -> its flag, where the flag is not just the argument's name with dashes.
 FLAG_NAMES = {

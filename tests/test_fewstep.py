@@ -222,3 +222,22 @@ def test_preview_decodes_with_taesd(runner, tiny_dir, control):
     assert [im.size for im in seen] == [(64, 64), (64, 64)]
     plain = Runner(model=str(tiny_dir["model"]), controlnet=str(tiny_dir["canny"]), backend="torch", device="cpu")
     assert plain.preview(torch.zeros(1, 4, 8, 8)) is None  # no TAESD: no preview (the full decoder costs a step)
+
+
+def test_cli_few_step_recipe_is_recorded_and_reruns(tmp_path):
+    """engine.generate --scheduler lcm --vae: the PNG says Sampler LCM and VAE, --from-png gives its pixels,
+    and the per-stage timing table is printed."""
+    from tests.test_cli_generate import FAST, PHOTO, cli, pixels
+
+    out = tmp_path / "fast.png"
+    proc = cli(*FAST, "--prompt", "an astronaut", "--image", PHOTO, "--seed", "4", "--scheduler", "lcm", "--guidance",
+               "1", "--vae", "tiny-taesd", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("text encoder", "UNet x 2", "VAE", "s/image"):
+        assert stage in proc.stdout
+    text = PIL.Image.open(out).info["parameters"]
+    assert "Sampler: LCM" in text and "VAE: tiny-taesd" in text and "CFG scale: 1" in text
+    again = tmp_path / "again.png"
+    proc = cli("--from-png", str(out), "--out", str(again), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(pixels(again), pixels(out))

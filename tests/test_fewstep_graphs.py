@@ -160,3 +160,23 @@ def test_engine_dir_refuses_a_vae_it_was_not_built_with(engine_dir):
 
     with pytest.raises(mf.EngineDirError, match="was not built into engine dir.*--vae"):
         Runner(engine_dir=str(engine_dir), backend="onnxruntime", vae="madebyollin/taesd")
+
+
+def test_tensorrt_profiles_take_batch_1_and_the_few_step_inputs():
+    """TensorRT plans are built from the same specs: guidance <= 1 runs every graph at batch 1 (each profile's
+    min), an LCM UNet's plan takes timestep_cond, and TAESD gets its own encoder and decoder plans."""
+    import dataclasses
+
+    from export.spec import Sizes, build_specs
+    from tests.test_trt_logic import SD15
+
+    lcm = dataclasses.replace(SD15, time_cond_proj_dim=256)
+    specs = {s.name: s for s in build_specs(lcm, [("canny", False)], "fp16", [("taesd", True)])}
+    sizes = Sizes()
+    unet = specs["unet"].profile(sizes, 8)
+    assert unet["timestep_cond"] == [[1, 256], [2, 256], [8, 256]]
+    assert all(shapes[0][0] == 1 for spec in specs.values() for name, shapes in spec.profile(sizes, 8).items()
+               if name not in ("timestep", "scales"))
+    assert "timestep_cond" not in specs["controlnet_canny"].profile(sizes, 8)
+    assert [io.name for io in specs["vae_encoder_taesd"].outputs] == ["latents"]
+    assert specs["vae_decoder_taesd"].profile(sizes, 8)["latents"] == [[1, 4, 32, 32], [1, 4, 64, 64], [4, 4, 128, 128]]
