@@ -43,8 +43,10 @@ RESOLUTION = {"tiny": 64, "sd15": 512}
 ROUNDS = 3
 STEPS, GUIDANCE, SCHEDULER = 4, 1.0, "lcm"
 # Each process: (backend, its two rows). Rows whose hardware or build is missing are skipped with why.
-BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-cpu", "torch-compiled", "torch-bf16",
-            "torch-compiled-bf16", "onnxruntime", "openvino-f32", "openvino-bf16"]
+# The compiled torch rows run last: their first call compiles for minutes, and the rows before them are
+# written to the result file whatever happens to it.
+BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-cpu", "torch-bf16", "onnxruntime", "openvino-f32",
+            "openvino-bf16", "torch-compiled", "torch-compiled-bf16"]
 
 
 # ---- one backend's rows (in a process of its own with --benchmark) -------------------------------------
