@@ -25,7 +25,7 @@ MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 def latest_files() -> list[Path]:
     newest: dict[str, Path] = {}
     for path in sorted(RESULTS.glob("*.json")):
-        if path.name.startswith("serve-"):  # bench_serve's own format, tabled by hand in the README
+        if path.name.startswith(("serve-", "fewstep-")):  # their own formats, tabled by hand in the README
             continue
         key = "-".join(path.stem.split("-")[:2])  # e.g. cpu-sd15, gpu-sd15
         newest[key] = path

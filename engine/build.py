@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--opt-size", type=int, default=None, help="image side TensorRT tunes for (default 512, within min/max)")
     p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
     p.add_argument("--max-batch", type=int, default=4, help="images per call; CFG models get twice this (default 4)")
+    p.add_argument("--vae", action="append", default=None, metavar="ID|PATH",
+                   help="an extra VAE beside the model's own, e.g. madebyollin/taesd (TAESD) or a folder: its "
+                        "own encoder and decoder graphs, picked with Runner(vae=...) or --vae at generation")
     p.add_argument("--no-verify", action="store_true", help="skip checking artefacts against torch")
     p.add_argument("--no-slim", action="store_true", help="skip the onnxslim graph clean-up")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         verify=not args.no_verify,
         export=ExportConfig(slim=not args.no_slim),
         progress=not args.no_progress,
+        vaes=tuple(args.vae or ()),
     )
     try:
         result = build(config)

@@ -18,7 +18,7 @@ from engine.a1111_inpaint import IMPLEMENTED_CONTENT as A1111_CONTENT
 from engine.optimizations import PRESET_NAMES
 
 # Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
-NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback"}
+NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback", "latents_callback"}
 
 # Runner.generate argument -> its flag, where the flag is not just the argument's name with dashes.
 FLAG_NAMES = {
@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(default: fp16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--optimizations", choices=list(PRESET_NAMES), default=init["optimizations"],
                         help="torch backend preset (default: reference; 'cpu' with --dtype bf16 on a CPU)")
+    parser.add_argument("--vae", default=init["vae"], metavar="ID|PATH",
+                        help="a VAE to decode (and encode --init-image) with instead of the model's own: TAESD "
+                             "(madebyollin/taesd or a folder; fast previews-quality decoding) or an AutoencoderKL; "
+                             "with --engine-dir, one it was built with (python -m engine.build --vae)")
     parser.add_argument("--lora", action=_PerNet, type=_lora_flag, metavar="FILE[:WEIGHT]",
                         help="a LoRA (.safetensors: diffusers/peft or kohya/A1111 format, or a Hugging Face id) merged "
                              "into the UNet and text encoder at WEIGHT (default 1, may be negative); repeatable")

@@ -29,13 +29,35 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
+    """An LCM-distilled UNet's `timestep_cond`: the guidance scale as a (batch, dim) sinusoidal embedding of
+    w = guidance - 1, op for op as diffusers' pipelines' get_guidance_scale_embedding (a pipeline method;
+    importing a pipeline module takes seconds and pulls in transformers' image processors).
+    tests/test_fewstep.py holds it bit-equal to diffusers' own."""
+    w = torch.tensor(guidance - 1).repeat(batch) * 1000.0
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w.to(torch.float32)[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class SD15:
-    """Stable Diffusion 1.x/2.x: one CLIP text encoder, its last hidden states as the cross-attention context."""
+    """Stable Diffusion 1.x/2.x: one CLIP text encoder, its last hidden states as the cross-attention context.
+
+    An LCM-distilled UNet (`time_cond_proj_dim` set) takes the guidance scale as an input instead of CFG: its
+    conditioning adds "timestep_cond", and guidance never doubles the batch (`guidance_embedded`), as in
+    diffusers' StableDiffusionControlNetPipeline and LatentConsistencyModelPipeline."""
 
     name = "sd15"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, time_cond_proj_dim: int | None = None):
         self.tokenizer = tokenizer
+        self.time_cond_proj_dim = time_cond_proj_dim
+
+    @property
+    def guidance_embedded(self) -> bool:
+        return self.time_cond_proj_dim is not None
 
     def encode_prompts(self, backend, prompts: list[str]) -> Conditioning:
         """The conditioning of these prompts, one row each (no CFG pairing, no repeats)."""
@@ -44,4 +66,7 @@ class SD15:
     def encode(self, backend, plan) -> Conditioning:
         texts = plan.negatives + plan.prompts if plan.do_cfg else plan.prompts
         cond = self.encode_prompts(backend, texts)
-        return {name: t.repeat_interleave(plan.per_prompt, dim=0) for name, t in cond.items()}
+        cond = {name: t.repeat_interleave(plan.per_prompt, dim=0) for name, t in cond.items()}
+        if self.guidance_embedded:
+            cond["timestep_cond"] = guidance_embedding(plan.guidance, self.time_cond_proj_dim, plan.batch)
+        return cond

@@ -60,11 +60,12 @@ def zero_conv_params(net) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def unet_forward(
-    unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-    add_residual: Callable[[int, torch.Tensor], torch.Tensor],
+    unet, sample: torch.Tensor, timestep: torch.Tensor, add_residual: Callable[[int, torch.Tensor], torch.Tensor],
+    encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """UNet2DConditionModel.forward for SD1.5 configs; `add_residual(i, skip)` at the 13 skip points."""
-    emb = time_embedding(unet, sample, timestep)
+    """UNet2DConditionModel.forward for SD1.5 configs; `add_residual(i, skip)` at the 13 skip points. The
+    conditioning by name (engine.modules.unet_cond_inputs): an LCM UNet's guidance embedding too."""
+    emb = time_embedding(unet, sample, timestep, timestep_cond)
     up_factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
 

@@ -9,6 +9,9 @@ carry their own parameters.
         --strength 0.6 --out painted.png                                   # img2img
     python -m engine.generate --model tiny --controlnet inpaint --prompt "a helmet" --init-image photo.png \
         --mask mask.png --out repainted.png                                # inpaint (the map from image + mask)
+    python -m engine.generate --lora latent-consistency/lcm-lora-sdv1-5 --scheduler lcm --steps 4 \
+        --guidance 1 --vae madebyollin/taesd --backend openvino --prompt "an astronaut" --image photo.png \
+        --out fast.png                                                     # few-step: LCM-LoRA + TAESD on a CPU
 
 Flags mirror `Runner(...)` and `Runner.generate(...)` one to one (engine/cli_flags.py); their defaults
 are read from `Runner.__init__` and `GenerateArgs`, so the numbers live in engine/runner.py and
@@ -159,6 +162,8 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
         record["control_mode"] = control_mode
     if args.optimizations is not None:
         record["optimizations"] = args.optimizations
+    if used["vae"] != "model":  # the source as given, so --from-png loads the same VAE
+        record["vae"] = args.vae
     if args.init_image is not None:  # the strength used (the mode's default when not given), and the files
         record.update(strength=used["strength"], init_image=str(args.init_image))
         if args.mask_image is not None:
@@ -305,7 +310,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int
     load_start = time.perf_counter()
     runner = Runner(model=args.model, controlnet=args.controlnet, backend=args.backend,
                     engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
-                    optimizations=args.optimizations)
+                    optimizations=args.optimizations, vae=args.vae)
     load_ms = (time.perf_counter() - load_start) * 1e3
     count = runner.num_controlnets
     check_job(args, count, _raise_value_error, whole=not args.prompt_file)  # now the count is known

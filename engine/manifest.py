@@ -90,7 +90,7 @@ class Artefact:
 
     name: str  # text_encoder, unet, vae_encoder, vae_decoder, hint_<net>, controlnet_<net>
     kind: str  # one of KINDS
-    net: str | None  # the ControlNet's slug for hint_encoder/controlnet
+    net: str | None  # the ControlNet's slug for hint_encoder/controlnet; an extra VAE's name for its vae_* graphs
     onnx: str  # file name of the graph inside the dir
     files: dict[str, str]  # every file of the artefact (graph, external data, plan) -> sha256
     inputs: list[TensorIO]
@@ -138,6 +138,9 @@ class Manifest:
     gpu: str | None
     artefacts: dict[str, Artefact]
     support: dict[str, str] = field(default_factory=dict)  # tokenizer and scheduler files -> sha256
+    # Extra VAEs built with --vae (engine/vaes.py): [{"name", "source", "tiny", "scaling_factor", "hash"}];
+    # their graphs are the vae_encoder/vae_decoder artefacts whose `net` is the name.
+    vaes: list[dict] = field(default_factory=list)
     complete: bool = False  # set only once every artefact is written and verified
     format: int = FORMAT
 
@@ -157,9 +160,9 @@ class Manifest:
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise EngineDirError(f"{where} is not a valid manifest ({type(err).__name__}: {err}): rebuild the engine dir") from err
 
-    def has(self, kind: str) -> bool:
-        """Whether an artefact of `kind` was built (dirs built before img2img have no vae_encoder)."""
-        return any(a.kind == kind for a in self.artefacts.values())
+    def has(self, kind: str, net: str | None = None) -> bool:
+        """Whether an artefact of `kind` (for `net`) was built (dirs built before img2img have no vae_encoder)."""
+        return any(a.kind == kind and a.net == net for a in self.artefacts.values())
 
     def nets(self) -> list[str]:
         return [net["slug"] for net in self.controlnets]
@@ -168,7 +171,7 @@ class Manifest:
         for artefact in self.artefacts.values():
             if artefact.kind == kind and artefact.net == net:
                 return artefact
-        raise EngineDirError(f"the manifest has no {kind} artefact" + (f" for ControlNet {net!r}" if net else ""))
+        raise EngineDirError(f"the manifest has no {kind} artefact" + (f" for {net!r}" if net else ""))
 
 
 def file_sha256(path: Path) -> str:

@@ -16,7 +16,8 @@ do, with the same generator draws in the same order (then the scheduler's own, f
               image's VAE sample
 
 diffusers draws the masked image's sample for a 4-channel UNet too, and never uses it. The draw is made
-here as well, so later draws stay aligned, but the VAE encoder does not run for it.
+here as well, so later draws stay aligned, but the VAE encoder does not run for it. TAESD (AutoencoderTiny)
+encodes without a distribution, so with it none of the VAE draws happen, in diffusers as here.
 """
 from __future__ import annotations
 
@@ -59,20 +60,25 @@ def kept_timesteps(sched, steps: int, strength: float | None) -> torch.Tensor:
     return sched.timesteps[t_start * sched.order:]
 
 
-def _vae_sample(backend, pixels: torch.Tensor, generator, scaling_factor: float) -> torch.Tensor:
-    """diffusers' retrieve_latents(vae.encode(pixels), generator) * scaling_factor."""
+def _vae_sample(backend, pixels: torch.Tensor, generator, vae) -> torch.Tensor:
+    """diffusers' retrieve_latents(vae.encode(pixels), generator) * scaling_factor: a sample of the
+    distribution, or TAESD's latents as they are, with no draw (engine/vaes.py)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    mean, std = backend.encode_image(pixels)
+    mean, std = backend.encode_image(pixels, vae.name)
+    if std is None:
+        return vae.scaling_factor * mean
     noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return scaling_factor * (mean + std * noise)
+    return vae.scaling_factor * (mean + std * noise)
 
 
-def _skip_vae_sample(latent_shape: tuple, generator) -> None:
-    """The generator draw of a VAE sample whose encode is not needed (see the module docstring)."""
+def _skip_vae_sample(latent_shape: tuple, generator, vae) -> None:
+    """The generator draw of a VAE sample whose encode is not needed (see the module docstring); TAESD's
+    encode draws nothing."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    randn_tensor((1, *latent_shape[1:]), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+    if not vae.tiny:
+        randn_tensor((1, *latent_shape[1:]), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
 
 
 @dataclass
@@ -105,9 +111,10 @@ class Inpainting:
 
 def start_latents(backend, sched, generator, latent_shape: tuple, timesteps: torch.Tensor, strength: float | None,
                   init_pixels: torch.Tensor | None, mask_pixels: torch.Tensor | None, unet_channels: int,
-                  scaling_factor: float, device) -> tuple[torch.Tensor, Inpainting | None]:
+                  vae, device) -> tuple[torch.Tensor, Inpainting | None]:
     """The loop's start latents and, for inpainting, the mask's part in it. `init_pixels` (1, 3, H, W) in
-    [-1, 1] and `mask_pixels` (1, 1, H, W) binarised, as diffusers' image and mask processors give them."""
+    [-1, 1] and `mask_pixels` (1, 1, H, W) binarised, as diffusers' image and mask processors give them;
+    `vae` the engine.vaes.VaeInfo of the VAE that encodes."""
     from diffusers.utils.torch_utils import randn_tensor
 
     batch = latent_shape[0]
@@ -116,14 +123,14 @@ def start_latents(backend, sched, generator, latent_shape: tuple, timesteps: tor
         return noise * sched.init_noise_sigma, None
     first = timesteps[:1].repeat(batch)
     if mask_pixels is None:  # img2img
-        image_latents = _vae_sample(backend, init_pixels, generator, scaling_factor).to(device)
+        image_latents = _vae_sample(backend, init_pixels, generator, vae).to(device)
         image_latents = torch.cat([image_latents] * (batch // image_latents.shape[0]))
         noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
         return sched.add_noise(image_latents, noise, first), None
     reblend = unet_channels == latent_shape[1]
     image_latents = None
     if reblend or strength < 1.0:
-        image_latents = _vae_sample(backend, init_pixels, generator, scaling_factor).to(device)
+        image_latents = _vae_sample(backend, init_pixels, generator, vae).to(device)
         image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
     noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
     if strength == 1.0:
@@ -133,10 +140,10 @@ def start_latents(backend, sched, generator, latent_shape: tuple, timesteps: tor
     mask = torch.nn.functional.interpolate(mask_pixels, size=latent_shape[2:]).to(device)
     masked_latents = None
     if reblend:
-        _skip_vae_sample(latent_shape, generator)
+        _skip_vae_sample(latent_shape, generator, vae)
     else:
         masked = init_pixels * (mask_pixels < 0.5)
-        masked_latents = _vae_sample(backend, masked, generator, scaling_factor).to(device)
+        masked_latents = _vae_sample(backend, masked, generator, vae).to(device)
         masked_latents = masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
     mask = mask.repeat(batch // mask.shape[0], 1, 1, 1)
     return latents, Inpainting(mask, masked_latents, image_latents if reblend else None, noise)

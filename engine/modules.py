@@ -23,10 +23,12 @@ def block_scales(scale: float, num_residuals: int, guess_mode: bool) -> torch.Te
     return torch.full((num_residuals,), float(scale))
 
 
-def time_embedding(model, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """The timestep embedding of a UNet or ControlNet, as their diffusers forwards compute it."""
+def time_embedding(model, sample: torch.Tensor, timestep: torch.Tensor,
+                   timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The timestep embedding of a UNet or ControlNet, as their diffusers forwards compute it (an LCM UNet
+    adds its guidance embedding, `timestep_cond`, through the embedding's cond_proj)."""
     timesteps = timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
-    return model.time_embedding(model.time_proj(timesteps).to(dtype=sample.dtype))
+    return model.time_embedding(model.time_proj(timesteps).to(dtype=sample.dtype), timestep_cond)
 
 
 def down_blocks(model, sample, emb, encoder_hidden_states) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -103,22 +105,31 @@ class ControlNetBody(nn.Module):
         return tuple(out)
 
 
+def unet_cond_inputs(unet: UNet2DConditionModel) -> tuple[str, ...]:
+    """The conditioning inputs a UNet takes, in order: the text's hidden states, and an LCM-distilled UNet's
+    guidance embedding (`time_cond_proj_dim` set; engine.families computes it from the guidance scale)."""
+    extra = ("timestep_cond",) if unet.config.time_cond_proj_dim is not None else ()
+    return ("encoder_hidden_states",) + extra
+
+
 class UNetWithResiduals(nn.Module):
     """UNet taking (sample, t, *conditioning) and the 12 down residuals + mid residual as plain inputs (none:
     no ControlNet active). `cond_inputs` names the conditioning inputs in order, as the graph does."""
 
-    cond_inputs = ("encoder_hidden_states",)
-
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
+        self.cond_inputs = unet_cond_inputs(unet)
 
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals) -> torch.Tensor:
+    def forward(self, sample, timestep, *inputs) -> torch.Tensor:
+        count = len(self.cond_inputs)
+        cond, residuals = dict(zip(self.cond_inputs, inputs[:count])), inputs[count:]
         down, mid = (list(residuals[:-1]), residuals[-1]) if residuals else (None, None)
         return self.unet(
             sample,
             timestep,
-            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep_cond=cond.get("timestep_cond"),
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
@@ -154,10 +165,25 @@ class VaeEncoder(nn.Module):
         return dist.mean, dist.std
 
 
-class VaeDecoder(nn.Module):
-    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (the latent scaling is applied here)."""
+class TinyVaeEncoder(nn.Module):
+    """TAESD (AutoencoderTiny): images (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8), unscaled.
 
-    def __init__(self, vae: AutoencoderKL):
+    No distribution: diffusers' retrieve_latents takes AutoencoderTiny's `latents` as they are, without a
+    generator draw (engine/vaes.py), and scales them by its scaling_factor (1.0)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images, return_dict=False)[0]
+
+
+class VaeDecoder(nn.Module):
+    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (the latent scaling is applied here).
+    An AutoencoderKL or an AutoencoderTiny (TAESD, scaling_factor 1.0)."""
+
+    def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)

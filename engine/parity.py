@@ -39,15 +39,19 @@ def sample_feeds(inputs: list[TensorIO], variables: dict[str, int], vocab_size: 
     return feeds
 
 
-def reference_module(kind: str, sd=None, net=None) -> torch.nn.Module:
-    """The engine.modules wrapper an artefact of `kind` is exported from."""
+def reference_module(kind: str, sd=None, net=None, vae=None) -> torch.nn.Module:
+    """The engine.modules wrapper an artefact of `kind` is exported from; `vae`: an extra VAE (TAESD) for
+    its vae_* artefacts, else the model's own."""
+    from diffusers import AutoencoderTiny
+
     from engine import modules
 
+    vae = sd.vae if vae is None else vae
     makers = {
         "text_encoder": lambda: modules.TextEncoder(sd.text_encoder),
         "unet": lambda: modules.UNetWithResiduals(sd.unet),
-        "vae_encoder": lambda: modules.VaeEncoder(sd.vae),
-        "vae_decoder": lambda: modules.VaeDecoder(sd.vae),
+        "vae_encoder": lambda: (modules.TinyVaeEncoder if isinstance(vae, AutoencoderTiny) else modules.VaeEncoder)(vae),
+        "vae_decoder": lambda: modules.VaeDecoder(vae),
         "hint_encoder": lambda: modules.HintEncoder(net),
         "controlnet": lambda: modules.ControlNetBody(net),
     }
@@ -82,15 +86,18 @@ def verify_point(opt_batch: int, min_size: int, vae_scale_factor: int, size: int
 
 
 def load_references(manifest: mf.Manifest, device: str = "cpu"):
-    """The fp32 torch models the engine dir was built from (loaded from the recorded sources)."""
+    """The fp32 torch models the engine dir was built from (loaded from the recorded sources): (sd, nets by
+    slug); the extra VAEs by name are `sd.extra_vaes`."""
     from engine.loading import load_controlnet, load_sd
     from engine.registry import ControlNetSpec
+    from engine.vaes import load_vae
 
     sd = load_sd(manifest.model["source"], torch.device(device), torch.float32)
     nets = {}
     for net in manifest.controlnets:
         spec = ControlNetSpec(net["name"], net["source"], net.get("preprocessor"))
         nets[net["slug"]] = load_controlnet(spec, sd, torch.device(device), torch.float32)
+    sd.extra_vaes = {vae["name"]: load_vae(vae["source"], torch.device(device)) for vae in manifest.vaes}
     return sd, nets
 
 

@@ -13,6 +13,9 @@ from engine.families import SD15
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.optimizations import cpu_has_native_bf16
 from engine.registry import resolve
+from engine.vaes import MODEL, VaeInfo, check_fits, load_vae, vae_name
+from engine.vaes import info as vae_info
+from engine.vaes import pick as pick_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,16 +39,19 @@ class LoadedParts:
     vae_scale_factor: int
     latent_channels: int  # the VAE's latent channels (4)
     unet_channels: int  # the UNet's input channels: 4, or 9 for an inpainting UNet
-    scaling_factor: float  # the VAE's latent scaling
     global_pool: bool
     num_residuals: int
     can_encode_images: bool  # a VAE encoder is there (img2img, inpaint)
+    vaes: dict  # name -> engine.vaes.VaeInfo: the model's own ("model") and the extra one (Runner(vae=...))
+    default_vae: str  # the name a call's vae=None picks
 
 
-def load_engine_dir(engine_dir, model, names, backend, device, dtype) -> LoadedParts:
+def load_engine_dir(engine_dir, model, names, backend, device, dtype, vae=None) -> LoadedParts:
     """Built graphs: the manifest-checked backend plus the tokenizer and scheduler config the build copied
-    into the dir; no torch weights are loaded."""
+    into the dir; no torch weights are loaded. `vae`: one of the extra VAEs built into it (--vae), made the
+    default."""
     from engine.backends import open_engine_dir
+    from engine.manifest import EngineDirError
 
     asked = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     built = open_engine_dir(engine_dir, model, names, backend, dtype=asked)
@@ -59,26 +65,39 @@ def load_engine_dir(engine_dir, model, names, backend, device, dtype) -> LoadedP
         raise ValueError(f"dtype {dtype!r}: this engine dir was built in {built.manifest.precision}; "
                          "leave dtype unset, or build another dir with --precision")
     latent_channels = int(config["latent_channels"])
+    model_vae = VaeInfo(MODEL, built.manifest.model["source"], False, float(config.get("scaling_factor", 0.18215)))
+    vaes = {MODEL: model_vae, **{v["name"]: VaeInfo(v["name"], v["source"], bool(v["tiny"]), float(v["scaling_factor"]))
+                                 for v in built.manifest.vaes}}
+    default_vae = MODEL
+    if vae is not None:
+        try:
+            default_vae = pick_vae(vae, vaes, MODEL).name
+        except ValueError:
+            have = ", ".join(v["source"] for v in built.manifest.vaes) or "none"
+            raise EngineDirError(f"vae {vae!r} was not built into engine dir {str(engine_dir)!r} (extra VAEs: {have}): "
+                                 "rebuild it with python -m engine.build --vae ...") from None
     return LoadedParts(
         backend=built.backend,
         device=built.backend.device,
         dtype=built_dtype,
         model=built.manifest.model["source"],
         controlnet_specs=built.controlnet_specs,
-        family=SD15(built.tokenizer),
+        family=SD15(built.tokenizer, config.get("time_cond_proj_dim")),
         tokenizer=built.tokenizer,
         scheduler_config=built.scheduler_config,
         vae_scale_factor=int(config["vae_scale_factor"]),
         latent_channels=latent_channels,
         unet_channels=int(config.get("unet_in_channels", latent_channels)),  # dirs built before img2img: 4
-        scaling_factor=float(config.get("scaling_factor", 0.18215)),
         global_pool=built.global_pools[0],
         num_residuals=int(config["num_residuals"]),
         can_encode_images=getattr(built.backend, "vae_encoder", None) is not None,
+        vaes=vaes,
+        default_vae=default_vae,
     )
 
 
-def load_torch(model, names, device, dtype, torch_optimizations) -> LoadedParts:
+def load_torch(model, names, device, dtype, torch_optimizations, vae=None) -> LoadedParts:
+    """`vae`: an extra VAE source (engine/vaes.py), loaded beside the model's own and made the default."""
     from engine.backends.torch_backend import TorchBackend
 
     model = DEFAULT_MODEL if model is None else model
@@ -96,21 +115,30 @@ def load_torch(model, names, device, dtype, torch_optimizations) -> LoadedParts:
     specs = [resolve(name) for name in names]
     sd = load_sd(model, device, dtype)
     nets = [load_controlnet(spec, sd, device, dtype) for spec in specs]
-    backend = TorchBackend(sd, nets, device, dtype, torch_optimizations)
+    vae_scale_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    vaes = {MODEL: VaeInfo(MODEL, sd.source, False, float(sd.vae.config.scaling_factor))}
+    extra = {}
+    if vae is not None:
+        module = load_vae(vae, device, dtype)
+        check_fits(module, vae, int(sd.vae.config.latent_channels), vae_scale_factor)
+        found = vae_info(module, vae_name(vae), vae)
+        vaes[found.name], extra[found.name] = found, module
+    backend = TorchBackend(sd, nets, device, dtype, torch_optimizations, extra)
     return LoadedParts(
         backend=backend,
         device=device,
         dtype=dtype,
         model=sd.source,
         controlnet_specs=specs,
-        family=SD15(sd.tokenizer),
+        family=SD15(sd.tokenizer, sd.unet.config.time_cond_proj_dim),
         tokenizer=sd.tokenizer,
         scheduler_config=sd.scheduler_config,
-        vae_scale_factor=2 ** (len(sd.vae.config.block_out_channels) - 1),
+        vae_scale_factor=vae_scale_factor,
         latent_channels=int(sd.vae.config.latent_channels),
         unet_channels=int(sd.unet.config.in_channels),
-        scaling_factor=float(sd.vae.config.scaling_factor),
         global_pool=bool(nets[0].config.global_pool_conditions),
         num_residuals=backend.controlnet_bodies[0].num_residuals,
         can_encode_images=True,
+        vaes=vaes,
+        default_vae=next(iter(extra), MODEL),
     )

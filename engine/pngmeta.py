@@ -9,7 +9,8 @@ ControlNet is one pair whose quoted value is itself a list of pairs, as the A111
 writes it (Module, Model, Weight, Guidance Start/End, Threshold A/B, Control Mode), plus `Guess Mode`
 (diffusers' guess mode, not one of the extension's control modes) and `Image`: the
 control picture's path, and `Precision` (fp32, fp16, bf16) and `Optimizations` (a preset name, when one
-was chosen), so the file alone says how to reproduce it. LoRAs: the prompt keeps its `<lora:NAME:WEIGHT>`
+was chosen) and `VAE` (the source given to --vae, e.g. TAESD; absent: the model's own), so the file alone
+says how to reproduce it. LoRAs: the prompt keeps its `<lora:NAME:WEIGHT>`
 tags and `Lora hashes: "name: hash, ..."` is written as A1111 writes it (engine/lora.lora_short_hash);
 LoRAs given as files (not tags) are listed with their weights under `Lora files` (JSON).
 
@@ -37,6 +38,10 @@ SAMPLERS = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "ddim": "DDIM",
+    "lcm": "LCM",  # A1111's own LCM sampler name
+    "tcd": "TCD",  # Forge's and ComfyUI's name; A1111 has none
+    "ddim_trailing": "DDIM Trailing",  # not A1111's: DDIM with trailing timestep spacing (Hyper-SD LoRAs)
+    "euler_trailing": "Euler Trailing",  # not A1111's: Euler with trailing spacing (Lightning-style LoRAs)
 }
 SCHEDULERS_BY_SAMPLER = {sampler: name for name, sampler in SAMPLERS.items()}
 
@@ -112,6 +117,8 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         pairs["Precision"] = p["dtype"]
     if p.get("optimizations"):
         pairs["Optimizations"] = p["optimizations"]
+    if p.get("vae"):  # A1111's key; here the source given to --vae (absent: the model's own VAE)
+        pairs["VAE"] = p["vae"]
     if p.get("lora_hashes"):  # as A1111 writes it: "name: hash, name: hash" (":" and "," dropped from names)
         strip = str.maketrans("", "", ":,")
         pairs["Lora hashes"] = ", ".join(f"{name.translate(strip)}: {h}" for name, h in p["lora_hashes"].items())
@@ -222,6 +229,8 @@ def parse_parameters(text: str) -> dict:
             raise ValueError(f"unknown Precision {p['dtype']!r}; known: {', '.join(PRECISIONS)}")
     if "Optimizations" in pairs:
         p["optimizations"] = pairs.pop("Optimizations")
+    if "VAE" in pairs:
+        p["vae"] = pairs.pop("VAE")
     if "Lora hashes" in pairs:
         entries = [entry.rpartition(":") for entry in pairs.pop("Lora hashes").split(",") if entry.strip()]
         p["lora_hashes"] = {name.strip(): digest.strip() for name, _, digest in entries}

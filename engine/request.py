@@ -23,7 +23,8 @@ from engine import modes
 from engine import preprocess as pre
 from engine.backends import check_request
 from engine.modules import block_scales
-from engine.schedulers import check_scheduler_name
+from engine.schedulers import check_scheduler_steps
+from engine.vaes import pick as pick_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # The A1111 ControlNet extension's control modes ("Balanced", "My prompt is more important", "ControlNet is
@@ -80,6 +81,13 @@ class GenerateArgs:
     # residuals are zero for the unconditional one), as guess mode. None: guess_mode decides, as in
     # diffusers. "controlnet" must be on all nets or none.
     control_mode: str | list[str] | None = None
+    # Which loaded VAE decodes (and encodes the init image): None is the Runner's default (Runner(vae=...),
+    # else the model's own), "model" the model's own, or the name/source of the one given as Runner(vae=...)
+    # (engine/vaes.py). A1111's sd_vae values "Automatic" and "None" mean the default and "model".
+    vae: str | None = None
+    # latents_callback(step, total, latents) after each denoising step, with the step's latents (for
+    # previews: Runner.preview decodes them with TAESD where one is loaded).
+    latents_callback: Callable[[int, int, torch.Tensor], None] | None = None
 
     @classmethod
     def from_options(cls, prompt, image, options: dict) -> "GenerateArgs":
@@ -99,7 +107,7 @@ class Plan:
     per_prompt: int
     batch: int  # images: len(prompts) * per_prompt
     guidance: float
-    do_cfg: bool  # guidance > 1: the model batch is [uncond; cond]
+    do_cfg: bool  # guidance > 1 (and a UNet without a guidance embedding): the model batch is [uncond; cond]
     steps: int
     strength: float | None  # None for text to image
     scheduler: str
@@ -122,6 +130,8 @@ class Plan:
     guess: bool  # the ControlNets see the conditional half only
     output_type: str
     callback: Callable[[int, int], None] | None
+    vae: object  # engine.vaes.VaeInfo: the VAE that encodes and decodes
+    latents_callback: Callable[[int, int, torch.Tensor], None] | None = None
     parameters: dict = field(default_factory=dict)  # the arguments as resolved (for reproducing the image)
 
     def active(self, total: int) -> list[list[bool]]:
@@ -279,11 +289,12 @@ def prepare(args: GenerateArgs, runner) -> Plan:
     for value, what in ((args.height, "height"), (args.width, "width")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
             raise ValueError(f"{what} must be a positive multiple of 8, got {value!r}")
-    check_scheduler_name(args.scheduler)
+    check_scheduler_steps(args.scheduler, runner.scheduler_config, steps)
     net_modes = _check_control_modes(args.control_mode, n, args.guess_mode)
     if args.output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {args.output_type!r}")
     mode, init, mask, strength = _image_inputs(runner, args.init_image, args.mask_image, args.strength, steps)
+    vae = pick_vae(args.vae, runner.parts.vaes, runner.parts.default_vae)
     conditioning_scale = args.controlnet_conditioning_scale
     if conditioning_scale is None:  # each diffusers pipeline's own default
         conditioning_scale = modes.DEFAULT_CONDITIONING_SCALE[mode]
@@ -344,16 +355,20 @@ def prepare(args: GenerateArgs, runner) -> Plan:
         model=runner.model,
         controlnet=[spec.name for spec in specs],
         loras=runner.loras.describe() if runner.loras is not None else [],
+        vae=vae.name,
     )
     if net_modes is not None:
         parameters["control_mode"] = net_modes if n > 1 else net_modes[0]
     return Plan(
         prompts=prompts, negatives=negatives, per_prompt=per_prompt, batch=batch, guidance=guidance,
-        do_cfg=guidance > 1.0, steps=steps, strength=strength, scheduler=args.scheduler, eta=args.eta, mode=mode,
+        # An LCM UNet takes the guidance as an input and never runs the unconditional half (diffusers'
+        # do_classifier_free_guidance); families without one have no guidance_embedded.
+        do_cfg=guidance > 1.0 and not getattr(runner.family, "guidance_embedded", False), steps=steps,
+        strength=strength, scheduler=args.scheduler, eta=args.eta, mode=mode,
         height=height, width=width, latent_shape=latent_shape, seed=seed, generator=generator, latents=latents,
         control_maps=control_maps, controls=[processors.control_tensor(m, height, width) for m in control_maps],
         init_pixels=None if init is None else processors.image.preprocess(init, height=height, width=width).to(torch.float32),
         mask_pixels=None if mask is None else processors.mask.preprocess(mask, height=height, width=width),
         scales=scales, starts=starts, ends=ends, net_scales=net_scales, guess=guess, output_type=args.output_type,
-        callback=args.callback, parameters=parameters,
+        callback=args.callback, vae=vae, latents_callback=args.latents_callback, parameters=parameters,
     )

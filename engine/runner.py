@@ -77,14 +77,19 @@ class Runner:
         dtype: torch.dtype | str | None = None,
         optimizations: str | TorchOptimizations | None = None,
         loras: Sequence[tuple[str, float]] | None = None,
+        vae: str | None = None,
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
-        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime",
-        "openvino" and "tensorrt" need an `engine_dir` from `python -m engine.build` (openvino also takes
-        dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
+        "auto" is torch without `engine_dir`, else what the dir was built for; "onnxruntime" and "openvino"
+        without `engine_dir` build one on first use into the engine cache and reuse it on the next start
+        (engine/engine_cache.py; ENGINE_CACHE moves it); "tensorrt" needs an `engine_dir` from
+        `python -m engine.build` (openvino also takes dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
         backend's switches, a preset name ("reference", "fused") or a TorchOptimizations. `loras`: [(source,
-        weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them."""
+        weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them.
+        `vae`: a VAE beside the model's own, which then decodes and encodes by default (engine/vaes.py): an
+        AutoencoderTiny (TAESD: "madebyollin/taesd" or a folder) or an AutoencoderKL id or folder; with
+        `engine_dir`, one built into it (python -m engine.build --vae)."""
         check_backend_name(backend)
         torch_optimizations = resolve_optimizations(optimizations)
         names = None if controlnet is None else ([controlnet] if isinstance(controlnet, str) else list(controlnet))
@@ -94,12 +99,20 @@ class Runner:
             if optimizations is not None:
                 raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; an engine dir "
                                  "runs its built graphs: leave optimizations unset with engine_dir")
-            parts = load_engine_dir(engine_dir, model, names, backend, device, dtype)
-        elif backend in ("onnxruntime", "tensorrt", "openvino"):
-            raise ValueError(f"backend {backend!r} runs built graphs: pass engine_dir=DIR from "
-                             "python -m engine.build, or use backend='torch'")
+            parts = load_engine_dir(engine_dir, model, names, backend, device, dtype, vae)
+        elif backend == "tensorrt":
+            raise ValueError(f"backend {backend!r} runs built plans: pass engine_dir=DIR from "
+                             "python -m engine.build on the GPU, or use backend='torch'")
+        elif backend in ("onnxruntime", "openvino"):  # built on first use into the engine cache, then reused
+            if optimizations is not None:
+                raise ValueError(f"optimizations={optimizations!r} are switches of the torch backend; backend "
+                                 f"{backend!r} runs built graphs: leave optimizations unset")
+            from engine.engine_cache import engine_dir_for
+
+            built = engine_dir_for(model, names, [vae] if vae is not None else [], backend)
+            parts = load_engine_dir(built, model, names, backend, device, dtype, vae)
         else:
-            parts = load_torch(model, names, device, dtype, torch_optimizations)
+            parts = load_torch(model, names, device, dtype, torch_optimizations, vae)
         self.parts = parts
         # The attributes callers read (generate.py, serve/, benchmarks), set once for both kinds of load.
         self.backend, self.device, self.dtype = parts.backend, parts.device, parts.dtype
@@ -129,6 +142,21 @@ class Runner:
     @property
     def num_controlnets(self) -> int:
         return len(self.controlnet_specs)
+
+    @property
+    def vaes(self) -> dict:
+        """The loaded VAEs by name (engine.vaes.VaeInfo): "model" and the one given as Runner(vae=...)."""
+        return self.parts.vaes
+
+    def preview(self, latents: torch.Tensor):
+        """The first image of a step's latents (GenerateArgs.latents_callback) as a PIL image, decoded with a
+        loaded TAESD (cheap next to a step); None when this Runner has none (the full decoder costs more
+        than a step at 512²)."""
+        tiny = next((v for v in self.parts.vaes.values() if v.tiny), None)
+        if tiny is None:
+            return None
+        decoded = self.backend.decode(latents[:1], tiny.name)
+        return self.processors.image.postprocess(decoded.cpu(), output_type="pil", do_denormalize=[True])[0]
 
     @cached_property
     def processors(self) -> ImageProcessors:
@@ -182,7 +210,7 @@ class Runner:
             with timer("vae_encoder"):
                 latents, inpainting = modes.start_latents(
                     backend, sched, plan.generator, plan.latent_shape, timesteps, plan.strength, plan.init_pixels,
-                    plan.mask_pixels, self.parts.unet_channels, self.parts.scaling_factor, self.device)
+                    plan.mask_pixels, self.parts.unet_channels, plan.vae, self.device)
         extra = step_kwargs(sched, plan.generator, plan.eta)
 
         for i, t in enumerate(timesteps):
@@ -208,13 +236,15 @@ class Runner:
                     latents = inpainting.blend(sched, latents, timesteps, i)
             if plan.callback is not None:
                 plan.callback(i + 1, total)
+            if plan.latents_callback is not None:
+                plan.latents_callback(i + 1, total, latents)
 
         check_finite(latents, "final latents", backend, self.dtype)
         if plan.output_type == "latent":
             images = latents
         else:
             with timer("vae"):
-                decoded = backend.decode(latents)
+                decoded = backend.decode(latents, plan.vae.name)
             images = self.processors.image.postprocess(
                 decoded.cpu(), output_type=plan.output_type, do_denormalize=[True] * decoded.shape[0]
             )

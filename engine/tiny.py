@@ -12,6 +12,11 @@ re-randomised here, the hint encoder with He-style init so its output keeps unit
 The preset "sd15-random" is the full SD1.5 architecture with random weights, for export and benchmarks;
 "tiny-inpaint" is "tiny" with a 9-channel inpainting UNet (latents + mask + masked-image latents, the
 layout of runwayml/stable-diffusion-inpainting). Its ControlNets stay 4-channel, as real ones do.
+"tiny-lcm" is "tiny" with an LCM-distilled UNet's guidance embedding input (`time_cond_proj_dim`, as
+SimianLuo/LCM_Dreamshaper_v7 has, there 256).
+
+TAESD presets (`Runner(vae=...)`, engine/vaes.py): "tiny-taesd" is a small AutoencoderTiny (same 8x
+layout as madebyollin/taesd), "taesd-random" the real TAESD architecture with random weights (benchmarks).
 
     python -m engine.tiny --out DIR     # writes DIR/model (a diffusers SD folder) and DIR/controlnet-*
 """
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 MODEL_SEED = 0
@@ -131,12 +136,23 @@ class ModelPreset:
 
 
 INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
+TINY_TIME_COND_DIM = 32  # the tiny LCM UNet's guidance embedding width (LCM_Dreamshaper_v7: 256)
 
 PRESETS = {
     "tiny": ModelPreset(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, HINT_CHANNELS, None),
     "tiny-inpaint": ModelPreset(dict(UNET_CONFIG, in_channels=INPAINT_UNET_CHANNELS), VAE_CONFIG, TEXT_CONFIG,
                                 HINT_CHANNELS, None),
+    "tiny-lcm": ModelPreset(dict(UNET_CONFIG, time_cond_proj_dim=TINY_TIME_COND_DIM), VAE_CONFIG, TEXT_CONFIG,
+                            HINT_CHANNELS, None),
     "sd15-random": ModelPreset(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, SD15_HINT_CHANNELS, 49408),
+}
+
+# AutoencoderTiny configs. Four blocks each way, as TAESD: the 8x scale factor diffusers reads from
+# block_out_channels. "taesd-random" is AutoencoderTiny's defaults, which are madebyollin/taesd's config.
+TAESD_PRESETS = {
+    "tiny-taesd": dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                       num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)),
+    "taesd-random": {},
 }
 
 # A few merges so the byte-level BPE really merges something; enough to tokenise any text.
@@ -203,6 +219,19 @@ def tiny_vae(preset: str = "tiny") -> AutoencoderKL:
     return _construct("vae", AutoencoderKL, **PRESETS[preset].vae)
 
 
+@torch.no_grad()
+def tiny_taesd(preset: str = "tiny-taesd") -> AutoencoderTiny:
+    """An AutoencoderTiny of a TAESD_PRESETS entry with seeded random weights. The default init decodes
+    every latent to nearly the same dark image (std 0.06 around -1), which no test could tell apart; at
+    0.7x He scale, and the last conv's bias at 0.5 (the decoder maps [0, 1] to [-1, 1]), a random latent
+    decodes to std 0.4 around 0.3, 4% of pixels clipped."""
+    vae = _construct("taesd", AutoencoderTiny, **TAESD_PRESETS[preset])
+    if preset.startswith("tiny"):
+        _randomise(vae, _seeded_generator("taesd"), std_scale=0.7)
+        vae.decoder.layers[-1].bias.fill_(0.5)
+    return vae
+
+
 def text_config(preset: str = "tiny") -> CLIPTextConfig:
     vocab, _ = tiny_vocab()
     return CLIPTextConfig(
@@ -225,11 +254,13 @@ def tiny_controlnet(
 
     `name` seeds the randomised layers, so two names give two different ControlNets. An inpainting
     (9-channel) UNet's ControlNet is copied from a 4-channel UNet of the same preset: ControlNets see the
-    latents only.
+    latents only. An LCM UNet's is copied from the same UNet without the guidance embedding, as real LCM
+    models use SD1.5's ControlNets (diffusers' from_unet cannot copy a UNet that has one).
     """
     latent_channels = PRESETS[preset].vae["latent_channels"]
-    if unet is None or unet.config.in_channels != latent_channels:
-        unet = _construct("unet", UNet2DConditionModel, **dict(PRESETS[preset].unet, in_channels=latent_channels))
+    if unet is None or unet.config.in_channels != latent_channels or unet.config.time_cond_proj_dim is not None:
+        config = dict(PRESETS[preset].unet, in_channels=latent_channels, time_cond_proj_dim=None)
+        unet = _construct("unet", UNet2DConditionModel, **config)
     net = _construct(
         "controlnet/" + name,
         ControlNetModel.from_unet,
@@ -293,9 +324,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write the tiny model into")
     parser.add_argument("--controlnet", action="append", default=None, help="tiny ControlNet names (default canny)")
     parser.add_argument("--preset", choices=[p for p in PRESETS if p.startswith("tiny")], default="tiny",
-                        help="tiny: 4-channel UNet; tiny-inpaint: 9-channel inpainting UNet")
+                        help="tiny: 4-channel UNet; tiny-inpaint: 9-channel inpainting UNet; tiny-lcm: an LCM UNet "
+                             "(guidance embedding input)")
+    parser.add_argument("--taesd", action="store_true", help="also write DIR/taesd, a tiny AutoencoderTiny (--vae)")
     args = parser.parse_args(argv)
-    for key, path in save_tiny(args.out, tuple(args.controlnet or ["canny"]), args.preset).items():
+    paths = save_tiny(args.out, tuple(args.controlnet or ["canny"]), args.preset)
+    if args.taesd:
+        paths["taesd"] = Path(args.out) / "taesd"
+        tiny_taesd().save_pretrained(paths["taesd"])
+    for key, path in paths.items():
         print(f"{key}: {path}")
 
 

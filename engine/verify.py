@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     tolerance = TOLERANCE[manifest.precision]
     rows, ok = [], True
     for name, artefact in manifest.artefacts.items():
-        module = reference_module(artefact.kind, sd, nets.get(artefact.net))
+        module = reference_module(artefact.kind, sd, nets.get(artefact.net), sd.extra_vaes.get(artefact.net))
         opt_batch = artefact.profile[artefact.inputs[0].name][1][0]
         point = verify_point(opt_batch, manifest.sizes["min_size"], manifest.config["vae_scale_factor"], args.size, args.batch)
         errors = compare(module, run[name], artefact, point, manifest.config["vocab_size"])

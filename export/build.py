@@ -29,6 +29,8 @@ from engine import manifest as mf
 from engine.backends import pick_backend
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.registry import resolve
+from engine.vaes import check_fits, load_vae, vae_name
+from engine.vaes import info as vae_info
 from engine.parity import TOLERANCE, compare, reference_module, sample_feeds, verify_point
 from export import files as fs
 from export import onnx_export
@@ -50,6 +52,7 @@ class BuildConfig:
     verify: bool = True
     export: onnx_export.ExportConfig = field(default_factory=onnx_export.ExportConfig)
     progress: bool = True
+    vaes: tuple[str, ...] = ()  # extra VAEs (engine/vaes.py: TAESD), each with its own encoder/decoder graphs
 
     def check(self) -> None:
         if not self.controlnets:
@@ -143,7 +146,18 @@ class _Builder:
         config.sizes.check(self.model_config.size_multiple)
         self.slugs = _slugs(self.net_specs)
         pools = [bool(n.config.global_pool_conditions) for n in self.nets]
-        self.specs = build_specs(self.model_config, list(zip(self.slugs, pools)), config.precision)
+        self.vaes = {}  # name -> module, then None once its graphs are built
+        self.vae_infos = []
+        for source in config.vaes:
+            vae = load_vae(source)
+            check_fits(vae, source, self.model_config.latent_channels, self.model_config.vae_scale_factor)
+            found = vae_info(vae, vae_name(source), source)
+            if found.name in self.vaes:
+                raise ValueError(f"two --vae sources have the name {found.name!r}: give one of them")
+            self.vaes[found.name] = vae
+            self.vae_infos.append(found)
+        self.specs = build_specs(self.model_config, list(zip(self.slugs, pools)), config.precision,
+                                 [(v.name, v.tiny) for v in self.vae_infos])
         self.scratch = self.out / f"{SCRATCH_PREFIX}{id(self):x}"
         self.versions = _versions(self.backend)
         self.gpu = torch.cuda.get_device_name(0) if self.backend == "tensorrt" else None
@@ -155,6 +169,9 @@ class _Builder:
         hashes = dict(text_encoder=fs.weights_hash(sd.text_encoder), unet=fs.weights_hash(sd.unet),
                       vae_encoder=fs.weights_hash(sd.vae, skip_prefix="decoder."),
                       vae_decoder=fs.weights_hash(sd.vae, skip_prefix="encoder."))
+        for name, vae in self.vaes.items():
+            hashes[f"vae_encoder_{name}"] = fs.weights_hash(vae, skip_prefix="decoder.")
+            hashes[f"vae_decoder_{name}"] = fs.weights_hash(vae, skip_prefix="encoder.")
         for slug, net in zip(self.slugs, self.nets):
             config = fs.json_hash(dict(net.config))  # channel order and global pooling change the graph
             hashes[f"hint_{slug}"] = fs.json_hash([fs.weights_hash(net.controlnet_cond_embedding), config])
@@ -172,10 +189,12 @@ class _Builder:
         # Entries of the old manifest stay listed while this build runs, so a build killed half way
         # still lets the next one reuse what was already there (keys and hashes decide, not this list).
         artefacts = dict(self.old.artefacts) if self.old else {}
+        vaes = [dict(dataclasses.asdict(v), hash=fs.json_hash([w[f"vae_encoder_{v.name}"], w[f"vae_decoder_{v.name}"]]))
+                for v in self.vae_infos]
         return mf.Manifest(model=dict(source=mf.source_id(self.sd.source), hash=model_hash), controlnets=nets,
                            precision=self.config.precision, backend=self.backend,
                            sizes=dataclasses.asdict(self.config.sizes), config=config, versions=self.versions,
-                           gpu=self.gpu, artefacts=artefacts)
+                           gpu=self.gpu, artefacts=artefacts, vaes=vaes)
 
     def _write_manifest(self) -> None:
         fs.atomic_write_text(self.out / mf.MANIFEST, self.manifest.to_json())
@@ -195,6 +214,8 @@ class _Builder:
         return entry
 
     def _modules(self, spec):
+        if spec.kind in ("vae_encoder", "vae_decoder") and spec.net:
+            return reference_module(spec.kind, vae=self.vaes[spec.net])
         net = self.nets[self.slugs.index(spec.net)] if spec.net else None
         return reference_module(spec.kind, self.sd, net)
 
@@ -302,6 +323,8 @@ class _Builder:
         build would otherwise hold every model (5.7 GB fp32) through every later export."""
         if spec.kind in ("text_encoder", "unet"):
             setattr(self.sd, spec.kind, None)
+        elif spec.kind == "vae_decoder" and spec.net:  # an extra VAE: its encoder came just before
+            self.vaes[spec.net] = None
         elif spec.kind == "vae_decoder":
             self.sd.vae = None
         elif spec.kind == "controlnet":  # its hint encoder came just before

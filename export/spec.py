@@ -10,7 +10,9 @@ VAE decodes only the images: up to max_batch; its encoder (img2img, inpaint) see
 up to max_batch.
 
 Channels: the ControlNets and the VAE work on `latent_channels` (4); the UNet's sample has
-`unet_in_channels`, 9 for an inpainting UNet (latents, mask, masked-image latents).
+`unet_in_channels`, 9 for an inpainting UNet (latents, mask, masked-image latents). An LCM-distilled
+UNet (`time_cond_proj_dim` set) takes one more conditioning input, `timestep_cond`. Extra VAEs (TAESD,
+`python -m engine.build --vae`) get their own encoder and decoder graphs, `vae_{encoder,decoder}_<name>`.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class ModelConfig:
     control_channels: int  # control map channels (3)
     unet_in_channels: int = 4  # 9 for an inpainting UNet
     scaling_factor: float = 0.18215  # the VAE's latent scaling (the loop scales the encoder's sample)
+    time_cond_proj_dim: int | None = None  # an LCM-distilled UNet's guidance embedding width (input timestep_cond)
 
     @property
     def num_residuals(self) -> int:
@@ -91,6 +94,7 @@ def model_config(sd, controlnets: list) -> ModelConfig:
         control_channels=channels.pop(),
         unet_in_channels=int(unet.in_channels),
         scaling_factor=float(vae.scaling_factor),
+        time_cond_proj_dim=unet.time_cond_proj_dim,
     )
 
 
@@ -148,8 +152,10 @@ class ModelSpec:
         return {io.name: io.shape(variables) for io in self.outputs}
 
 
-def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: str) -> list[ModelSpec]:
-    """Every artefact's spec, in build order. `nets`: (slug, global_pool) per ControlNet."""
+def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: str,
+                vaes: list[tuple[str, bool]] = ()) -> list[ModelSpec]:
+    """Every artefact's spec, in build order. `nets`: (slug, global_pool) per ControlNet; `vaes`: (name, tiny)
+    per extra VAE (engine/vaes.py), whose encoder gives latents (TAESD) or a distribution's mean and std."""
     if precision not in FLOAT:
         raise ValueError(f"precision must be one of {', '.join(FLOAT)}, got {precision!r}")
     f = FLOAT[precision]
@@ -159,13 +165,16 @@ def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: st
     unet_sample = TensorIO("sample", f, ("B", c.unet_in_channels, "h", "w"))
     timestep = TensorIO("timestep", "float32", (1,))  # float32 in every precision: 999.0 is exact there
     text = TensorIO("encoder_hidden_states", f, ("B", c.text_length, c.text_dim))
+    # An LCM UNet's guidance embedding (engine.families.guidance_embedding); ControlNets take none.
+    unet_cond = (text,) + ((TensorIO("timestep_cond", f, ("B", c.time_cond_proj_dim)),)
+                           if c.time_cond_proj_dim is not None else ())
     hint = TensorIO("hint", f, ("B", c.block_out_channels[0], "h", "w"))
     names = residual_names(c.num_residuals)
     unet_residuals = tuple(TensorIO(n, f, d) for n, d in zip(names, residual_dims(c)))
     specs = [
         ModelSpec("text_encoder", "text_encoder", None, (TensorIO("input_ids", "int64", ("B", c.text_length)),),
                   (TensorIO("text_embeddings", f, ("B", c.text_length, c.text_dim)),), cfg_batch=True),
-        ModelSpec("unet", "unet", None, (unet_sample, timestep, text) + unet_residuals,
+        ModelSpec("unet", "unet", None, (unet_sample, timestep) + unet_cond + unet_residuals,
                   (TensorIO("noise_pred", f, ("B", c.unet_out_channels, "h", "w")),), cfg_batch=True),
         # Before the decoder: the build lets go of the VAE after its last graph.
         ModelSpec("vae_encoder", "vae_encoder", None, (TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w")),),
@@ -174,6 +183,13 @@ def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: st
         ModelSpec("vae_decoder", "vae_decoder", None, (TensorIO("latents", f, ("B", c.latent_channels, "h", "w")),),
                   (TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w")),), cfg_batch=False),
     ]
+    for name, tiny in vaes:
+        images = TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w"))
+        latents = TensorIO("latents", f, ("B", c.latent_channels, "h", "w"))
+        encoded = (latents,) if tiny else (TensorIO("latent_mean", f, ("B", c.latent_channels, "h", "w")),
+                                           TensorIO("latent_std", f, ("B", c.latent_channels, "h", "w")))
+        specs.append(ModelSpec(f"vae_encoder_{name}", "vae_encoder", name, (images,), encoded, cfg_batch=False))
+        specs.append(ModelSpec(f"vae_decoder_{name}", "vae_decoder", name, (latents,), (images,), cfg_batch=False))
     for slug, global_pool in nets:
         control = TensorIO("control_map", f, ("B", c.control_channels, f"{s}h", f"{s}w"))
         specs.append(ModelSpec(f"hint_{slug}", "hint_encoder", slug, (control,), (hint,), cfg_batch=True))

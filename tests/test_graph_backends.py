@@ -131,14 +131,6 @@ def test_runner_reports_backend_and_recorded_model(runners, tiny_dir, backend):
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_backend_needs_engine_dir(backend):
-    from engine import Runner
-
-    with pytest.raises(ValueError, match="pass engine_dir"):
-        Runner(model="tiny", backend=backend)
-
-
-@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("graph, stage", [("text_encoder", r"text conditioning \(encoder_hidden_states\)"),
                                           ("unet", "final latents")])
 def test_nan_from_the_graphs_is_an_error_not_an_image(engine_dir, tiny_dir, tmp_path, backend, graph, stage):

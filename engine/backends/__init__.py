@@ -6,9 +6,12 @@
     combine(outputs, batch) -> the active nets' outputs summed (one launch where the backend can),
                                guess mode's conditional-half residuals padded to the full batch
     unet(sample, t, cond, residuals | None) -> noise prediction
-    encode_image(pixels in [-1, 1]) -> (mean, std) of the VAE's latent distribution, unscaled
-                               (img2img and inpaint: the loop draws the sample with its generator)
-    decode(latents) -> images in [-1, 1]
+    encode_image(pixels in [-1, 1], vae="model") -> (mean, std) of the VAE's latent distribution, unscaled
+                               (img2img and inpaint: the loop draws the sample with its generator);
+                               a TAESD's (latents, None): it has no distribution to sample
+    decode(latents, vae="model") -> images in [-1, 1]
+
+`vae` names one of the loaded VAEs (engine/vaes.py): "model", the model's own, or the extra one (TAESD).
 
 `cond` is the family's conditioning, a dict of named tensors (SD1.5: {"encoder_hidden_states": ...}); each
 model takes the entries it declares (graphs: their inputs of those names; torch modules: `cond_inputs`).
@@ -179,6 +182,7 @@ def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None
     needed = ["text_encoder", "unet", "vae_decoder"] + [f"{p}_{n['slug']}" for n in nets for p in ("hint", "controlnet")]
     if manifest.has("vae_encoder"):  # img2img and inpaint; dirs built before them lack it (Runner says so)
         needed.append("vae_encoder")
+    needed += [f"{p}_{vae['name']}" for vae in manifest.vaes for p in ("vae_encoder", "vae_decoder")]
     manifest = mf.load(engine_dir, needed)  # hashes every file it will use
     if chosen == "tensorrt":
         from engine.backends.tensorrt_backend import TrtBackend, TrtRuntime

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from engine.manifest import Artefact, Manifest, solve_variables
+from engine.vaes import MODEL
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -195,6 +196,12 @@ class GraphBackend:
         self.vae_decoder = make_model(manifest.artefact("vae_decoder"))
         # None in dirs built before img2img: Runner then refuses img2img/inpaint with a rebuild hint.
         self.vae_encoder = make_model(manifest.artefact("vae_encoder")) if manifest.has("vae_encoder") else None
+        # Extra VAEs built with --vae (engine/vaes.py: TAESD): their own decoder and encoder graphs, by name.
+        self.vae_decoders = {MODEL: self.vae_decoder}
+        self.vae_encoders = {MODEL: self.vae_encoder}
+        for vae in manifest.vaes:
+            self.vae_decoders[vae["name"]] = make_model(manifest.artefact("vae_decoder", vae["name"]))
+            self.vae_encoders[vae["name"]] = make_model(manifest.artefact("vae_encoder", vae["name"]))
         self.hint_encoders = [make_model(manifest.artefact("hint_encoder", s)) for s in slugs]
         self.controlnet_bodies = [make_model(manifest.artefact("controlnet", s)) for s in slugs]
         self.device = self.unet_model.device
@@ -204,8 +211,9 @@ class GraphBackend:
 
     def models(self) -> list:
         """Every graph this backend runs, each once."""
-        every = [self.text_encoder, self.unet_model, self.vae_decoder, *self.hint_encoders, *self.controlnet_bodies]
-        return every + ([self.vae_encoder] if self.vae_encoder is not None else [])
+        every = [self.text_encoder, self.unet_model, *self.vae_decoders.values(), *self.hint_encoders,
+                 *self.controlnet_bodies]
+        return every + [model for model in self.vae_encoders.values() if model is not None]
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder.run({"input_ids": input_ids})[0].float()
@@ -240,16 +248,18 @@ class GraphBackend:
             feeds[io.name] = res if tuple(res.shape) == shape else res.expand(shape)
         return model.run(feeds)[0].float()
 
-    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder)."""
-        if self.vae_encoder is None:
+    def encode_image(self, pixels: torch.Tensor, vae: str = MODEL) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder);
+        a TAESD graph's one output, its latents, and None (engine.modules.TinyVaeEncoder)."""
+        model = self.vae_encoders[vae]
+        if model is None:
             raise ValueError("this engine dir has no vae_encoder graph (built before img2img): rebuild it with "
                              "python -m engine.build")
-        mean, std = self.vae_encoder.run({"images": pixels})
-        return mean.float(), std.float()
+        out = model.run({"images": pixels})
+        return out[0].float(), (out[1].float() if len(out) > 1 else None)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae_decoder.run({"latents": latents})[0].float()
+    def decode(self, latents: torch.Tensor, vae: str = MODEL) -> torch.Tensor:
+        return self.vae_decoders[vae].run({"latents": latents})[0].float()
 
     # ---- weights (LoRA: engine/lora.py), by the build's record of where each parameter is ---------------
 

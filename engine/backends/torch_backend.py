@@ -18,8 +18,17 @@ import torch
 
 from engine import fused
 from engine.backends import sum_residuals
-from engine.modules import ControlNetBody, HintEncoder, TextEncoder, UNetWithResiduals, VaeDecoder, VaeEncoder
+from engine.modules import (
+    ControlNetBody,
+    HintEncoder,
+    TextEncoder,
+    TinyVaeEncoder,
+    UNetWithResiduals,
+    VaeDecoder,
+    VaeEncoder,
+)
 from engine.optimizations import TorchOptimizations, apply_to_model, check_device
+from engine.vaes import MODEL
 
 
 @dataclass
@@ -42,18 +51,29 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, sd, controlnets: list, device: torch.device, dtype: torch.dtype,
-                 optimizations: TorchOptimizations = TorchOptimizations()):
+                 optimizations: TorchOptimizations = TorchOptimizations(), vaes: dict | None = None):
+        """`vaes`: extra VAEs by name (engine/vaes.py: TAESD, another AutoencoderKL), beside the model's own."""
+        from diffusers import AutoencoderTiny
+
         check_device(optimizations, torch.device(device))
         self.device = device
         self.dtype = dtype
         self.optimizations = optimizations
-        for model in [sd.unet, *controlnets, sd.vae]:
+        vaes = vaes or {}
+        for model in [sd.unet, *controlnets, sd.vae, *vaes.values()]:
+            if isinstance(model, AutoencoderTiny):  # no attention, no GroupNorm: only the memory layout applies
+                if optimizations.channels_last:
+                    model.to(memory_format=torch.channels_last)
+                continue
             apply_to_model(model, optimizations)
         self.channels_last = optimizations.channels_last
         self.text_encoder = TextEncoder(sd.text_encoder)
         self.unet_model = UNetWithResiduals(sd.unet)
         self.vae_decoder = VaeDecoder(sd.vae)
         self.vae_encoder = VaeEncoder(sd.vae)
+        self.vae_decoders = {MODEL: self.vae_decoder, **{name: VaeDecoder(vae) for name, vae in vaes.items()}}
+        self.vae_encoders = {MODEL: self.vae_encoder, **{
+            name: TinyVaeEncoder(vae) if isinstance(vae, AutoencoderTiny) else VaeEncoder(vae) for name, vae in vaes.items()}}
         self.hint_encoders = [HintEncoder(net) for net in controlnets]
         self.controlnet_bodies = [ControlNetBody(net) for net in controlnets]
         # Global-pool (shuffle) nets average their residuals over the image: nothing to fuse.
@@ -120,14 +140,18 @@ class TorchBackend:
         return self._unet(sample, timestep, cond, residuals)
 
     @torch.inference_mode()
-    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder)."""
-        mean, std = self.vae_encoder(self._in(pixels))
+    def encode_image(self, pixels: torch.Tensor, vae: str = MODEL) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder);
+        TAESD's latents and None (engine.modules.TinyVaeEncoder)."""
+        out = self.vae_encoders[vae](self._in(pixels))
+        if isinstance(out, torch.Tensor):
+            return self._out(out), None
+        mean, std = out
         return self._out(mean), self._out(std)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._out(self.vae_decoder(self._in(latents)))
+    def decode(self, latents: torch.Tensor, vae: str = MODEL) -> torch.Tensor:
+        return self._out(self.vae_decoders[vae](self._in(latents)))
 
     # ---- the step's parts, eager ------------------------------------------------------------------------
 
@@ -152,8 +176,9 @@ class TorchBackend:
     def _unet(self, sample, timestep, cond, residuals) -> torch.Tensor:
         conds = self._cond_args(self.unet_model, cond)
         if isinstance(residuals, fused.FusedResiduals):
-            unet = self.unet_model.unet
-            return self._out(fused.unet_forward(unet, self._in(sample), timestep, *conds, residuals.add_into))
+            named = dict(zip(self.unet_model.cond_inputs, conds))
+            return self._out(fused.unet_forward(self.unet_model.unet, self._in(sample), timestep, residuals.add_into,
+                                                **named))
         residuals = [self._in(r) for r in residuals] if residuals is not None else []
         return self._out(self.unet_model(self._in(sample), timestep, *conds, *residuals))
 

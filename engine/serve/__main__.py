@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--controlnet", action="append", default=None, help="ControlNet name/id/path (repeat for several)")
     parser.add_argument("--engine-dir", default=None, help="a built engine dir (python -m engine.build) to run its graphs")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "openvino", "tensorrt"],
-                        help="what runs the model (default: torch, or the engine dir's graphs)")
+                        help="what runs the model (default: torch, or the engine dir's graphs); onnxruntime and "
+                             "openvino without --engine-dir build their engines on first use (ENGINE_CACHE)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas (each its own Runner), spread over --num-cpus")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per replica")
     parser.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs (.safetensors) requests may name in 'loras'")
+    parser.add_argument("--vae", default=None, help="a VAE beside the model's own, the default for requests: TAESD "
+                                                    "(madebyollin/taesd or a folder) or an AutoencoderKL; requests pick "
+                                                    "with vae (POST /generate) or override_settings.sd_vae (A1111)")
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                         help="a request limit (engine.serve.api.Limits; repeat), e.g. max_side=768 or max_loras=4")
     parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
@@ -59,7 +63,7 @@ def app_args(args: argparse.Namespace, num_gpus: float) -> dict:
                 max_queued_requests=args.max_queued_requests, device=args.device, dtype=args.dtype,
                 batch_mode=args.batch_mode, max_batch_size=args.max_batch_size, torch_threads=args.torch_threads,
                 demo=not args.no_demo, num_gpus=num_gpus, num_cpus=min(1.0, args.num_cpus / max(1, args.replicas)),
-                lora_dir=args.lora_dir, api_auth=args.api_auth, api_key=args.api_key, limits=limits)
+                lora_dir=args.lora_dir, vae=args.vae, api_auth=args.api_auth, api_key=args.api_key, limits=limits)
 
 
 def parse_limits(items: list[str]) -> dict:

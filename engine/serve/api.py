@@ -89,6 +89,8 @@ class GenerateRequest:
     init_image: object = None  # PIL RGB image (img2img, inpaint)
     mask_image: object = None  # PIL image, the init image's size (inpaint)
     loras: tuple = ()  # ((name, weight), ...): LoRAs of the server's --lora-dir, by A1111 name
+    eta: float = 0.0  # DDIM's eta; TCD's gamma (the tcd scheduler's stochasticity)
+    vae: str | None = None  # a loaded VAE by name ("model", or the server's --vae, e.g. "taesd"); None: the default
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ FIELDS = {
     "response_format": Field("str", "json", choices=lambda: RESPONSE_FORMATS),
     "strength": Field("float", None, 0.0, 1.0, exclusive_minimum=True),
     "loras": Field("loras", (), max_length="max_loras"),
+    "eta": Field("float", 0.0, 0.0, 1.0),  # DDIM's eta, TCD's gamma
+    "vae": Field("str", None, max_length="max_prompt_chars"),  # a loaded VAE's name: the Runner checks which
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
 # The Runner's argument names (and words its checks use for them) -> POST /generate's fields, for
@@ -455,6 +459,7 @@ def batch_key(req: GenerateRequest) -> tuple:
         req.controlnet_conditioning_scale, req.guess_mode, req.control_guidance_start, req.control_guidance_end,
         req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
         None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength, req.loras,
+        req.eta, req.vae,
     )
 
 
@@ -488,4 +493,6 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         init_image=req.init_image,
         mask_image=req.mask_image,
         strength=req.strength,
+        eta=req.eta,
+        vae=req.vae,
     )

@@ -41,7 +41,6 @@ from engine.serve import api
 from engine.serve.proxy import RETRY_AFTER_S
 
 BATCH_MODES = ("exact", "merge")
-STEP_NOISE_SCHEDULERS = ("euler_a",)  # draw fresh noise in every step from the call's generator
 
 
 @dataclass
@@ -127,6 +126,7 @@ class Replica:
         prepare_threads: int = 2,
         api_auth: str | None = None,
         api_key: str | None = None,
+        vae: str | None = None,
     ):
         import torch
 
@@ -140,7 +140,7 @@ class Replica:
             # Replicas sharing a CPU node each get a slice; torch otherwise takes every core per replica.
             torch.set_num_threads(int(torch_threads))
         self.runner = Runner(model=model, controlnet=controlnet, backend=backend, engine_dir=engine_dir,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, vae=vae)
         self.lora_dir = lora_dir  # requests name LoRAs in it (api.GenerateRequest.loras)
         self.batch_mode = batch_mode
         self.max_batch_size = int(max_batch_size)
@@ -183,9 +183,11 @@ class Replica:
 
     def _calls(self, requests: list, members: list[int]) -> list[list[int]]:
         """How one same-key group is split into generate() calls (see the module docstring)."""
+        from engine.schedulers import STEP_NOISE  # draw fresh noise in every step from the call's generator
+
         first = requests[members[0]]
         # img2img/inpaint start from the init image, not from latents a merged call could pass in.
-        if self.batch_mode == "exact" or first.scheduler in STEP_NOISE_SCHEDULERS or first.init_image is not None:
+        if self.batch_mode == "exact" or first.scheduler in STEP_NOISE or first.init_image is not None:
             return [[i] for i in members]
         calls: dict[tuple, list[int]] = {}
         for i in members:
@@ -302,6 +304,8 @@ class Replica:
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
             preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
             batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
+            vaes=[dict(name=v.name, source=v.source, tiny=v.tiny, default=v.name == r.parts.default_vae)
+                  for v in r.vaes.values()],
         )
 
     def __serve_build_asgi_app__(self):

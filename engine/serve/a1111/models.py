@@ -210,6 +210,13 @@ class SDModelItem(BaseModel):
     config: Optional[str] = None
 
 
+class SDVaeItem(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    filename: str
+
+
 class ProgressResponse(BaseModel):
     progress: float
     eta_relative: float

@@ -43,6 +43,7 @@ SAMPLERS = {
     "Euler": (["k_euler"], "uniform", {"uniform": "euler"}),
     "DDIM": (["ddim"], "uniform", {"uniform": "ddim"}),
     "UniPC": (["unipc"], "uniform", {"uniform": "unipc"}),
+    "LCM": (["k_lcm"], "uniform", {"uniform": "lcm"}),  # LCM-LoRA / LCM models: 2-8 steps, cfg_scale 1-2
 }
 SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}  # name -> label
 DEFAULT_SAMPLER = "Euler"  # A1111's API model default (sampler_index)

@@ -27,6 +27,9 @@ def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int, lor
             p.update(plan.img2img.inpaint.parameters())
     if plan.loras:  # A1111's "Lora hashes" (the prompt keeps its tags), written by engine.pngmeta
         p["lora_hashes"] = lora_hashes
+    vae = used_vae(plan, runner)
+    if vae.name != "model":  # A1111's "VAE: name"
+        p["vae"] = vae.name
     canny = next((by_slot[k] for k in used if by_slot[k].module == "canny"), None)
     if canny is not None:  # pngmeta's global canny pair; each unit's own thresholds are in its unit_pairs
         p["canny_low"], p["canny_high"] = int(canny.threshold_a), int(canny.threshold_b)
@@ -50,9 +53,17 @@ def infotext(plan: Plan, runner, seed: int, batch_pos: int, batch_size: int, lor
     return format_parameters(p, batch_pos=batch_pos if batch_size > 1 else None)
 
 
+def used_vae(plan: Plan, runner):
+    """The engine.vaes.VaeInfo a plan decodes with (override_settings.sd_vae, else the server's default)."""
+    from engine.vaes import pick
+
+    return pick(plan.runner_kwargs.get("vae"), runner.vaes, runner.parts.default_vae)
+
+
 def info_json(plan: Plan, runner, req, infotexts: list[str]) -> str:
     kw = plan.runner_kwargs
     count = len(plan.seeds)
+    vae = used_vae(plan, runner)
     return json.dumps(dict(
         prompt=plan.prompt_as_sent, all_prompts=[plan.prompt_as_sent] * count,
         negative_prompt=plan.negative_prompt or "",
@@ -60,7 +71,8 @@ def info_json(plan: Plan, runner, req, infotexts: list[str]) -> str:
         subseed=plan.seeds[0], all_subseeds=plan.seeds, subseed_strength=0, width=kw["width"], height=kw["height"],
         sampler_name=plan.sampler, scheduler=SCHEDULES[plan.schedule], cfg_scale=kw["guidance_scale"],
         steps=kw["num_inference_steps"], batch_size=req.batch_size, restore_faces=False, face_restoration_model=None,
-        sd_model_name=runner.model, sd_model_hash=short_hash(runner.model, 10), sd_vae_name=None, sd_vae_hash=None,
+        sd_model_name=runner.model, sd_model_hash=short_hash(runner.model, 10), sd_vae_name=None if vae.name == "model" else vae.name,
+        sd_vae_hash=None,
         seed_resize_from_w=-1, seed_resize_from_h=-1, denoising_strength=plan.init.get("strength"),
         extra_generation_params={f"ControlNet {u.index}": u.model for u in plan.units}, index_of_first_image=0,
         infotexts=infotexts, styles=[], job_timestamp=time.strftime("%Y%m%d%H%M%S"), clip_skip=1,

@@ -1,8 +1,8 @@
 """The A1111 web UI API on the engine's FastAPI ingress: `add_routes(app, server)` (engine/serve/app.py).
 
     POST /sdapi/v1/txt2img, /sdapi/v1/img2img          generation, ControlNet units in alwayson_scripts
-    GET  /sdapi/v1/sd-models, samplers, schedulers, options (POST: only the values in force), progress,
-         scripts
+    GET  /sdapi/v1/sd-models, sd-vae, samplers, schedulers, options (POST: only the values in force),
+         progress (current_image: the running step decoded with TAESD where one is loaded), scripts
     GET  /controlnet/version, model_list, module_list, control_types, settings; POST /controlnet/detect
 
 Generation runs on the replica's single worker thread (`server.pool`), the one POST /generate's batches
@@ -38,11 +38,13 @@ from engine.serve.a1111.models import (
     SchedulerItem,
     ScriptsList,
     SDModelItem,
+    SDVaeItem,
     Txt2ImgRequest,
     VersionResponse,
 )
 from engine.lora import LoraError
 from engine.serve.api import ApiError, runner_error
+from engine.vaes import A1111_AUTOMATIC
 
 EXTENSION_API_VERSION = 3  # what sd-webui-controlnet's GET /controlnet/version answers
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 422, 500, 501)}
@@ -94,6 +96,12 @@ class Progress:
     steps: int = 0
     started: float = 0.0
     job_timestamp: str = "0"
+    # The live preview: the last step's latents (first image), and its PNG once a poll asked for it. Decoded
+    # only when polled, so a client that never asks pays nothing.
+    latents: object = None
+    latents_no: int = 0  # counts steps; the preview below is of step `preview_no`
+    preview: str | None = None
+    preview_no: int = -1
 
     def fraction(self) -> float:
         if not self.job_count or not self.steps:
@@ -108,7 +116,8 @@ class Progress:
                      f"Batch {self.job_no + 1} out of {self.job_count}", job_count=self.job_count,
                      job_timestamp=self.job_timestamp, job_no=self.job_no, sampling_step=self.step,
                      sampling_steps=self.steps)
-        return dict(progress=done, eta_relative=eta, state=state, current_image=None, textinfo=None)
+        return dict(progress=done, eta_relative=eta, state=state, current_image=self.preview if self.job_count else None,
+                    textinfo=None)
 
 
 def add_routes(app, server) -> None:
@@ -117,6 +126,7 @@ def add_routes(app, server) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     progress = Progress()
     runner = server.runner
+    can_preview = any(vae.tiny for vae in runner.vaes.values())  # TAESD: a preview costs a fraction of a step
 
     def run_plan(plan: a1111.Plan) -> tuple[list, dict]:
         """Worker thread: one generate() per image, each from its own seed (A1111's seed + i). Returns the
@@ -127,6 +137,10 @@ def add_routes(app, server) -> None:
         def on_step(step: int, total: int) -> None:
             progress.step, progress.steps = step, total
 
+        def on_latents(step: int, total: int, latents) -> None:
+            progress.latents, progress.latents_no = latents[:1].clone(), progress.latents_no + 1
+
+        previews = dict(latents_callback=on_latents) if can_preview else {}
         try:
             try:
                 server.switch_loras(plan.loras)  # [] too: a /generate request before may have left its set merged
@@ -137,11 +151,11 @@ def add_routes(app, server) -> None:
                 progress.job_no = i
                 extra = {k: (v[i % len(v)] if k == "init_image" else v) for k, v in plan.init.items()}
                 result = runner.generate(plan.prompt, negative_prompt=plan.negative_prompt, seed=seed,
-                                         callback=on_step, **plan.runner_kwargs, **extra)
+                                         callback=on_step, **previews, **plan.runner_kwargs, **extra)
                 images.append(plan.img2img.finish(result.images[0], i) if plan.img2img else result.images[0])
             return images, {lora["name"]: lora["hash"] for lora in result.parameters["loras"]}
         finally:
-            progress.job_count = 0
+            progress.job_count, progress.latents, progress.preview = 0, None, None
 
     def prepare(fn, *args):
         """`fn(*args)` on the replica's prepare pool: decoding, preprocessing and encoding stay off the event loop."""
@@ -164,13 +178,25 @@ def add_routes(app, server) -> None:
         return dict(images=encoded, parameters=a1111_response.parameters(req, plan),
                     info=a1111_response.info_json(plan, runner, req, texts))
 
-    def check_overrides(req) -> None:
-        current = options()
+    def check_overrides(req) -> dict:
+        """The per-request overrides this server honours, as Runner.generate arguments: sd_vae picks a loaded
+        VAE (GET /sdapi/v1/sd-vae; "Automatic" the default, "None" the model's own). Any other key must
+        equal the option in force."""
+        from engine.vaes import pick
+
+        current, kwargs = options(), {}
         for key, value in (req.override_settings or {}).items():
-            if current.get(key, object()) != value:
+            if key == "sd_vae":
+                try:
+                    pick(value, runner.vaes, runner.parts.default_vae)
+                except ValueError as err:
+                    raise ApiError(422, "override_settings.sd_vae", f"override_settings.sd_vae: {err}") from None
+                kwargs["vae"] = value
+            elif current.get(key, object()) != value:
                 raise ApiError(422, f"override_settings.{key}", f"override_settings.{key}={value!r}: this server's "
                                                                  f"options are fixed (GET /sdapi/v1/options)")
         req.override_settings = None
+        return kwargs
 
     async def guarded(work):
         try:
@@ -183,9 +209,10 @@ def add_routes(app, server) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
     async def txt2img(req: Txt2ImgRequest):
         async def work():
-            check_overrides(req)
+            overrides = check_overrides(req)
             plan = await prepare(a1111.plan_request, req, runner, server.limits, server.prompt_tokenizer,
                                  server.lora_dir)
+            plan.runner_kwargs.update(overrides)
             return await generate(req, plan)
 
         return await guarded(work)
@@ -193,7 +220,7 @@ def add_routes(app, server) -> None:
     @app.post("/sdapi/v1/img2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
     async def img2img(req: Img2ImgRequest):
         async def work():
-            check_overrides(req)
+            overrides = check_overrides(req)
             from engine.serve.a1111.img2img import decode_init
 
             def plan_img2img():
@@ -201,6 +228,7 @@ def add_routes(app, server) -> None:
                 plan = a1111.plan_request(req, runner, server.limits, server.prompt_tokenizer, server.lora_dir,
                                           init.first_rgb)
                 plan.init, plan.img2img = init.runner_kwargs, init
+                plan.runner_kwargs.update(overrides)
                 return plan
 
             return await generate(req, await prepare(plan_img2img))
@@ -218,6 +246,11 @@ def add_routes(app, server) -> None:
         return [dict(title=title, model_name=title.rsplit(" [", 1)[0], hash=digest[:10], sha256=digest,
                      filename=runner.model, config=None)]
 
+    @app.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem], tags=["A1111"])
+    async def sd_vae():
+        """The VAEs a request may pick with override_settings.sd_vae, beside "Automatic" and "None"."""
+        return [dict(model_name=vae.name, filename=vae.source) for vae in runner.vaes.values() if vae.name != "model"]
+
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["A1111"])
     async def samplers():
         return [dict(name=name, aliases=aliases, options={} if default == "uniform" else {"scheduler": default})
@@ -232,7 +265,7 @@ def add_routes(app, server) -> None:
     def options() -> dict:
         return dict(sd_model_checkpoint=model_title(), sd_checkpoint_hash=a1111.short_hash(runner.model, 64),
                     samples_format="png", eta_ddim=0.0, eta_ancestral=1.0, CLIP_stop_at_last_layers=1,
-                    sd_vae="Automatic", control_net_unit_count=runner.num_controlnets,
+                    sd_vae=A1111_AUTOMATIC, control_net_unit_count=runner.num_controlnets,
                     control_net_models=a1111.controlnet_titles(runner.controlnet_specs))
 
     @app.get("/sdapi/v1/options", response_model=dict, tags=["A1111"])
@@ -251,6 +284,10 @@ def add_routes(app, server) -> None:
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=ERRORS, tags=["A1111"])
     async def get_progress(skip_current_image: bool = Query(False)):
+        latents, number = progress.latents, progress.latents_no
+        if not skip_current_image and latents is not None and number != progress.preview_no:
+            image = await asyncio.get_running_loop().run_in_executor(None, runner.preview, latents)
+            progress.preview, progress.preview_no = png_b64(image), number
         return progress.as_dict()
 
     @app.get("/sdapi/v1/scripts", response_model=ScriptsList, tags=["A1111"])
