@@ -35,7 +35,7 @@ from engine.parts import DTYPES, load_engine_dir, load_torch
 from engine.schedulers import check_scheduler_name, make_scheduler, step_kwargs
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-STAGES = ("text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total")
+STAGES = ("preprocess", "text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total")
 # The A1111 ControlNet extension's control modes ("Balanced", "My prompt is more important", "ControlNet is
 # more important"); see Runner.generate's `control_mode`.
 CONTROL_MODES = ("balanced", "prompt", "controlnet")
@@ -137,6 +137,7 @@ class Runner:
         dtype: torch.dtype | str | None = None,
         optimizations: str | TorchOptimizations | None = None,
         loras: Sequence[tuple[str, float]] | None = None,
+        annotators: dict | None = None,
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
@@ -144,7 +145,9 @@ class Runner:
         "openvino" and "tensorrt" need an `engine_dir` from `python -m engine.build` (openvino also takes
         dtype="bf16" on CPUs with native bf16). `optimizations`: the torch
         backend's switches, a preset name ("reference", "fused") or a TorchOptimizations. `loras`: [(source,
-        weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them."""
+        weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them.
+        `annotators`: {preprocessor: Hugging Face id or folder} for model-backed preprocessors (e.g.
+        {"depth_anything_v2": DIR}); they load on first use, on this Runner's device (engine/preprocess)."""
         check_backend_name(backend)
         torch_optimizations = resolve_optimizations(optimizations)
         names = None if controlnet is None else ([controlnet] if isinstance(controlnet, str) else list(controlnet))
@@ -167,6 +170,7 @@ class Runner:
         self.tokenizer, self.scheduler_config = parts.tokenizer, parts.scheduler_config
         self.vae_scale_factor, self.latent_channels = parts.vae_scale_factor, parts.latent_channels
         self.global_pool, self.num_residuals = parts.global_pool, parts.num_residuals
+        self.annotators = pre.Annotators(annotators, self.device)
         self.set_loras(loras or [])
 
     def set_loras(self, loras: Sequence[tuple[str, float]]) -> None:
@@ -187,7 +191,7 @@ class Runner:
 
     # ---- preparing inputs (no model work) -------------------------------------------------------
 
-    def _control_maps(self, image, preprocess, init, mask) -> list:
+    def _control_maps(self, image, preprocess, init, mask, seed) -> list:
         """Each ControlNet's control map. An inpaint-type net builds its map from its image (default: the
         init image) and the mask; every other net needs its own image."""
         images = [None] * self.num_controlnets if image is None else (image if isinstance(image, (list, tuple)) else [image])
@@ -198,19 +202,19 @@ class Runner:
         preprocessors = _as_list(preprocess, self.num_controlnets, "preprocess")
         maps = []
         for img, spec, choice in zip(images, self.controlnet_specs, preprocessors):
-            fn = pre.pick_preprocessor(choice, spec.preprocessor)
-            if fn is pre.inpaint:
+            fn = pre.pick_preprocessor(choice, spec.preprocessor, self.annotators)
+            if getattr(fn, "needs_mask", False) or fn is pre.inpaint:
                 source = img if img is not None else init
                 if source is None or mask is None:
                     raise ValueError(f"ControlNet {spec.name!r} uses the inpaint preprocessor, which builds its control "
                                      "map from the init image and the mask: give init_image and mask_image")
-                maps.append(pre.inpaint(source, mask))
+                maps.append(pre.inpaint(source, mask))  # every inpaint module's map at the image's size
                 continue
             if img is None:
                 raise ValueError(f"no control image for ControlNet {spec.name!r}: give one image per ControlNet "
                                  "(only inpaint ControlNets build theirs from init_image and mask_image)")
             loaded = pre.load_image(img)
-            maps.append(pre.load_image(fn(loaded)) if fn is not None else loaded)
+            maps.append(pre.load_image(pre.control_map(fn, loaded, seed)) if fn is not None else loaded)
         return maps
 
     def _image_inputs(self, init_image, mask_image, strength, steps: int):
@@ -363,7 +367,8 @@ class Runner:
 
         timer = _StageTimer(self.device)
         call_start = time.perf_counter()
-        control_maps = self._control_maps(image, preprocess, init, mask)
+        with timer("preprocess"):
+            control_maps = self._control_maps(image, preprocess, init, mask, seed)
         if height is None or width is None:
             sized, what = (init, "init image") if init is not None else (control_maps[0], "control image")
             default_h, default_w = self._control_processor.get_default_height_width(
