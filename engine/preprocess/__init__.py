@@ -60,6 +60,7 @@ class Module:
     extra: str | None = None  # the pip extra it needs beyond the base install
     needs_mask: bool = False  # inpaint modules: the map is built from a picture and a mask
     default_for: tuple = ()  # engine/registry.py ControlNet types whose default preprocessor this is
+    sampler_step: str = ""  # what the extension also does inside its sampler for this module (not done here)
 
     @property
     def name(self) -> str:
@@ -80,6 +81,8 @@ VARIATION = Slider("Variation", 8.0, 3.0, 32.0, 1.0)
 REMOVE_NEAR = Slider("Remove Near %", 0, 0, 100, 0.1)
 REMOVE_BACKGROUND = Slider("Remove Background %", 0, 0, 100, 0.1)
 DPT_HYBRID = ("Intel/dpt-hybrid-midas",)
+COLORFIX = "each step's prediction takes the picture's blurred colours (its VAE latent, blur size Variation)"
+RECOLOR = "the image's colours are recombined with the map's lightness after decoding"
 ANNOTATORS_REPO = ("lllyasviel/Annotators",)
 
 _TABLE = [
@@ -102,18 +105,20 @@ _TABLE = [
            threshold_a=Slider("Binarization Threshold", 127, 0, 255)),
     Module("tile_resample", "model_free:TileResample", sizing="none", resolution=RES,
            threshold_a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0), tags=("Tile",), priority=100, default_for=("tile",)),
-    Module("tile_colorfix", "model_free:Identity", sizing="none", resolution=RES, threshold_a=VARIATION, tags=("Tile",)),
+    Module("tile_colorfix", "model_free:Identity", sizing="none", resolution=RES, threshold_a=VARIATION, tags=("Tile",),
+           sampler_step=COLORFIX),
     Module("tile_colorfix+sharp", "model_free:Identity", sizing="none", resolution=RES, threshold_a=VARIATION,
-           threshold_b=Slider("Sharpness", 1.0, 0.0, 2.0), tags=("Tile",)),
+           threshold_b=Slider("Sharpness", 1.0, 0.0, 2.0), tags=("Tile",), sampler_step=COLORFIX),
     Module("recolor_luminance", "model_free:Recolor", ("luminance",), sizing="none", resolution=RES,
-           threshold_a=GAMMA, tags=("Recolor",), priority=100),
+           threshold_a=GAMMA, tags=("Recolor",), priority=100, sampler_step=RECOLOR),
     Module("recolor_intensity", "model_free:Recolor", ("intensity",), sizing="none", resolution=RES,
-           threshold_a=GAMMA, tags=("Recolor",)),
+           threshold_a=GAMMA, tags=("Recolor",), sampler_step=RECOLOR),
     Module("color", "model_free:ColorGrid", label="t2ia_color_grid", sizing="none", resolution=RES,
            tags=("T2I-Adapter",)),
     Module("inpaint", "model_free:Identity", label="inpaint_global_harmonious", sizing="none", tags=("Inpaint",),
            needs_mask=True, default_for=("inpaint",)),
-    Module("inpaint_only", "model_free:Identity", sizing="none", tags=("Inpaint",), priority=100, needs_mask=True),
+    Module("inpaint_only", "model_free:Identity", sizing="none", tags=("Inpaint",), priority=100, needs_mask=True,
+           sampler_step="each step's prediction keeps the unmasked part of the picture, then a blurred-mask blend"),
     # ---- transformers models (depth.py, segmentation.py, pose.py) ----
     Module("depth", "depth:MidasDepth", label="depth_midas", resolution=RES, tags=("Depth",), priority=100,
            weights=DPT_HYBRID, default_for=("depth",)),

@@ -23,6 +23,8 @@ class AnnotatorUnavailable(RuntimeError):
 
 _MODELS: dict[tuple, object] = {}  # (loader, source, device) -> the loaded model(s)
 _LOADS: list[dict] = []  # one record per load, in order: module, source, device, ms, mb
+_FAILED: dict[tuple, tuple[float, str]] = {}  # key -> (when, message) of a load that failed
+RETRY_AFTER_S = 300  # a failed load is answered from memory meanwhile: an unreachable Hub costs ~1 min a try
 _LOCK = threading.Lock()
 
 
@@ -51,15 +53,19 @@ def shared(loader, source: str, device, module: str):
     if loaded is not None:
         return loaded
     with _LOCK:
+        failed = _FAILED.get(key)
+        if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER_S:
+            raise AnnotatorUnavailable(failed[1])
         if key not in _MODELS:
             start = time.perf_counter()
             try:
                 loaded = loader(source, device)
             except (OSError, ValueError) as err:  # missing files, an unknown id, an unreachable Hub
-                raise AnnotatorUnavailable(
-                    f"preprocessor {module!r} could not load {source!r} ({_one_line(err)}); download it "
-                    f"(huggingface-cli download {source}) or give a local copy: --annotator {module}=DIR, "
-                    f"Runner(annotators={{{module!r}: DIR}})") from None
+                message = (f"preprocessor {module!r} could not load {source!r} ({_one_line(err)}); download it "
+                           f"(huggingface-cli download {source}) or give a local copy: --annotator {module}=DIR, "
+                           f"Runner(annotators={{{module!r}: DIR}})")
+                _FAILED[key] = (time.monotonic(), message)
+                raise AnnotatorUnavailable(message) from None
             _LOADS.append(dict(module=module, source=source, device=str(device), mb=model_megabytes(loaded),
                                ms=(time.perf_counter() - start) * 1e3))
             _MODELS[key] = loaded

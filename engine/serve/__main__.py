@@ -9,6 +9,8 @@ import argparse
 import signal
 import time
 
+from engine.preprocess.loading import annotator_flag
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.serve", description="Serve SD1.5 + ControlNet over HTTP with Ray Serve")
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per replica")
     parser.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs (.safetensors) requests may name in 'loras'")
+    parser.add_argument("--annotator", action="append", type=annotator_flag, metavar="MODULE=ID_OR_DIR",
+                        help="weights of a model-backed preprocessor: a Hugging Face id or a local folder "
+                             "(e.g. depth_anything_v2=/models/da2); repeatable")
     args = parser.parse_args(argv)
 
     import ray
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     app_args = dict(model=args.model, controlnet=controlnets if len(controlnets) > 1 else controlnets[0], device=args.device, dtype=args.dtype,
                     batch_mode=args.batch_mode, max_batch_size=args.max_batch_size,
                     torch_threads=args.torch_threads, demo=not args.no_demo, num_gpus=num_gpus,
-                    lora_dir=args.lora_dir)
+                    lora_dir=args.lora_dir, annotators=dict(args.annotator or []))
     serve.run(build_app(app_args), name="controlnet", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.model} at {url}  (POST /generate, GET /healthz, GET /models, demo: {url}/demo, "

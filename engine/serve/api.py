@@ -110,9 +110,10 @@ def _schedulers() -> tuple[str, ...]:
 
 
 def _preprocessors() -> tuple[str, ...]:
-    from engine.preprocess import PREPROCESSORS
+    """auto, then every module of engine/preprocess's table this server can run (keys and UI names)."""
+    from engine.preprocess import available, find_module, names
 
-    return ("auto", "none", *sorted(PREPROCESSORS))
+    return ("auto", *(n for n in names() if available(find_module(n))))
 
 
 def _coerce(name: str, kind: str, value, from_form: bool):
@@ -222,6 +223,11 @@ def _check_ranges(values: dict, limits: Limits) -> None:
     strength = values["strength"]
     if strength is not None and not (math.isfinite(strength) and 0.0 < strength <= 1.0):
         raise ApiError(422, "strength", f"strength must be a number with 0 < strength <= 1, got {strength!r}")
+    from engine.preprocess import find_module, missing_extra
+
+    module = find_module(values["preprocess"])
+    if module is not None and missing_extra(module):
+        raise ApiError(422, "preprocess", f"preprocess {values['preprocess']!r} is not available: {missing_extra(module)}")
     for name, choices in (("scheduler", _schedulers()), ("preprocess", _preprocessors()),
                           ("response_format", RESPONSE_FORMATS)):
         if values[name] not in choices:
@@ -395,12 +401,12 @@ def batch_key(req: GenerateRequest) -> tuple:
 
 def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
     """`Runner.generate` arguments for a request (all but prompt/negative prompt/image/seed)."""
-    from engine.preprocess import canny_with
+    from engine.preprocess import canny_with, find_module
 
     choices = []
     for registered in registered_preprocessors:
         name = registered if req.preprocess == "auto" else req.preprocess
-        if name == "canny":
+        if name is not None and find_module(name).key == "canny":
             choices.append(canny_with(req.canny_low, req.canny_high))
         elif req.preprocess == "auto":
             choices.append(None)

@@ -121,6 +121,7 @@ class ControlNetServer:
         demo_size: int | None = None,
         limits: dict | None = None,
         lora_dir: str | None = None,
+        annotators: dict | None = None,
     ):
         import torch
 
@@ -132,7 +133,7 @@ class ControlNetServer:
             # Replicas sharing a CPU node each get a slice; torch otherwise takes every core per replica.
             torch.set_num_threads(int(torch_threads))
         self.runner = Runner(model=model, controlnet=controlnet, backend=backend, engine_dir=engine_dir,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, annotators=annotators)
         self.lora_dir = lora_dir  # requests name LoRAs in it (api.GenerateRequest.loras)
         self.batch_mode = batch_mode
         self.max_batch_size = int(max_batch_size)
@@ -186,6 +187,8 @@ class ControlNetServer:
 
     def _generate(self, reqs: list[api.GenerateRequest]) -> list:
         """One Runner.generate call for `reqs` (all same key); an Outcome or ApiError per request."""
+        from engine.preprocess import AnnotatorUnavailable
+
         first = reqs[0]
         kwargs = api.runner_kwargs(first, [s.preprocessor for s in self.runner.controlnet_specs])
         images = first.images if len(first.images) != 1 else first.images[0]
@@ -205,6 +208,8 @@ class ControlNetServer:
             self.stats.generate_calls[len(reqs)] += 1
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
             return [api.ApiError(422, None, str(err))] * len(reqs)
+        except AnnotatorUnavailable as err:  # the preprocessor's weights cannot be loaded on this server
+            return [api.ApiError(503, "preprocess", str(err))] * len(reqs)
         except Exception as err:  # noqa: BLE001 - one failed call must not take the replica down
             return [api.ApiError(500, None, f"generation failed: {type(err).__name__}: {err}")] * len(reqs)
         per = first.num_images_per_prompt
@@ -282,14 +287,14 @@ class ControlNetServer:
     def models(self) -> dict:
         import dataclasses
 
-        from engine.preprocess import PREPROCESSORS
         from engine.schedulers import SCHEDULERS
 
         r = self.runner
         return dict(
             model=r.model, controlnets=[s.name for s in r.controlnet_specs], device=str(r.device),
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
-            preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
+            preprocessors=list(api._preprocessors()), annotators=r.annotators.describe(),
+            limits=dataclasses.asdict(self.limits),
             batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
         )
 

@@ -12,6 +12,7 @@ use, so the Runner never runs two calls at once. Errors have A1111's shape plus 
 import asyncio
 import base64
 import io
+import random
 import time
 from dataclasses import dataclass
 
@@ -158,10 +159,14 @@ def add_routes(app, server) -> None:
         req.override_settings = None
 
     async def guarded(work):
+        from engine.preprocess import AnnotatorUnavailable
+
         try:
             return await work()
         except ApiError as err:
             return _from_api_error(err)
+        except AnnotatorUnavailable as err:  # a preprocessor's weights cannot be loaded on this server
+            return error_response(503, None, str(err), "AnnotatorUnavailable")
         except Exception as err:  # noqa: BLE001 - one failed request must not take the replica down
             return error_response(500, None, f"generation failed: {type(err).__name__}: {err}", type(err).__name__)
 
@@ -169,7 +174,9 @@ def add_routes(app, server) -> None:
     async def txt2img(req: Txt2ImgRequest):
         async def work():
             check_overrides(req)
-            plan = a1111.plan_request(req, runner, server.limits, server.lora_dir)
+            # Planning runs the units' preprocessors (annotator models too): off the event loop.
+            plan = await asyncio.get_running_loop().run_in_executor(
+                None, a1111.plan_request, req, runner, server.limits, server.lora_dir)
             return await generate(req, plan)
 
         return await guarded(work)
@@ -181,7 +188,8 @@ def add_routes(app, server) -> None:
             from engine.serve.a1111.img2img import decode_init
 
             init = decode_init(req, server.limits)
-            plan = a1111.plan_request(req, runner, server.limits, server.lora_dir, init.first_rgb)
+            plan = await asyncio.get_running_loop().run_in_executor(
+                None, a1111.plan_request, req, runner, server.limits, server.lora_dir, init.first_rgb)
             plan.init = init.runner_kwargs
             return await generate(req, plan)
 
@@ -246,24 +254,33 @@ def add_routes(app, server) -> None:
 
     @app.get("/controlnet/module_list", response_model=ModuleListResponse, responses=ERRORS, tags=["ControlNet"])
     async def cn_module_list(alias_names: bool = Query(False)):
+        from engine.preprocess import available, sorted_modules
+
         def sliders(m):
             return [dict(name=s.label, value=s.value, min=s.minimum, max=s.maximum, step=s.step)
-                    for s in (m.resolution, m.threshold_a, m.threshold_b) if s is not None]
+                    for s in (m.resolution, m.threshold_a, m.threshold_b) if s is not None and s.visible]
 
-        modules = a1111_control.MODULES
+        # The extension's order and names (alias_names: its UI names); model_free is its "needs no ControlNet
+        # model" flag (reference_only and the like), false for every module here.
+        modules = {(m.alias if alias_names else m.key): m for m in sorted_modules() if available(m)}
         return dict(module_list=list(modules),
-                    module_detail={name: dict(model_free=True, sliders=sliders(m)) for name, m in modules.items()})
+                    module_detail={name: dict(model_free=False, sliders=sliders(m)) for name, m in modules.items()})
 
     @app.get("/controlnet/control_types", response_model=ControlTypesResponse, tags=["ControlNet"])
     async def cn_control_types():
+        from engine.preprocess import available, find_module, sorted_modules
+
         titles = a1111.controlnet_titles(runner.controlnet_specs)
-        types = {"All": dict(module_list=list(a1111_control.MODULES), model_list=["None", *titles],
+        usable = [m for m in sorted_modules() if available(m)]
+        types = {"All": dict(module_list=[m.key for m in usable], model_list=["None", *titles],
                              default_option="none", default_model="None")}
         for spec, title in zip(runner.controlnet_specs, titles):
-            module = spec.preprocessor if spec.preprocessor in a1111_control.MODULES else "none"
-            types[spec.name.replace("_", " ").title()] = dict(module_list=sorted({"none", module}),
-                                                               model_list=["None", title], default_option=module,
-                                                               default_model=title)
+            default = find_module(spec.preprocessor) if spec.preprocessor else None
+            tag = default.tags[0] if default is not None else None  # the extension's control type of the net
+            modules = ["none", *(m.key for m in usable if tag in m.tags)]
+            types[spec.name.replace("_", " ").title()] = dict(
+                module_list=modules, model_list=["None", title], default_model=title,
+                default_option=default.key if default is not None and default.key in modules else "none")
         return dict(control_types=types)
 
     @app.get("/controlnet/settings", response_model=ControlNetSettingsResponse, tags=["ControlNet"])
@@ -276,21 +293,27 @@ def add_routes(app, server) -> None:
             field = "controlnet_input_images" if req.controlnet_input_images else "controlnet_images"
             pictures = req.controlnet_input_images or req.controlnet_images or []
             module = a1111_control.check_module(req.controlnet_module, "controlnet_module")
+            if module.needs_mask:
+                raise ApiError(422, "controlnet_module", f"controlnet_module {req.controlnet_module!r} builds its map from "
+                                                         "a picture and a mask, which /controlnet/detect here does not take")
             if not pictures:
                 raise ApiError(422, "controlnet_input_images", "controlnet_input_images: no image given")
             if len(pictures) > server.limits.max_images:
                 raise ApiError(422, field, f"{field}: at most {server.limits.max_images} images per call")
             if req.controlnet_masks:
-                raise ApiError(422, "controlnet_masks", "controlnet_masks need an inpaint module, which this server "
-                                                        "does not ship")
+                raise ApiError(422, "controlnet_masks", "controlnet_masks are not taken here: the inpaint modules' maps "
+                                                        "need a mask (POST /generate builds them from mask_image)")
             resolution = a1111_control.slider_value(module.resolution, req.controlnet_processor_res,
                                                     "controlnet_processor_res")
             thr_a = a1111_control.slider_value(module.threshold_a, req.controlnet_threshold_a, "controlnet_threshold_a")
             thr_b = a1111_control.slider_value(module.threshold_b, req.controlnet_threshold_b, "controlnet_threshold_b")
             decoded = [a1111_control.decode_rgb(p, f"{field}.{i}", server.limits) for i, p in enumerate(pictures)]
 
+            seed = random.randrange(2**32)  # the extension's detect runs on numpy's unseeded state (shuffle)
+
             def run():
-                return [png_b64(a1111_control.detect(module, im, resolution, thr_a, thr_b)) for im in decoded]
+                return [png_b64(a1111_control.detect(module, im, resolution, thr_a, thr_b, runner.annotators, seed))
+                        for im in decoded]
 
             maps = await asyncio.get_running_loop().run_in_executor(None, run)
             return dict(images=maps, info="Success")
