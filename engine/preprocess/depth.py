@@ -13,7 +13,7 @@ loads through loading.shared (once per process). The maps follow the extension's
   size, min-max scaled to 0..255 and truncated. The extension converts its RGB picture with
   cv2.COLOR_BGR2RGB first, so the network sees BGR; kept, so maps match.
 - depth_zoe: ZoeDepth through its transformers image processor (aspect-keeping resize to multiples of 32,
-  reflect padding, flip averaging in post-processing), then the extension's scaling: depth between its
+  reflect padding) and its post-processing (flip averaging, resize, pad cut off), then the extension's scaling: depth between its
   2nd and 85th percentiles mapped to 1..0 (near is white), clipped, truncated.
 """
 from __future__ import annotations
@@ -176,6 +176,17 @@ class ZoeDepth:
         with torch.no_grad():
             outputs = self.model(**inputs)
             flipped = self.model(pixel_values=torch.flip(inputs.pixel_values, dims=[3]))
-        depth = self.processor.post_process_depth_estimation(outputs, source_sizes=[image.shape[:2]],
-                                                             outputs_flipped=flipped)[0]["predicted_depth"]
+        depth = zoe_depth_at(outputs.predicted_depth, flipped.predicted_depth, image.shape[:2], self.processor.do_pad)
         return zoe_scaled(depth.float().cpu().numpy())
+
+
+def zoe_depth_at(depth, flipped, size: tuple[int, int], padded: bool):
+    """ZoeDepth's image processor's post-processing (flip average, bicubic resize, the reflect pad of
+    int(sqrt(side / 2) * 3) cut off), written with torch: transformers 5.24's PIL processor calls torchvision."""
+    import torch
+
+    depth = ((depth + torch.flip(flipped, dims=[-1])) / 2)[:, None].float()
+    pad_h, pad_w = (int(np.sqrt(side / 2) * 3) for side in size) if padded else (0, 0)
+    depth = torch.nn.functional.interpolate(depth, size=(size[0] + 2 * pad_h, size[1] + 2 * pad_w), mode="bicubic",
+                                            align_corners=False)[0, 0]
+    return depth[pad_h:depth.shape[0] - pad_h, pad_w:depth.shape[1] - pad_w]
