@@ -270,10 +270,11 @@ def run(module: Module, image: np.ndarray, annotators: Annotators, resolution=No
     a = check_slider(module.threshold_a, threshold_a, f"{module.key} threshold_a")
     b = check_slider(module.threshold_b, threshold_b, f"{module.key} threshold_b")
     annotator = annotators.get(module)
+    finish = getattr(annotator, "finish", lambda out: out)  # what the extension does after cutting the pad off
     if resolution is None or module.sizing == "none":
-        return _hwc3(annotator(image, resolution, a, b, seed))
+        return _hwc3(finish(annotator(image, resolution, a, b, seed)))
     sized, unpad = at_resolution(image, resolution, pad=module.sizing == "pad")
-    return _hwc3(unpad(annotator(sized, resolution, a, b, seed)))
+    return _hwc3(finish(unpad(annotator(sized, resolution, a, b, seed))))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ these modules are refused in one line naming the extra (engine.preprocess.missin
 has model_free.py's call shape: the picture (already at processor resolution, padded to multiples of 64)
 is handed to the detector at its own size (detect_resolution = image_resolution = its short side, so
 controlnet_aux scales nothing), and what the extension does after its annotator that controlnet_aux does
-not (the scribble modules' thinning, applied after the pad is cut off) is done here. Weights load with the
+not (the scribble modules' thinning, after the pad is cut off: `finish`) is done here. Weights load with the
 detector's `from_pretrained` from the table's repository (lllyasviel/Annotators) or a local folder holding
 the same files.
 """
@@ -69,8 +69,11 @@ class AuxAdapter:
         side = min(padded.shape[:2])
         out = self.detect(padded, threshold_a, threshold_b, detect_resolution=side, image_resolution=side,
                           output_type="np")
-        out = np.ascontiguousarray(out[:h, :w])
-        if "scribble" in self.options:  # from the soft edges (grey, stacked to 3 channels by controlnet_aux)
+        return np.ascontiguousarray(out[:h, :w])
+
+    def finish(self, out: np.ndarray) -> np.ndarray:
+        """After the pad is cut off (engine.preprocess.run): the scribble modules thin the soft edges."""
+        if "scribble" in self.options:  # grey, stacked to 3 channels by controlnet_aux
             return scribble(np.ascontiguousarray(out[:, :, 0]) if out.ndim == 3 else out)
         return out
 
