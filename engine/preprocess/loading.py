@@ -144,3 +144,10 @@ def annotator_flag(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"{name.strip()!r} is not a model-backed preprocessor; those are: "
                                          f"{', '.join(backed)}")
     return module.key, source.strip()
+
+
+def release() -> None:
+    """Drop every loaded model and remembered failure (benchmarks free one module's model before the next)."""
+    with _LOCK:
+        _MODELS.clear()
+        _FAILED.clear()
