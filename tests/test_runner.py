@@ -177,7 +177,6 @@ BAD_CALLS = [
     (dict(image=np.full((8, 8, 3), 2.0)), "float image arrays must hold finite values in [0, 1]"),
     (dict(image=12), "image must be a PIL image, a numpy array"),
     (dict(preprocess="sobel"), "unknown preprocessor 'sobel'"),
-    (dict(preprocess="softedge_hed"), "preprocessor 'hed' needs the 'aux' extra"),
 ]
 
 
