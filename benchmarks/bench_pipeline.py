@@ -99,11 +99,11 @@ def step_inputs(setup, bench_config):
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, res // 8, res // 8, generator=gen)
     t = torch.tensor(500)
-    embeddings = runner.backend.encode_text(runner._tokenize(["", PROMPT]))
-    control = runner._control_tensor(setup["edges"], res, res).expand(2, -1, -1, -1)
+    cond = runner.family.encode_prompts(runner.backend, ["", PROMPT])
+    control = runner.processors.control_tensor(setup["edges"], res, res).expand(2, -1, -1, -1)
     hint = runner.backend.encode_hint(0, control)
     scales = torch.ones(runner.num_residuals)
-    return dict(sample=sample, t=t, embeddings=embeddings, control=control, hint=hint, scales=scales)
+    return dict(sample=sample, t=t, cond=cond, control=control, hint=hint, scales=scales)
 
 
 def _record(benchmark, bench_config, machine_info, rate, **info):
@@ -227,7 +227,8 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
     if backend.startswith("diffusers"):
         pipe = bf16_pipe(setup) if bf16 else setup["pipe"]
         dtype = pipe.unet.dtype
-        sample, embeddings, control = (x[k].to(dtype) for k in ("sample", "embeddings", "control"))
+        sample, control = (x[k].to(dtype) for k in ("sample", "control"))
+        embeddings = x["cond"]["encoder_hidden_states"].to(dtype)
 
         @torch.inference_mode()
         def step():
@@ -243,8 +244,8 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
         hint = b.encode_hint(0, x["control"]) if own_dtype else x["hint"]  # in the backend's own dtype
 
         def step():
-            out = b.controlnet(0, x["sample"], x["t"], x["embeddings"], hint, x["scales"])
-            return b.unet(x["sample"], x["t"], x["embeddings"], b.combine([out], x["sample"].shape[0]))
+            out = b.controlnet(0, x["sample"], x["t"], x["cond"], hint, x["scales"])
+            return b.unet(x["sample"], x["t"], x["cond"], b.combine([out], x["sample"].shape[0]))
 
         step_flops = 2 * (flops["controlnet_body"] + flops["unet"])
     _record(benchmark, bench_config, machine_info, rate, backend=backend, kind="step", flops=step_flops)

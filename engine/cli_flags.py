@@ -1,7 +1,7 @@
 """The flags of `python -m engine.generate`, and their checks: the command line, a PNG's parameters as its
 defaults (`--from-png`) and the lines of a `--prompt-file`. The flags mirror `Runner(...)` and
-`Runner.generate(...)` one to one; their defaults are read from those signatures (`signature_defaults`),
-so the numbers live in engine/runner.py only. Everything here runs before any model loads, so a bad flag
+`Runner.generate(...)` one to one; their defaults are read from `Runner.__init__` and `GenerateArgs`
+(`signature_defaults`), so the numbers live in engine/runner.py and engine/request.py only. Everything here runs before any model loads, so a bad flag
 exits 2 at once. Running the jobs is engine/generate.py's.
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ class _LineParser(argparse.ArgumentParser):
         raise LineError(message)
 
 
-def signature_defaults(module: str, cls: str, method: str) -> dict:
-    """The literal defaults of `module.cls.method`, read from its source without importing it.
+def signature_defaults(module: str, cls: str, method: str | None = None) -> dict:
+    """The literal defaults of `module.cls.method`, or of the dataclass `module.cls`'s fields when `method` is
+    None, read from its source without importing it.
 
     Importing engine.runner pulls in torch and diffusers (seconds); --help and argument errors should
     not wait for that. Non-literal defaults (e.g. model=DEFAULT_MODEL) are left out: the CLI then passes
@@ -54,17 +55,24 @@ def signature_defaults(module: str, cls: str, method: str) -> dict:
     """
     tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
     classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == cls]
-    fns = [node for c in classes for node in c.body if isinstance(node, ast.FunctionDef) and node.name == method]
-    if not fns:
-        raise LookupError(f"{module} has no {cls}.{method}")
-    a = fns[0].args
-    positional = a.posonlyargs + a.args
-    pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
-    pairs += list(zip(a.kwonlyargs, a.kw_defaults))
+    if method is None:
+        pairs = [(node.target.id, node.value) for c in classes for node in c.body
+                 if isinstance(node, ast.AnnAssign) and node.value is not None]
+        if not classes:
+            raise LookupError(f"{module} has no {cls}")
+    else:
+        fns = [node for c in classes for node in c.body if isinstance(node, ast.FunctionDef) and node.name == method]
+        if not fns:
+            raise LookupError(f"{module} has no {cls}.{method}")
+        a = fns[0].args
+        positional = a.posonlyargs + a.args
+        pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+        pairs += list(zip(a.kwonlyargs, a.kw_defaults))
+        pairs = [(arg.arg, node) for arg, node in pairs]
     defaults = {}
-    for arg, node in pairs:
+    for name, node in pairs:
         try:
-            defaults[arg.arg] = ast.literal_eval(node) if node is not None else None
+            defaults[name] = ast.literal_eval(node) if node is not None else None
         except ValueError:
             continue
     return defaults
@@ -224,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import generate
     from engine.backends import BACKENDS
 
-    gen = signature_defaults("engine.runner", "Runner", "generate")
+    gen = signature_defaults("engine.request", "GenerateArgs")
     init = signature_defaults("engine.runner", "Runner", "__init__")
     parser = argparse.ArgumentParser(
         prog="python -m engine.generate", usage="%(prog)s --prompt TEXT --image PATH [options]",
@@ -270,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _line_parser(base: argparse.Namespace) -> _LineParser:
     """Parses one --prompt-file line of flags, starting from the command line's values."""
     parser = _LineParser(prog="prompt-file line", add_help=False)
-    _add_job_flags(parser, signature_defaults("engine.runner", "Runner", "generate"))
+    _add_job_flags(parser, signature_defaults("engine.request", "GenerateArgs"))
     parser.set_defaults(**{k: v for k, v in vars(base).items() if k != "_given_per_net"})
     return parser
 
@@ -305,7 +313,7 @@ def check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = T
         # Check the rest against the count the flags imply, on a copy: the real count may still differ.
         check_job(argparse.Namespace(**vars(args)), next(iter(lengths), 1), fail, whole)
         return
-    gen = signature_defaults("engine.runner", "Runner", "generate")
+    gen = signature_defaults("engine.request", "GenerateArgs")
     flags = {"image": "--image", "preprocess": "--preprocess"}
     for name in PER_NET:
         default = {"image": None, "preprocess": "auto"}.get(name, gen.get(name))

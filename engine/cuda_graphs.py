@@ -2,7 +2,7 @@
 
 The step is one plain function over tensors (TorchBackend.step_fn):
 
-    eps = step(sample, t, embeddings, control_sample, control_embeddings, hints, scales)
+    eps = step(sample, t, cond, control_sample, control_cond, hints, scales)
 
 every active ControlNet, the residual combine (or the fused zero-conv path) and the UNet, with the set of
 active nets fixed per key. `StepGraphs` captures it once per `StepKey` into fixed input buffers and
@@ -16,7 +16,8 @@ cuda/graphs.py:
 - warm-up on a side stream before capture (cuDNN/cuBLAS/Triton autotuning and lazy allocations must
   not happen inside the capture);
 - graphs dropped when the shape (batch, size, dtype) changes, and their pool with them.
-The scales, timestep, hints and embeddings are buffers, not constants: new values never re-capture.
+The scales, timestep, hints and conditioning (a dict of named tensors) are buffers, not constants: new values
+never re-capture.
 """
 from __future__ import annotations
 
@@ -51,12 +52,18 @@ def step_key(nets, sample: torch.Tensor, control_sample: torch.Tensor, dtype: to
 def _clone_tree(x):
     if isinstance(x, torch.Tensor):
         return x.clone()
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
     return [_clone_tree(v) for v in x]
 
 
 def _copy_tree(dst, src) -> None:
     if isinstance(dst, torch.Tensor):
         dst.copy_(src)
+        return
+    if isinstance(dst, dict):
+        for k, d in dst.items():
+            _copy_tree(d, src[k])
         return
     for d, s in zip(dst, src):
         _copy_tree(d, s)
@@ -65,7 +72,7 @@ def _copy_tree(dst, src) -> None:
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: list  # the fixed buffers the graph reads (tensors and lists of tensors)
+    inputs: list  # the fixed buffers the graph reads (tensors, and lists and dicts of tensors)
     output: torch.Tensor  # the buffer the graph writes
 
 

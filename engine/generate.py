@@ -11,7 +11,8 @@ carry their own parameters.
         --mask mask.png --out repainted.png                                # inpaint (the map from image + mask)
 
 Flags mirror `Runner(...)` and `Runner.generate(...)` one to one (engine/cli_flags.py); their defaults
-are read from those signatures, so the numbers live in engine/runner.py only. Exit status: 0 done; 2 bad
+are read from `Runner.__init__` and `GenerateArgs`, so the numbers live in engine/runner.py and
+engine/request.py only. Exit status: 0 done; 2 bad
 arguments (checked before any model loads); 1 a runtime failure (missing engine dir or image, load error,
 a failed prompt line), reported as one `error: ...` line, with the traceback only under --verbose.
 
@@ -107,8 +108,8 @@ def _as_list(value, count: int) -> list:
 
 
 def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> tuple[dict, list[Path]]:
+    from engine.parts import DTYPES
     from engine.preprocess import find_module
-    from engine.runner import DTYPES
 
     for path in args.image:
         if path is not None and not Path(path).is_file():

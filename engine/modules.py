@@ -62,11 +62,14 @@ class HintEncoder(nn.Module):
 
 
 class ControlNetBody(nn.Module):
-    """ControlNet minus its hint encoder: (sample, t, text, hint, scales) -> 12 down residuals + mid.
+    """ControlNet minus its hint encoder: (sample, t, *conditioning, hint, scales) -> 12 down residuals + mid.
 
     Supports the SD1.5 ControlNet configurations (no class/addition embeddings). `hint` may have batch 1:
-    it broadcasts over the sample batch, so one hint serves every image and the CFG halves.
+    it broadcasts over the sample batch, so one hint serves every image and the CFG halves. `cond_inputs`
+    names the conditioning inputs (engine.families) in the order forward takes them, as the graph does.
     """
+
+    cond_inputs = ("encoder_hidden_states",)
 
     def __init__(self, net: ControlNetModel):
         super().__init__()
@@ -101,7 +104,10 @@ class ControlNetBody(nn.Module):
 
 
 class UNetWithResiduals(nn.Module):
-    """UNet taking the 12 down residuals + mid residual as plain inputs (none: no ControlNet active)."""
+    """UNet taking (sample, t, *conditioning) and the 12 down residuals + mid residual as plain inputs (none:
+    no ControlNet active). `cond_inputs` names the conditioning inputs in order, as the graph does."""
+
+    cond_inputs = ("encoder_hidden_states",)
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()

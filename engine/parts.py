@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.families import SD15
 from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
 from engine.optimizations import cpu_has_native_bf16
 from engine.registry import resolve
@@ -29,6 +30,7 @@ class LoadedParts:
     dtype: torch.dtype
     model: str  # the model's source as recorded
     controlnet_specs: list
+    family: object  # engine.families: what differs between model families (the prompts' conditioning)
     tokenizer: object
     scheduler_config: dict
     vae_scale_factor: int
@@ -63,6 +65,7 @@ def load_engine_dir(engine_dir, model, names, backend, device, dtype) -> LoadedP
         dtype=built_dtype,
         model=built.manifest.model["source"],
         controlnet_specs=built.controlnet_specs,
+        family=SD15(built.tokenizer),
         tokenizer=built.tokenizer,
         scheduler_config=built.scheduler_config,
         vae_scale_factor=int(config["vae_scale_factor"]),
@@ -100,6 +103,7 @@ def load_torch(model, names, device, dtype, torch_optimizations) -> LoadedParts:
         dtype=dtype,
         model=sd.source,
         controlnet_specs=specs,
+        family=SD15(sd.tokenizer),
         tokenizer=sd.tokenizer,
         scheduler_config=sd.scheduler_config,
         vae_scale_factor=2 ** (len(sd.vae.config.block_out_channels) - 1),

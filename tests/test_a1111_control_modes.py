@@ -50,7 +50,7 @@ def check(a, b, label):
 
 
 def test_soft_block_scales():
-    from engine.runner import soft_block_scales
+    from engine.request import soft_block_scales
 
     scales = soft_block_scales(0.5, 13)
     assert scales.shape == (13,) and scales[-1] == 0.5
@@ -63,7 +63,7 @@ def test_balanced_is_diffusers_without_guess_mode(pipe, runner, edges):
 
 
 def test_controlnet_is_more_important_is_guess_mode_with_the_extensions_scales(pipe, runner, edges, monkeypatch):
-    from engine.runner import soft_block_scales
+    from engine.request import soft_block_scales
 
     expected_scales = soft_block_scales(1.0, runner.num_residuals)
     original = torch.logspace

@@ -30,16 +30,18 @@ def pixels(path) -> np.ndarray:
 # ---- the flags mirror Runner, with Runner's defaults ------------------------------------------------
 
 def test_defaults_are_runners_own():
+    from engine.request import GenerateArgs
     from engine.runner import Runner
 
-    for method in ("generate", "__init__"):
-        real = {name: p.default for name, p in inspect.signature(getattr(Runner, method)).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-        read = cli_flags.signature_defaults("engine.runner", "Runner", method)
-        assert read == {name: real[name] for name in read}, method
+    for where, signature, read in (
+        ("Runner.__init__", inspect.signature(Runner.__init__), cli_flags.signature_defaults("engine.runner", "Runner", "__init__")),
+        ("GenerateArgs", inspect.signature(GenerateArgs), cli_flags.signature_defaults("engine.request", "GenerateArgs")),
+    ):
+        real = {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+        assert read == {name: real[name] for name in read}, where
     parser = cli_flags.build_parser()
     dests = {action.dest for action in parser._actions}
-    missing = set(inspect.signature(Runner.generate).parameters) - cli_flags.NOT_FLAGS - dests
+    missing = set(inspect.signature(GenerateArgs).parameters) - cli_flags.NOT_FLAGS - dests
     assert not missing, f"Runner.generate arguments without a flag: {missing}"
 
 

@@ -36,13 +36,13 @@ def test_step_has_no_graph_breaks_with_the_cuda_kernel_choices(monkeypatch):
     with torch.inference_mode():
         g = torch.Generator().manual_seed(0)
         sample = torch.randn(2, 4, 4, 4, generator=g).to(device)
-        embeddings = backend.encode_text(runner._tokenize(["", "a photo"]))
+        cond = runner.family.encode_prompts(backend, ["", "a photo"])
         hint = backend.encode_hint(0, torch.rand(2, 3, 32, 32, generator=g).to(device))
         scales = torch.ones(runner.num_residuals, device=device)
         t = torch.tensor(500, device=device)
         key = step_key([0], sample, sample, torch.float32)
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(backend.step_fn)(key, sample, t, embeddings, sample, embeddings, [hint], [scales])
+        explanation = torch._dynamo.explain(backend.step_fn)(key, sample, t, cond, sample, cond, [hint], [scales])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     ops = {str(node.target) for gm in explanation.graphs for node in gm.graph.nodes if node.op == "call_function"}

@@ -227,10 +227,10 @@ def test_compiled_step_with_frozen_weights_equals_reference(reference, photo):
     # Inputs made inside inference mode (the loop's are made outside) reuse the same compiled step.
     b = r.backend
     with torch.inference_mode():
-        sample, emb = torch.randn(2, 4, 8, 8), b.encode_text(r._tokenize(["", "a photo"]))
+        sample, cond = torch.randn(2, 4, 8, 8), r.family.encode_prompts(b, ["", "a photo"])
         hint = b.encode_hint(0, torch.rand(2, 3, 64, 64))
-    b.unet(sample, torch.tensor(500), emb,
-           b.combine([b.controlnet(0, sample, torch.tensor(500), emb, hint, torch.ones(r.num_residuals))], 2))
+    b.unet(sample, torch.tensor(500), cond,
+           b.combine([b.controlnet(0, sample, torch.tensor(500), cond, hint, torch.ones(r.num_residuals))], 2))
     assert counters["stats"]["unique_graphs"] == graphs, "inference-mode inputs recompiled the step"
 
 

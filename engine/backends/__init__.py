@@ -1,15 +1,17 @@
 """Backends: the tensor-in, tensor-out questions the generation loop asks, answered per runtime.
 
-    encode_text(ids) -> embeddings
+    encode_text(ids) -> text encoder hidden states (the family asks: engine/families.py)
     encode_hint(k, control_map) -> hint of ControlNet k
-    controlnet(k, sample, t, embeddings, hint, scales) -> 13 residuals, already scaled
+    controlnet(k, sample, t, cond, hint, scales) -> the residuals (13 in SD1.5), already scaled
     combine(outputs, batch) -> the active nets' outputs summed (one launch where the backend can),
                                guess mode's conditional-half residuals padded to the full batch
-    unet(sample, t, embeddings, residuals | None) -> noise prediction
+    unet(sample, t, cond, residuals | None) -> noise prediction
     encode_image(pixels in [-1, 1]) -> (mean, std) of the VAE's latent distribution, unscaled
                                (img2img and inpaint: the loop draws the sample with its generator)
     decode(latents) -> images in [-1, 1]
 
+`cond` is the family's conditioning, a dict of named tensors (SD1.5: {"encoder_hidden_states": ...}); each
+model takes the entries it declares (graphs: their inputs of those names; torch modules: `cond_inputs`).
 A backend knows nothing of schedulers, CFG or guidance windows: the loop in `engine.runner` is written
 once and is the same for every backend, which is what makes "every backend equals the reference" a test.
 Inputs come in float32 (latents, scales) and outputs go back as float32; a backend casts to its own dtype.

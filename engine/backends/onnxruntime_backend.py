@@ -161,6 +161,12 @@ def _timestep(t, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(t).reshape(1).to(dtype=torch.float32, device=device)
 
 
+def _cond_feeds(model, cond: dict) -> dict:
+    """The conditioning tensors (engine.families) this graph declares as inputs; a graph ignores the others
+    (an LCM UNet's guidance embedding is not a ControlNet input)."""
+    return {io.name: cond[io.name] for io in model.inputs if io.name in cond}
+
+
 class GraphBackend:
     """The backend interface (engine.backends) over built graphs; subclasses make the per-graph models.
 
@@ -170,6 +176,7 @@ class GraphBackend:
     """
 
     name = "graphs"
+    float_residuals = True  # residuals back to the loop in float32; TensorRT keeps its plans' dtype
 
     def __init__(self, manifest: Manifest, nets: list[int], make_model, engine_dir: Path | None = None):
         self.manifest, self.engine_dir = manifest, engine_dir  # the graphs' base weights, for get_weights
@@ -182,6 +189,8 @@ class GraphBackend:
         self.hint_encoders = [make_model(manifest.artefact("hint_encoder", s)) for s in slugs]
         self.controlnet_bodies = [make_model(manifest.artefact("controlnet", s)) for s in slugs]
         self.device = self.unet_model.device
+        # The UNet's residual inputs (export/spec.py residual_names): after the sample, timestep and conditioning.
+        self.residual_inputs = [io for io in self.unet_model.inputs if io.name == "mid" or io.name.startswith("down_")]
         self._zeros: dict[tuple, list[torch.Tensor]] = {}
 
     def models(self) -> list:
@@ -195,28 +204,29 @@ class GraphBackend:
     def encode_hint(self, k: int, control_map: torch.Tensor) -> torch.Tensor:
         return self.hint_encoders[k].run({"control_map": control_map})[0]
 
-    def controlnet(self, k, sample, timestep, embeddings, hint, scales) -> tuple[torch.Tensor, ...]:
+    def controlnet(self, k, sample, timestep, cond, hint, scales) -> tuple[torch.Tensor, ...]:
         model = self.controlnet_bodies[k]
-        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), encoder_hidden_states=embeddings,
-                     hint=hint, scales=scales)
-        return tuple(r.float() for r in model.run(feeds))
+        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), hint=hint, scales=scales,
+                     **_cond_feeds(model, cond))
+        residuals = model.run(feeds)
+        return tuple(r.float() for r in residuals) if self.float_residuals else tuple(residuals)
 
     def combine(self, outputs: list, batch: int) -> list[torch.Tensor]:
         from engine.backends import sum_residuals
 
         return sum_residuals(outputs, batch)
 
-    def unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
+    def unet(self, sample, timestep, cond, residuals) -> torch.Tensor:
         model = self.unet_model
-        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), encoder_hidden_states=embeddings)
+        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), **_cond_feeds(model, cond))
         variables = solve_variables(model.inputs[:1], {"sample": tuple(sample.shape)})
-        shapes = [io.shape(variables) for io in model.inputs[3:]]
+        shapes = [io.shape(variables) for io in self.residual_inputs]
         if residuals is None:  # no ControlNet ran this step: adding zeros leaves the UNet's skips exact
             key = (tuple(sample.shape), str(self.device))
             if key not in self._zeros:
                 self._zeros[key] = [torch.zeros(s, device=self.device) for s in shapes]
             residuals = self._zeros[key]
-        for io, shape, res in zip(model.inputs[3:], shapes, residuals):
+        for io, shape, res in zip(self.residual_inputs, shapes, residuals):
             # Global-pool ControlNets give (B, C, 1, 1) means; the UNet graph takes full maps.
             feeds[io.name] = res if tuple(res.shape) == shape else res.expand(shape)
         return model.run(feeds)[0].float()

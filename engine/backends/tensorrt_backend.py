@@ -10,7 +10,7 @@ on the caller's current stream. Every TensorRT call that reports failure by its 
 
 Addresses: TensorRT needs every I/O address 256-byte aligned (`set_tensor_address` returns False
 otherwise). torch's allocator aligns every allocation, but a view need not be (the guess-mode
-`embeddings[batch:]` starts batch * 77 * 768 elements in), so an input off the alignment is copied first.
+`encoder_hidden_states[batch:]` starts batch * 77 * 768 elements in), so an input off the alignment is copied first.
 
 CUDA graphs (UNet and ControlNet bodies only: their calls repeat every step; the text encoder, hint
 encoder and VAE run once a generation, where a capture costs more than it saves): one graph per
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from engine.backends.onnxruntime_backend import TORCH_DTYPES, GraphBackend, _timestep
+from engine.backends.onnxruntime_backend import TORCH_DTYPES, GraphBackend
 from engine.manifest import Artefact, Manifest, solve_variables
 
 MIN_MAJOR = 10
@@ -308,6 +308,7 @@ class TrtBackend(GraphBackend):
     dtype, as diffusers' fp16 pipeline does): no fp16 -> fp32 -> fp16 casts around each net."""
 
     name = "tensorrt"
+    float_residuals = False
 
     def __init__(self, engine_dir: Path, manifest: Manifest, nets: list[int], runtime: TrtRuntime):
         engine_dir = Path(engine_dir)
@@ -319,9 +320,3 @@ class TrtBackend(GraphBackend):
         self.runtime = runtime
         self.provider = f"TensorRT {runtime.version}"
         self.sizes = dict(manifest.sizes)  # the profiles' range: requests are checked against it (check_request)
-
-    def controlnet(self, k, sample, timestep, embeddings, hint, scales) -> tuple[torch.Tensor, ...]:
-        model = self.controlnet_bodies[k]
-        feeds = dict(sample=sample, timestep=_timestep(timestep, model.device), encoder_hidden_states=embeddings,
-                     hint=hint, scales=scales)
-        return tuple(model.run(feeds))

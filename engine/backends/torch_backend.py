@@ -28,7 +28,7 @@ class _NetCall:
 
     k: int
     sample: torch.Tensor
-    embeddings: torch.Tensor
+    cond: dict  # engine.families.Conditioning
     hint: torch.Tensor
     scales: torch.Tensor
 
@@ -103,10 +103,10 @@ class TorchBackend:
         return self.hint_encoders[k](self._in(control_map))
 
     @torch.inference_mode()
-    def controlnet(self, k, sample, timestep, embeddings, hint, scales):
+    def controlnet(self, k, sample, timestep, cond, hint, scales):
         if self.step_runner is not None:
-            return _NetCall(k, sample, embeddings, hint, scales)
-        return self._controlnet(k, sample, timestep, embeddings, hint, scales)
+            return _NetCall(k, sample, cond, hint, scales)
+        return self._controlnet(k, sample, timestep, cond, hint, scales)
 
     def combine(self, outputs: list, batch: int):
         if self.step_runner is not None:
@@ -114,10 +114,10 @@ class TorchBackend:
         return self._combine(outputs, batch)
 
     @torch.inference_mode()
-    def unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
+    def unet(self, sample, timestep, cond, residuals) -> torch.Tensor:
         if self.step_runner is not None:
-            return self._run_step(residuals.calls if residuals is not None else [], sample, timestep, embeddings)
-        return self._unet(sample, timestep, embeddings, residuals)
+            return self._run_step(residuals.calls if residuals is not None else [], sample, timestep, cond)
+        return self._unet(sample, timestep, cond, residuals)
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,13 +131,17 @@ class TorchBackend:
 
     # ---- the step's parts, eager ------------------------------------------------------------------------
 
-    def _controlnet(self, k, sample, timestep, embeddings, hint, scales):
+    def _cond_args(self, module, cond) -> list[torch.Tensor]:
+        """The conditioning inputs `module` takes (its `cond_inputs`, in order), in the backend's dtype."""
+        return [self._in(cond[name]) for name in module.cond_inputs]
+
+    def _controlnet(self, k, sample, timestep, cond, hint, scales):
         body = self.controlnet_bodies[k]
         if self.fused:
             weights, biases = self.zero_convs[k]
-            features = body.features(self._in(sample), timestep, self._in(embeddings), hint)
+            features = body.features(self._in(sample), timestep, *self._cond_args(body, cond), hint)
             return fused.PendingResiduals(features, weights, biases, scales.to(self.device, torch.float32))
-        out = body(self._in(sample), timestep, self._in(embeddings), hint, self._in(scales))
+        out = body(self._in(sample), timestep, *self._cond_args(body, cond), hint, self._in(scales))
         return tuple(self._out(r) for r in out)
 
     def _combine(self, outputs: list, batch: int):
@@ -145,33 +149,34 @@ class TorchBackend:
             return fused.FusedResiduals(outputs, self.zero_conv_impl)  # summed inside the UNet, one op per point
         return sum_residuals(outputs, batch)
 
-    def _unet(self, sample, timestep, embeddings, residuals) -> torch.Tensor:
+    def _unet(self, sample, timestep, cond, residuals) -> torch.Tensor:
+        conds = self._cond_args(self.unet_model, cond)
         if isinstance(residuals, fused.FusedResiduals):
             unet = self.unet_model.unet
-            return self._out(fused.unet_forward(unet, self._in(sample), timestep, self._in(embeddings), residuals.add_into))
+            return self._out(fused.unet_forward(unet, self._in(sample), timestep, *conds, residuals.add_into))
         residuals = [self._in(r) for r in residuals] if residuals is not None else []
-        return self._out(self.unet_model(self._in(sample), timestep, self._in(embeddings), *residuals))
+        return self._out(self.unet_model(self._in(sample), timestep, *conds, *residuals))
 
     # ---- the step as one function (cuda_graphs / compile) -----------------------------------------------
 
-    def step_fn(self, key, sample, timestep, embeddings, control_sample, control_embeddings, hints, scales):
+    def step_fn(self, key, sample, timestep, cond, control_sample, control_cond, hints, scales):
         """One denoising step without guidance: the nets in key.nets, the combine, the UNet. A plain function
-        of its tensors, so a CUDA graph or torch.compile wraps it unchanged."""
-        outputs = [self._controlnet(k, control_sample, timestep, control_embeddings, hint, s)
+        of its tensors (and dicts of them), so a CUDA graph or torch.compile wraps it unchanged."""
+        outputs = [self._controlnet(k, control_sample, timestep, control_cond, hint, s)
                    for k, hint, s in zip(key.nets, hints, scales)]
         residuals = self._combine(outputs, sample.shape[0]) if outputs else None
-        return self._unet(sample, timestep, embeddings, residuals)
+        return self._unet(sample, timestep, cond, residuals)
 
-    def _run_step(self, calls: list[_NetCall], sample, timestep, embeddings) -> torch.Tensor:
+    def _run_step(self, calls: list[_NetCall], sample, timestep, cond) -> torch.Tensor:
         from engine.cuda_graphs import step_key
 
         control_sample = calls[0].sample if calls else sample
-        control_embeddings = calls[0].embeddings if calls else embeddings
+        control_cond = calls[0].cond if calls else cond
         key = step_key([c.k for c in calls], sample, control_sample, self.dtype)
         device = sample.device
         # Scales arrive as CPU tensors; the graph's buffers live on the device.
         scales = [c.scales.to(device, torch.float32) for c in calls]
-        inputs = (sample, timestep.to(device), embeddings, control_sample, control_embeddings,
+        inputs = (sample, timestep.to(device), cond, control_sample, control_cond,
                   [c.hint for c in calls], scales)
         if self.optimizations.compile:
             inputs = _as_inference(inputs)
@@ -246,4 +251,6 @@ def _as_inference(x, copies=None):
         if id(x) not in copies:
             copies[id(x)] = x.clone()
         return copies[id(x)]
+    if isinstance(x, dict):
+        return {k: _as_inference(v, copies) for k, v in x.items()}
     return type(x)(_as_inference(v, copies) for v in x)
