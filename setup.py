@@ -51,6 +51,7 @@ RUNTIME = [
     "opencv-python-headless",
     "tqdm",  # engine.generate's progress bar
     "peft",  # LoRA (engine/lora.py): diffusers' LoRA loading needs it, and the merge runs its layers
+    "scipy",  # transformers' OneFormer builds its loss's matcher with it, also for inference (seg_ofade20k)
 ]
 
 EXTRAS = {
@@ -62,6 +63,9 @@ EXTRAS = {
     "tensorrt": ["onnx", "onnxscript", "onnxslim", "onnxruntime-gpu", "tensorrt"],
     "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
     "bench": ["pytest-benchmark", "matplotlib"],
+    # The preprocessors only controlnet_aux has (softedge, scribble, lineart, mlsd, normal_bae, openpose_full, ...):
+    # it needs torchvision, which must match torch (requirements/constraints-aux.txt; README "Preprocessors").
+    "aux": ["controlnet-aux", "torchvision", "timm", "scikit-image"],
     "test": ["pytest", "pytest-benchmark", "pytest-xdist", "onnx", "onnxruntime", "onnxscript", "onnxslim", "openvino", "triton", "pybind11",
              "ray[serve]", "fastapi", "gradio", "python-multipart", "httpx", "webuiapi", "schemathesis"],
 }

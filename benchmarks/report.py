@@ -37,7 +37,7 @@ def rows(path: Path) -> tuple[dict, list[dict]]:
     out = []
     for bench in data["benchmarks"]:
         stats, info = bench["stats"], bench.get("extra_info", {})
-        backend = info.get("backend") or (bench.get("params") or {}).get("impl", "?")
+        backend = info.get("backend") or info.get("module") or (bench.get("params") or {}).get("impl", "?")
         out.append(dict(group=bench.get("group") or "", name=bench["name"], backend=backend,
                         median=stats["median"], iqr=stats["iqr"], rounds=stats["rounds"], info=info))
     for r in out:

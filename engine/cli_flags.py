@@ -16,6 +16,7 @@ from pathlib import Path
 from engine import pngmeta
 from engine.a1111_inpaint import IMPLEMENTED_CONTENT as A1111_CONTENT
 from engine.optimizations import PRESET_NAMES
+from engine.preprocess.loading import annotator_flag
 
 # Runner.generate arguments a shell cannot give: tensors, in-memory generators, hooks, non-image outputs.
 NOT_FLAGS = {"self", "generator", "latents", "output_type", "callback", "latents_callback"}
@@ -175,7 +176,7 @@ class _PerNet(argparse.Action):
 
 def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
     """The Runner.generate flags: shared by the command line and each --prompt-file line."""
-    from engine.preprocess import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
+    from engine.preprocess import CANNY_HIGH, CANNY_LOW, names
 
     def d(name):  # help text suffix showing the Runner's default
         return f" (default: {gen[name]})"
@@ -233,9 +234,10 @@ def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
     parser.add_argument("--num-images", dest="num_images_per_prompt", type=_int_at_least(1), metavar="N",
                         default=gen["num_images_per_prompt"], help="images per prompt" + d("num_images_per_prompt"))
     parser.add_argument("--eta", type=_float_in(0.0), default=gen["eta"], help="DDIM eta" + d("eta"))
-    parser.add_argument("--preprocess", action=_PerNet, choices=["auto", "none", *PREPROCESSORS],
-                        help="auto: the ControlNet type's own (canny for canny); none: --image is already a "
-                             "control map; once, or once per ControlNet")
+    parser.add_argument("--preprocess", action=_PerNet, choices=["auto", *(n for n in names() if " " not in n)],
+                        metavar="MODULE", help="auto: the ControlNet type's own (canny for canny, depth for depth, "
+                        "...); none: --image is already a control map; or a preprocessor of the A1111 ControlNet "
+                        "extension (README: which needs which extra or weights); once, or once per ControlNet")
     parser.add_argument("--canny-low", type=_int_at_least(0), default=CANNY_LOW,
                         help=f"canny preprocessor's low threshold (default: {CANNY_LOW})")
     parser.add_argument("--canny-high", type=_int_at_least(0), default=CANNY_HIGH,
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-dir", metavar="DIR",
                         help="folder of LoRAs named in the prompt as A1111 does: <lora:NAME:WEIGHT> (the tags are "
                              "removed from the text the model sees)")
+    parser.add_argument("--annotator", action="append", type=annotator_flag, metavar="MODULE=ID_OR_DIR",
+                        help="weights of a model-backed preprocessor: a Hugging Face id or a local folder "
+                             "(e.g. depth_anything_v2=/models/da2; openpose takes VITPOSE,RTDETR); repeatable")
     _add_job_flags(parser, gen)
     parser.add_argument("--prompt-file", help="one prompt (or one line of flags) per line; one output each")
     parser.add_argument("--from-png", metavar="PNG", help="take every parameter from a PNG this CLI (or A1111) "

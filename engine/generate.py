@@ -35,7 +35,7 @@ from pathlib import Path
 from engine import pngmeta
 from engine.cli_flags import apply_png, build_parser, check_job, line_args, read_prompt_file
 
-STAGE_LABELS = {"text_encoder": "text encoder", "hint_encoder": "hint encoder", "vae_encoder": "VAE encoder",
+STAGE_LABELS = {"preprocess": "preprocess", "text_encoder": "text encoder", "hint_encoder": "hint encoder", "vae_encoder": "VAE encoder",
                 "controlnet": "ControlNet",
                 "scheduler": "scheduler", "vae": "VAE", "total": "total"}
 LOOP_STAGES = ("controlnet", "unet", "scheduler")  # the stages that run once per denoising step
@@ -64,14 +64,14 @@ class _Progress:
 
 def _preprocessors(args, specs) -> tuple[list, list]:
     """Per ControlNet: what to pass as `preprocess=` and the module name recorded in the PNG."""
-    from engine.preprocess import canny_with
+    from engine.preprocess import canny_with, find_module
 
     given, names = [], []
     for choice, spec in zip(args.preprocess, specs):
         module = spec.preprocessor if choice == "auto" else (None if choice == "none" else choice)
         names.append(module)
-        given.append(False if module is None else canny_with(args.canny_low, args.canny_high)
-                     if module == "canny" else module)
+        is_canny = module is not None and find_module(module).key == "canny"
+        given.append(False if module is None else canny_with(args.canny_low, args.canny_high) if is_canny else module)
     return given, names
 
 
@@ -112,6 +112,7 @@ def _as_list(value, count: int) -> list:
 
 def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> tuple[dict, list[Path]]:
     from engine.parts import DTYPES
+    from engine.preprocess import find_module
 
     for path in args.image:
         if path is not None and not Path(path).is_file():
@@ -173,7 +174,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     if loras:  # the prompt keeps its <lora:...> tags, as A1111 records it
         record["lora_hashes"] = {lora["name"]: lora["hash"] for lora in used["loras"] if lora["hash"]}
         record["lora_files"] = [(str(path), weight) for path, weight in args.lora or []]
-    if "canny" in modules:
+    if any(m is not None and find_module(m).key == "canny" for m in modules):
         record.update(canny_low=args.canny_low, canny_high=args.canny_high)
 
     images = [job.finish(im) for im in result.images] if job is not None else result.images  # the original pasted back
@@ -257,9 +258,10 @@ def _apply_loras(runner, args) -> tuple[str, list]:
     return prompt, wanted
 
 
-def timing_table(runs: list[dict], load_ms: float | None = None) -> str:
+def timing_table(runs: list[dict], load_ms: float | None = None, annotator_loads: list | None = None) -> str:
     """Per-stage milliseconds summed over `runs` (each: timings, steps, images), with per-step times for
-    the stages inside the denoising loop, and the loop's it/s."""
+    the stages inside the denoising loop, and the loop's it/s; then each annotator model loaded (its load
+    time is inside the first preprocess) with its size."""
     steps = sum(r["steps"] for r in runs)
     images = sum(r["images"] for r in runs)
     totals: dict[str, float] = {}
@@ -277,6 +279,9 @@ def timing_table(runs: list[dict], load_ms: float | None = None) -> str:
     rate = f"{steps / loop_s:.2f} it/s" if loop_s > 0 else "n/a it/s"
     per_image = totals.get("total", 0.0) / 1e3 / images if images else 0.0
     lines.append(f"{steps} steps, {images} image(s): {rate} in the denoising loop, {per_image:.2f} s/image")
+    for load in annotator_loads or []:
+        lines.append(f"annotator {load['module']}: {load['source']} loaded in {load['ms']:.0f} ms, "
+                     f"{load['mb']:.1f} MB on {load['device']}")
     return "\n".join(lines)
 
 
@@ -310,7 +315,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int
     load_start = time.perf_counter()
     runner = Runner(model=args.model, controlnet=args.controlnet, backend=args.backend,
                     engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
-                    optimizations=args.optimizations, vae=args.vae)
+                    optimizations=args.optimizations, vae=args.vae,
+                    annotators=dict(args.annotator or []))
     load_ms = (time.perf_counter() - load_start) * 1e3
     count = runner.num_controlnets
     check_job(args, count, _raise_value_error, whole=not args.prompt_file)  # now the count is known
@@ -337,7 +343,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> int
                 print(f"wrote {path}" + (f"  ({label})" if number is not None else ""))
             print(f"seed {run['seed']}")
     if runs and not args.quiet:
-        print(timing_table(runs, load_ms))
+        from engine.preprocess.loading import loads
+
+        print(timing_table(runs, load_ms, loads()))
     if failures:
         print(f"error: {len(failures)} of {len(jobs)} prompt lines failed (lines {', '.join(map(str, failures))}); "
               "the others were written", file=sys.stderr)

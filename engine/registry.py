@@ -14,25 +14,25 @@ from dataclasses import dataclass
 class ControlNetSpec:
     name: str  # registry name, or the id/path as given for unregistered ControlNets
     source: str  # Hugging Face id, local folder or .safetensors file the weights load from
-    preprocessor: str | None  # name in engine.preprocess.PREPROCESSORS; None: image is the control map
+    preprocessor: str | None  # a module of engine.preprocess.MODULES; None: image is the control map
 
 
-# name: (ControlNet 1.1 id, 1.0 id or None, preprocessor)
+# name: (ControlNet 1.1 id, 1.0 id or None). The default preprocessor of each comes from engine.preprocess's table.
 _FAMILY = {
-    "canny": ("lllyasviel/control_v11p_sd15_canny", "lllyasviel/sd-controlnet-canny", "canny"),
-    "depth": ("lllyasviel/control_v11f1p_sd15_depth", "lllyasviel/sd-controlnet-depth", "depth"),
-    "openpose": ("lllyasviel/control_v11p_sd15_openpose", "lllyasviel/sd-controlnet-openpose", "openpose"),
-    "mlsd": ("lllyasviel/control_v11p_sd15_mlsd", "lllyasviel/sd-controlnet-mlsd", "mlsd"),
-    "normalbae": ("lllyasviel/control_v11p_sd15_normalbae", "lllyasviel/sd-controlnet-normal", "normalbae"),
-    "seg": ("lllyasviel/control_v11p_sd15_seg", "lllyasviel/sd-controlnet-seg", "seg"),
-    "scribble": ("lllyasviel/control_v11p_sd15_scribble", "lllyasviel/sd-controlnet-scribble", "scribble"),
-    "softedge": ("lllyasviel/control_v11p_sd15_softedge", "lllyasviel/sd-controlnet-hed", "softedge"),
-    "lineart": ("lllyasviel/control_v11p_sd15_lineart", None, "lineart"),
-    "lineart_anime": ("lllyasviel/control_v11p_sd15s2_lineart_anime", None, "lineart_anime"),
-    "shuffle": ("lllyasviel/control_v11e_sd15_shuffle", None, "shuffle"),
-    "tile": ("lllyasviel/control_v11f1e_sd15_tile", None, "tile"),
-    "inpaint": ("lllyasviel/control_v11p_sd15_inpaint", None, "inpaint"),
-    "ip2p": ("lllyasviel/control_v11e_sd15_ip2p", None, None),
+    "canny": ("lllyasviel/control_v11p_sd15_canny", "lllyasviel/sd-controlnet-canny"),
+    "depth": ("lllyasviel/control_v11f1p_sd15_depth", "lllyasviel/sd-controlnet-depth"),
+    "openpose": ("lllyasviel/control_v11p_sd15_openpose", "lllyasviel/sd-controlnet-openpose"),
+    "mlsd": ("lllyasviel/control_v11p_sd15_mlsd", "lllyasviel/sd-controlnet-mlsd"),
+    "normalbae": ("lllyasviel/control_v11p_sd15_normalbae", "lllyasviel/sd-controlnet-normal"),
+    "seg": ("lllyasviel/control_v11p_sd15_seg", "lllyasviel/sd-controlnet-seg"),
+    "scribble": ("lllyasviel/control_v11p_sd15_scribble", "lllyasviel/sd-controlnet-scribble"),
+    "softedge": ("lllyasviel/control_v11p_sd15_softedge", "lllyasviel/sd-controlnet-hed"),
+    "lineart": ("lllyasviel/control_v11p_sd15_lineart", None),
+    "lineart_anime": ("lllyasviel/control_v11p_sd15s2_lineart_anime", None),
+    "shuffle": ("lllyasviel/control_v11e_sd15_shuffle", None),
+    "tile": ("lllyasviel/control_v11f1e_sd15_tile", None),
+    "inpaint": ("lllyasviel/control_v11p_sd15_inpaint", None),
+    "ip2p": ("lllyasviel/control_v11e_sd15_ip2p", None),
 }
 
 TINY = "tiny"  # the built-in tiny ControlNet (engine.tiny); with model="tiny" every registry name is tiny
@@ -44,7 +44,7 @@ def registry_names() -> list[str]:
 
 def _aliases() -> dict[str, str]:
     table = {}
-    for name, (v11, v10, _) in _FAMILY.items():
+    for name, (v11, v10) in _FAMILY.items():
         table[name] = name
         table[v11.lower()] = name
         if v10:
@@ -68,10 +68,12 @@ def resolve(controlnet: str) -> ControlNetSpec:
         return ControlNetSpec(TINY, TINY, None)
     name = registered_name(controlnet)
     if name is not None:
-        v11, _, preprocessor = _FAMILY[name]
+        from engine.preprocess import default_module
+
+        v11, _ = _FAMILY[name]
         # A known 1.0/1.1 id loads from that id; a short name loads the 1.1 weights.
         source = controlnet if "/" in controlnet else v11
-        return ControlNetSpec(name, source, preprocessor)
+        return ControlNetSpec(name, source, default_module(name))
     looks_like_path_or_id = "/" in controlnet or "\\" in controlnet or controlnet.endswith(".safetensors")
     if not looks_like_path_or_id:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""A generation's arguments, checked and resolved into the `Plan` the loop reads, before any model work.
+"""A generation's arguments, checked and resolved into the `Plan` the loop reads, before any diffusion model work.
 
     args = GenerateArgs("a photo", image="edges.png", num_inference_steps=20)   # diffusers' names, defaults
     plan = prepare(args, runner)     # every check, every default, the images loaded and sized; or ValueError
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -65,7 +66,9 @@ class GenerateArgs:
     num_images_per_prompt: int = 1
     output_type: str = "pil"  # "pil", "np" ((N, H, W, 3) floats in [0, 1]) or "latent"
     # None applies each ControlNet type's preprocessor (canny: cv2.Canny 100/200; inpaint: masked pixels
-    # -1); False takes `image` as a ready control map; or a preprocessor name / callable (one, or one per net).
+    # -1); False takes `image` as a ready control map; or a preprocessor (one, or one per net): a module of
+    # engine/preprocess's table by the A1111 extension's key or UI name ("depth", "depth_midas"), a
+    # Preprocessor with its sliders, or a callable.
     preprocess: object = None
     eta: float = 0.0
     callback: Callable[[int, int], None] | None = None  # callback(step, total) after each denoising step
@@ -133,6 +136,7 @@ class Plan:
     vae: object  # engine.vaes.VaeInfo: the VAE that encodes and decodes
     latents_callback: Callable[[int, int, torch.Tensor], None] | None = None
     parameters: dict = field(default_factory=dict)  # the arguments as resolved (for reproducing the image)
+    preprocess_ms: float = 0.0  # time making the control maps (annotator loads included): the "preprocess" stage
 
     def active(self, total: int) -> list[list[bool]]:
         """Which ControlNet runs at which of `total` kept steps: diffusers' keep rule, plus "scale 0 never runs"."""
@@ -239,7 +243,7 @@ def _image_inputs(runner, init_image, mask_image, strength, steps: int):
     return mode, init, mask, modes.check_strength(strength, mode, steps)
 
 
-def _control_maps(specs, image, preprocess, init, mask) -> list:
+def _control_maps(specs, image, preprocess, init, mask, annotators, seed) -> list:
     """Each ControlNet's control map. An inpaint-type net builds its map from its image (default: the
     init image) and the mask; every other net needs its own image."""
     count = len(specs)
@@ -248,19 +252,19 @@ def _control_maps(specs, image, preprocess, init, mask) -> list:
         raise ValueError(f"got {len(images)} control images for {count} ControlNets: give one per ControlNet")
     maps = []
     for img, spec, choice in zip(images, specs, _as_list(preprocess, count, "preprocess")):
-        fn = pre.pick_preprocessor(choice, spec.preprocessor)
-        if fn is pre.inpaint:
+        fn = pre.pick_preprocessor(choice, spec.preprocessor, annotators)
+        if getattr(fn, "needs_mask", False) or fn is pre.inpaint:
             source = img if img is not None else init
             if source is None or mask is None:
                 raise ValueError(f"ControlNet {spec.name!r} uses the inpaint preprocessor, which builds its control "
                                  "map from the init image and the mask: give init_image and mask_image")
-            maps.append(pre.inpaint(source, mask))
+            maps.append(pre.inpaint(source, mask))  # every inpaint module's map at the image's size
             continue
         if img is None:
             raise ValueError(f"no control image for ControlNet {spec.name!r}: give one image per ControlNet "
                              "(only inpaint ControlNets build theirs from init_image and mask_image)")
         loaded = pre.load_image(img)
-        maps.append(pre.load_image(fn(loaded)) if fn is not None else loaded)
+        maps.append(pre.load_image(pre.control_map(fn, loaded, seed)) if fn is not None else loaded)
     return maps
 
 
@@ -314,7 +318,9 @@ def prepare(args: GenerateArgs, runner) -> Plan:
         generator = torch.Generator("cpu").manual_seed(seed if seed is not None else random.randrange(2**32))
 
     processors = runner.processors
-    control_maps = _control_maps(specs, args.image, args.preprocess, init, mask)
+    preprocess_start = time.perf_counter()
+    control_maps = _control_maps(specs, args.image, args.preprocess, init, mask, runner.annotators, seed)
+    preprocess_ms = (time.perf_counter() - preprocess_start) * 1e3
     height, width = args.height, args.width
     if height is None or width is None:
         sized, what = (init, "init image") if init is not None else (control_maps[0], "control image")
@@ -371,4 +377,5 @@ def prepare(args: GenerateArgs, runner) -> Plan:
         mask_pixels=None if mask is None else processors.mask.preprocess(mask, height=height, width=width),
         scales=scales, starts=starts, ends=ends, net_scales=net_scales, guess=guess, output_type=args.output_type,
         callback=args.callback, vae=vae, latents_callback=args.latents_callback, parameters=parameters,
+        preprocess_ms=preprocess_ms,
     )

@@ -31,10 +31,11 @@ from engine.backends import check_backend_name, check_finite
 from engine.families import cond_half
 from engine.optimizations import TorchOptimizations, resolve_optimizations
 from engine.parts import load_engine_dir, load_torch
+from engine.preprocess import Annotators
 from engine.request import GenerateArgs, ImageProcessors, Plan, prepare
 from engine.schedulers import make_scheduler, step_kwargs
 
-STAGES = ("text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total")
+STAGES = ("preprocess", "text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total")
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Runner:
         optimizations: str | TorchOptimizations | None = None,
         loras: Sequence[tuple[str, float]] | None = None,
         vae: str | None = None,
+        annotators: dict | None = None,
     ):
         """`model` defaults to SD1.5 and `controlnet` to "canny"; with `engine_dir` they default to what the
         dir was built for, and if given must match it (a subset of its ControlNets is fine). `backend`:
@@ -89,7 +91,9 @@ class Runner:
         weight), ...] merged into the UNet and text encoder (engine/lora.py); `set_loras` switches them.
         `vae`: a VAE beside the model's own, which then decodes and encodes by default (engine/vaes.py): an
         AutoencoderTiny (TAESD: "madebyollin/taesd" or a folder) or an AutoencoderKL id or folder; with
-        `engine_dir`, one built into it (python -m engine.build --vae)."""
+        `engine_dir`, one built into it (python -m engine.build --vae).
+        `annotators`: {preprocessor: Hugging Face id or folder} for model-backed preprocessors (e.g.
+        {"depth_anything_v2": DIR}); they load on first use, on this Runner's device (engine/preprocess)."""
         check_backend_name(backend)
         torch_optimizations = resolve_optimizations(optimizations)
         names = None if controlnet is None else ([controlnet] if isinstance(controlnet, str) else list(controlnet))
@@ -120,6 +124,7 @@ class Runner:
         self.family, self.tokenizer, self.scheduler_config = parts.family, parts.tokenizer, parts.scheduler_config
         self.vae_scale_factor, self.latent_channels = parts.vae_scale_factor, parts.latent_channels
         self.global_pool, self.num_residuals = parts.global_pool, parts.num_residuals
+        self.annotators = Annotators(annotators, self.device)
         self.set_loras(loras or [])
 
     def set_loras(self, loras: Sequence[tuple[str, float]]) -> bool:
@@ -173,7 +178,8 @@ class Runner:
         return self.run(self.prepare(prompt, image, **options), start)
 
     def prepare(self, prompt: str | list[str], image=None, **options) -> Plan:
-        """`generate`'s arguments checked and resolved into the plan `run` reads; no model work."""
+        """`generate`'s arguments checked and resolved into the plan `run` reads: no diffusion model runs (the
+        control maps' preprocessors do, annotator models included; their time is the "preprocess" stage)."""
         return prepare(GenerateArgs.from_options(prompt, image, options), self)
 
     def run(self, plan: Plan, start: float | None = None) -> GenerationResult:
@@ -182,6 +188,7 @@ class Runner:
         start = time.perf_counter() if start is None else start
         n, backend = self.num_controlnets, self.backend
         timer = _StageTimer(self.device)
+        timer.ms["preprocess"] = plan.preprocess_ms  # measured in prepare(), where the control maps are made
         sched = make_scheduler(plan.scheduler, self.scheduler_config)
 
         with timer("text_encoder"):

@@ -41,15 +41,24 @@ def lora_dir(lora_files):
 
 
 @pytest.fixture(scope="module")
-def server_url(lora_dir):
+def tiny_dpt(tmp_path_factory):
+    """A tiny random-weight DPT-Hybrid on disk: the server's (and the reference's) depth_midas weights."""
+    from tests.annotator_models import TinyAnnotators
+
+    return TinyAnnotators(tmp_path_factory.mktemp("annotators"))["depth"]
+
+
+@pytest.fixture(scope="module")
+def server_url(lora_dir, tiny_dpt, tmp_path_factory):
     from engine.serve.app import build_app
 
     if os.environ.pop(SERVE_TEST_URL_VAR, None) or ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
     port = start_local_serve()
+    missing = str(tmp_path_factory.mktemp("empty") / "no-such-model")  # weights that are not there: 503
     args = dict(model="tiny", controlnet=["canny", "depth"], torch_threads=1, demo=False, num_cpus=0.5, limits=LIMITS,
-                lora_dir=str(lora_dir))
+                lora_dir=str(lora_dir), annotators={"depth_midas": tiny_dpt, "depth_anything": missing})
     serve.run(build_app(args), name="a1111", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -219,6 +228,58 @@ def test_detect_canny_equals_cv2(api, photo, photo64):
     np.testing.assert_array_equal(pixels(r.images[0])[:, :, 0], cv2.Canny(scaled, 64, 64))
 
 
+def test_module_list_is_the_table(api, server_url):
+    from engine.preprocess import available, sorted_modules
+
+    listed = requests.get(server_url + "/controlnet/module_list", timeout=TIMEOUT).json()
+    assert listed["module_list"] == [m.key for m in sorted_modules() if available(m)]
+    assert listed["module_list"][0] == "none" and {"depth", "shuffle", "oneformer_ade20k"} <= set(listed["module_list"])
+    assert api.controlnet_module_list() == listed["module_list"]
+    aliases = requests.get(server_url + "/controlnet/module_list?alias_names=true", timeout=TIMEOUT).json()["module_list"]
+    assert {"depth_midas", "seg_ofade20k", "normal_midas", "t2ia_color_grid", "depth_anything_v2"} <= set(aliases)
+    detail = listed["module_detail"]
+    assert detail["canny"]["sliders"] == [dict(name="Resolution", value=512, min=64, max=2048, step=8),
+                                          dict(name="Low Threshold", value=100, min=1, max=255, step=1),
+                                          dict(name="High Threshold", value=200, min=1, max=255, step=1)]
+    assert detail["shuffle"]["sliders"] == [] and detail["invert"]["sliders"] == []
+    if not available(next(m for m in sorted_modules() if m.key == "hed")):
+        assert "hed" not in detail  # the aux extra is not installed here
+    types = api.custom_get("controlnet/control_types")["control_types"]
+    assert types["Depth"]["default_option"] == "depth" and "depth_anything" in types["Depth"]["module_list"]
+
+
+def test_detect_with_table_modules_equals_local(api, photo64, tiny_dpt):
+    from engine.preprocess import MODULES, Annotators, run
+
+    local = Annotators({"depth": tiny_dpt})
+    picture = np.asarray(photo64)
+    for module, key, a in (("depth_midas", "depth", -1), ("threshold", "threshold", 90), ("scribble_xdog", "scribble_xdog", 20)):
+        r = api.controlnet_detect([photo64], module=module, processor_res=64, threshold_a=a)
+        expected = run(MODULES[key], picture, local, 64, None if a == -1 else a)
+        np.testing.assert_array_equal(pixels(r.images[0]), expected)
+
+
+def test_unit_with_a_model_backed_module_equals_runner(api, photo64, tiny_dpt, reference):
+    from engine.preprocess import MODULES, Annotators, run
+
+    unit = webuiapi.ControlNetUnit(image=photo64, module="depth_midas", model="control_v11f1p_sd15_depth",
+                                   processor_res=64, resize_mode="Just Resize")
+    r = api.txt2img(prompt="depth", seed=6, controlnet_units=[unit], **SIZE)
+    depth = run(MODULES["depth"], np.asarray(photo64), Annotators({"depth": tiny_dpt}), 64)
+    expected = reference("depth", [np.zeros((64, 64, 3), np.uint8), depth], seed=6, preprocess=False,
+                         controlnet_conditioning_scale=[0.0, 1.0], control_mode=["balanced", "balanced"])
+    np.testing.assert_array_equal(pixels(r.images[0]), expected)
+    np.testing.assert_array_equal(pixels(r.images[1]), depth)
+
+
+def test_missing_weights_are_a_503_naming_them(server_url, photo64):
+    body = dict(controlnet_module="depth_anything", controlnet_input_images=[b64(photo64)])
+    r = _post(server_url, "/controlnet/detect", body)
+    assert r.status_code == 503 and "no-such-model" in r.json()["detail"] and "\n" not in r.json()["detail"], r.text
+    r = _post(server_url, "/controlnet/detect", dict(body, controlnet_module="sobel"))
+    assert r.status_code == 422 and r.json()["field"] == "controlnet_module"
+
+
 def test_resize_modes_fit_the_map(photo):
     """The three resize modes give a map of the generation size; Crop and Resize keeps the centre."""
     from engine.serve.a1111 import control
@@ -249,7 +310,12 @@ BAD = [  # (what, change to the good body, field named in the error)
     ("unknown ControlNet model", {"unit": dict(model="control_v11p_sd15_openpose")}, "alwayson_scripts.controlnet.args.0.model"),
     ("unit without image", {"unit": dict(image="")}, "alwayson_scripts.controlnet.args.0.image"),
     ("image not base64", {"unit": dict(image="%%% not base64 %%%")}, "alwayson_scripts.controlnet.args.0.image"),
-    ("unknown module", {"unit": dict(module="openpose")}, "alwayson_scripts.controlnet.args.0.module"),
+    ("unknown module", {"unit": dict(module="sobel")}, "alwayson_scripts.controlnet.args.0.module"),
+    ("module of a missing extra", {"unit": dict(module="softedge_hed")}, "alwayson_scripts.controlnet.args.0.module"),
+    ("inpaint module in a unit", {"unit": dict(module="inpaint_only")}, "alwayson_scripts.controlnet.args.0.module"),
+    ("colour fix in a unit", {"unit": dict(module="tile_colorfix")}, "alwayson_scripts.controlnet.args.0.module"),
+    ("threshold out of range", {"unit": dict(module="threshold", threshold_a=300)},
+     "alwayson_scripts.controlnet.args.0.threshold_a"),
     ("mixed cond-only modes", {"two units": True}, "alwayson_scripts.controlnet.args.1.control_mode"),
     ("width not a multiple of 8", dict(width=65), "width"),
     ("width over the limit", dict(width=128), "width"),

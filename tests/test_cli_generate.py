@@ -156,6 +156,8 @@ def test_precision_and_preset_are_recorded_and_rerun(tmp_path):
     (["--control-start", "0.6", "--control-end", "0.4"], "--control-start (0.6) must be below --control-end (0.4)"),
     (["--out", "out.jpg"], "argument --out: must be a .png path"),
     (["--prompt", " "], "--prompt is required"),
+    (["--preprocess", "sobel"], "argument --preprocess: invalid choice: 'sobel'"),
+    (["--annotator", "canny=/m"], "'canny' is not a model-backed preprocessor"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(args, message):
     proc = cli(*FAST, "--prompt", "x", "--image", PHOTO, *args)
@@ -177,6 +179,20 @@ def test_missing_image_exits_1_with_one_line(tmp_path):
     proc = cli(*FAST, "--prompt", "x", "--image", str(tmp_path / "none.png"))
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "none.png" in proc.stderr
+
+
+def test_model_backed_preprocessor_with_its_weights(tmp_path):
+    from tests.annotator_models import TinyAnnotators
+
+    dpt = TinyAnnotators(tmp_path / "annotators")["depth"]
+    out = tmp_path / "depth.png"
+    proc = cli(*FAST, "--controlnet", "depth", "--prompt", "x", "--image", PHOTO, "--annotator", f"depth_midas={dpt}",
+               "--save-control", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "preprocess" in proc.stdout and f"annotator depth: {dpt} loaded in" in proc.stdout
+    from engine.pngmeta import read_parameters
+
+    assert read_parameters(str(out))["preprocess"] == ["depth"]  # the type's default, from the table
 
 
 def test_prompt_file_bad_line_keeps_the_others(tmp_path):

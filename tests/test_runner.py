@@ -91,7 +91,7 @@ def test_same_seed_same_image_and_seed_recorded(runner, photo):
 def test_result_shapes_and_timings(runner, photo):
     result = runner.generate("a photo", photo, num_images_per_prompt=2, **FAST)
     assert len(result.images) == 2 and result.images[0].size == (64, 64)
-    assert set(result.timings) == {"text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total"}
+    assert set(result.timings) == {"preprocess", "text_encoder", "hint_encoder", "vae_encoder", "controlnet", "unet", "scheduler", "vae", "total"}
     assert all(v >= 0 for v in result.timings.values())
     assert result.timings["total"] >= result.timings["unet"] > 0
     latents = runner.generate("a photo", photo, output_type="latent", **FAST).images
@@ -177,7 +177,6 @@ BAD_CALLS = [
     (dict(image=np.full((8, 8, 3), 2.0)), "float image arrays must hold finite values in [0, 1]"),
     (dict(image=12), "image must be a PIL image, a numpy array"),
     (dict(preprocess="sobel"), "unknown preprocessor 'sobel'"),
-    (dict(preprocess="depth"), "the 'depth' preprocessor needs an annotator model"),
 ]
 
 

@@ -133,6 +133,17 @@ def test_multipart_png_equals_runner(client, photo, photo_png, reference):
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(io.BytesIO(r.content)).convert("RGB")), expected)
 
 
+def test_table_preprocessor_equals_runner(client, photo, photo_b64, reference):
+    r = post_json(client, prompt="a cat", image=photo_b64, seed=2, preprocess="threshold", **FAST)
+    assert r.status_code == 200, r.text
+    from engine.preprocess import preprocessor
+
+    np.testing.assert_array_equal(decode(r.json()["images"][0]), reference(photo, "a cat", 2, preprocess="threshold"))
+    np.testing.assert_array_equal(decode(r.json()["control_maps"][0]), np.asarray(preprocessor("threshold")(photo)))
+    assert "preprocess" in r.json()["timings"]
+    assert "depth_midas" in client.get("/models").json()["preprocessors"]
+
+
 def _concurrent(client_url: str, path: str, payloads: list[dict]) -> list:
     """POST each payload from its own thread (one connection each), all at once; bounded by len(payloads)."""
     def one(payload):
@@ -210,6 +221,8 @@ BAD_FIELDS = [  # (what, fields to override, field named in the error)
     ("unknown field", dict(num_steps=4), "num_steps"),
     ("bool as string", dict(guess_mode="yes"), "guess_mode"),
     ("too many images", dict(num_images_per_prompt=99), "num_images_per_prompt"),
+    ("unknown preprocessor", dict(preprocess="sobel"), "preprocess"),
+    ("preprocessor of a missing extra", dict(preprocess="softedge_hed"), "preprocess"),
 ]
 
 

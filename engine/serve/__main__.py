@@ -15,6 +15,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from engine.preprocess.loading import annotator_flag
+
     parser = argparse.ArgumentParser(prog="python -m engine.serve", description="Serve SD1.5 + ControlNet over HTTP with Ray Serve")
     parser.add_argument("--model", default=None, help="'tiny' (the default), a Hugging Face id or a local diffusers "
                                                       "folder; with --engine-dir: the dir's model unless given")
@@ -38,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per replica")
     parser.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     parser.add_argument("--lora-dir", default=None, help="folder of LoRAs (.safetensors) requests may name in 'loras'")
+    parser.add_argument("--annotator", action="append", type=annotator_flag, metavar="MODULE=ID_OR_DIR",
+                        help="weights of a model-backed preprocessor: a Hugging Face id or a local folder "
+                             "(e.g. depth_anything_v2=/models/da2); repeatable")
     parser.add_argument("--vae", default=None, help="a VAE beside the model's own, the default for requests: TAESD "
                                                     "(madebyollin/taesd or a folder) or an AutoencoderKL; requests pick "
                                                     "with vae (POST /generate) or override_settings.sd_vae (A1111)")
@@ -63,7 +68,7 @@ def app_args(args: argparse.Namespace, num_gpus: float) -> dict:
                 max_queued_requests=args.max_queued_requests, device=args.device, dtype=args.dtype,
                 batch_mode=args.batch_mode, max_batch_size=args.max_batch_size, torch_threads=args.torch_threads,
                 demo=not args.no_demo, num_gpus=num_gpus, num_cpus=min(1.0, args.num_cpus / max(1, args.replicas)),
-                lora_dir=args.lora_dir, vae=args.vae, api_auth=args.api_auth, api_key=args.api_key, limits=limits)
+                lora_dir=args.lora_dir, vae=args.vae, annotators=dict(args.annotator or []), api_auth=args.api_auth, api_key=args.api_key, limits=limits)
 
 
 def parse_limits(items: list[str]) -> dict:

@@ -154,9 +154,10 @@ def _schedulers() -> tuple[str, ...]:
 
 
 def _preprocessors() -> tuple[str, ...]:
-    from engine.preprocess import PREPROCESSORS
+    """auto, then every module of engine/preprocess's table this server can run (keys and UI names)."""
+    from engine.preprocess import available, find_module, names
 
-    return ("auto", "none", *sorted(PREPROCESSORS))
+    return ("auto", *(n for n in names() if available(find_module(n))))
 
 
 def _coerce(name: str, kind: str, value, from_form: bool):
@@ -255,6 +256,11 @@ def _check_field(name: str, spec: Field, value, limits: Limits) -> None:
 
 
 def _check_ranges(values: dict, limits: Limits) -> None:
+    from engine.preprocess import find_module, missing_extra
+
+    module = find_module(values["preprocess"]) if isinstance(values["preprocess"], str) else None
+    if module is not None and missing_extra(module):  # a known module whose pip extra is missing: say which
+        raise ApiError(422, "preprocess", f"preprocess {values['preprocess']!r} is not available: {missing_extra(module)}")
     for name, spec in FIELDS.items():
         _check_field(name, spec, values[name], limits)
     # What one field's bounds cannot say (the OpenAPI schema states these in words or as dependencies).
@@ -465,12 +471,12 @@ def batch_key(req: GenerateRequest) -> tuple:
 
 def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
     """`Runner.generate` arguments for a request (all but prompt/negative prompt/image/seed)."""
-    from engine.preprocess import canny_with
+    from engine.preprocess import canny_with, find_module
 
     choices = []
     for registered in registered_preprocessors:
         name = registered if req.preprocess == "auto" else req.preprocess
-        if name == "canny":
+        if name is not None and find_module(name).key == "canny":
             choices.append(canny_with(req.canny_low, req.canny_high))
         elif req.preprocess == "auto":
             choices.append(None)

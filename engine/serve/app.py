@@ -127,6 +127,7 @@ class Replica:
         api_auth: str | None = None,
         api_key: str | None = None,
         vae: str | None = None,
+        annotators: dict | None = None,
     ):
         import torch
 
@@ -140,7 +141,8 @@ class Replica:
             # Replicas sharing a CPU node each get a slice; torch otherwise takes every core per replica.
             torch.set_num_threads(int(torch_threads))
         self.runner = Runner(model=model, controlnet=controlnet, backend=backend, engine_dir=engine_dir,
-                             device=device, dtype=dtype, vae=vae)
+                             device=device, dtype=dtype, vae=vae,
+                             annotators=annotators)
         self.lora_dir = lora_dir  # requests name LoRAs in it (api.GenerateRequest.loras)
         self.batch_mode = batch_mode
         self.max_batch_size = int(max_batch_size)
@@ -199,6 +201,8 @@ class Replica:
 
     def _generate(self, reqs: list[api.GenerateRequest]) -> list:
         """One Runner.generate call for `reqs` (all same key); an Outcome or ApiError per request."""
+        from engine.preprocess import AnnotatorUnavailable
+
         first = reqs[0]
         kwargs = api.runner_kwargs(first, [s.preprocessor for s in self.runner.controlnet_specs])
         images = first.images if len(first.images) != 1 else first.images[0]
@@ -220,6 +224,8 @@ class Replica:
             self.stats.generate_calls[len(reqs)] += 1
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
             return [api.runner_error(err, api.GENERATE_WORDS)] * len(reqs)
+        except AnnotatorUnavailable as err:  # the preprocessor's weights cannot be loaded on this server
+            return [api.ApiError(503, "preprocess", str(err))] * len(reqs)
         except Exception as err:  # noqa: BLE001 - one failed call must not take the replica down
             return [api.ApiError(500, None, f"generation failed: {type(err).__name__}: {err}")] * len(reqs)
         per = first.num_images_per_prompt
@@ -295,14 +301,14 @@ class Replica:
     def models(self) -> dict:
         import dataclasses
 
-        from engine.preprocess import PREPROCESSORS
         from engine.schedulers import SCHEDULERS
 
         r = self.runner
         return dict(
             model=r.model, controlnets=[s.name for s in r.controlnet_specs], backend=r.backend.name, device=str(r.device),
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
-            preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
+            preprocessors=list(api._preprocessors()), annotators=r.annotators.describe(),
+            limits=dataclasses.asdict(self.limits),
             batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
             vaes=[dict(name=v.name, source=v.source, tiny=v.tiny, default=v.name == r.parts.default_vae)
                   for v in r.vaes.values()],

@@ -19,15 +19,16 @@ Every image made on the way (the picture at processor resolution, the scaled map
 without bound (a 16000x1 picture in a 512x512 unit would ask for ~12 GB), so such a request is refused with
 a 422 naming the unit's field, before anything is allocated. Within the bound the steps are the extension's.
 
-The engine ships model-free preprocessors only: none, canny, invert, tile_resample. The result is an
-HxWx3 uint8 array, handed to `Runner.generate(preprocess=False)`. Nothing here imports torch.
+The modules are engine/preprocess's table (the extension's names, sliders and sizing; model-backed ones
+run on the server Runner's annotators). The result is an HxWx3 uint8 array, handed to
+`Runner.generate(preprocess=False)`. Nothing here imports torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
+from engine.preprocess import Module, Slider, available, find_module, missing_extra, run, sorted_modules
 from engine.serve.api import ApiError, Limits, open_image
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # index = the extension's number
@@ -39,50 +40,25 @@ RESIZE_MODE_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
-class Slider:
-    label: str
-    value: float  # the extension's default, used when the request sends -1
-    minimum: float
-    maximum: float
-    step: float = 1.0
-
-
-@dataclass(frozen=True)
-class Module:
-    name: str
-    resolution: Slider | None  # None: the module ignores processor_res
-    threshold_a: Slider | None
-    threshold_b: Slider | None
-
-
-RESOLUTION = Slider("Resolution", 512, 64, 2048)
-MODULES = {
-    "none": Module("none", None, None, None),
-    "canny": Module("canny", RESOLUTION, Slider("Canny Low Threshold", 100, 1, 255),
-                    Slider("Canny High Threshold", 200, 1, 255)),
-    "invert": Module("invert", None, None, None),
-    "tile_resample": Module("tile_resample", None, Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01), None),
-}
-# The extension's preprocessors that need annotator models: named so the error can say why.
-ANNOTATOR_MODULES = ("depth_midas", "depth_zoe", "depth_leres", "openpose", "openpose_full", "mlsd", "normal_bae",
-                     "seg_ofade20k", "scribble_hed", "softedge_hed", "softedge_pidinet", "lineart_realistic",
-                     "lineart_anime", "shuffle", "inpaint_only", "reference_only", "ip-adapter_clip_sd15")
-
-
 def check_module(name: str, field: str) -> Module:
-    if name in MODULES:
-        return MODULES[name]
-    why = "it needs an annotator model that this engine does not ship" if name in ANNOTATOR_MODULES else "it is unknown"
-    raise ApiError(422, field, f"{field} {name!r} is not available ({why}); this server has: {', '.join(MODULES)}. "
-                               "Send a ready control map with module 'none'")
+    """The table's module for a unit's or detect's module name (key or UI name), or a 422 naming the field."""
+    module = find_module(name)
+    if module is None:
+        known = ", ".join(m.key for m in sorted_modules() if available(m))
+        raise ApiError(422, field, f"{field} {name!r} is not available (it is unknown); this server has: {known}. "
+                                   "Send a ready control map with module 'none'")
+    missing = missing_extra(module)
+    if missing:
+        raise ApiError(422, field, f"{field} {name!r} is not available: {missing}")
+    return module
 
 
 def slider_value(slider: Slider | None, value: float, field: str) -> float | None:
-    """-1 (the extension's "unset") means the default; a value outside the slider's range is an error."""
+    """-1 (the extension's "unset") means the default; a value outside the slider's range is an error. A
+    hidden slider (shuffle's resolution) always holds its default, as in the extension."""
     if slider is None:
         return None
-    if value == -1:
+    if value == -1 or not slider.visible:
         return slider.value
     if not slider.minimum <= value <= slider.maximum:
         raise ApiError(422, field, f"{field} must be in [{slider.minimum:g}, {slider.maximum:g}] (or -1 for "
@@ -139,40 +115,22 @@ def check_size(width: int, height: int, limits: Limits, field: str, what: str) -
                                    "ratio is too far from the target's (crop it first)")
 
 
-def _at_resolution(image: np.ndarray, resolution: float, limits: Limits, field: str):
-    """Scale so the short side is `resolution`, pad to multiples of 64 with edge pixels; and the un-padder."""
-    import cv2
-
-    raw_h, raw_w = image.shape[:2]
-    k = float(resolution) / min(raw_h, raw_w)
-    h, w = int(np.round(raw_h * k)), int(np.round(raw_w * k))
-    check_size(w + -w % 64, h + -h % 64, limits, field, f"the picture at processor resolution {resolution:g}")
-    scaled = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    pad_h, pad_w = -h % 64, -w % 64
-    padded = np.pad(scaled, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
-    return np.ascontiguousarray(padded), lambda out: np.ascontiguousarray(out[:h, :w])
-
-
 def detect(module: Module, image: np.ndarray, resolution: float | None, threshold_a: float | None,
-           threshold_b: float | None, limits: Limits, field: str) -> np.ndarray:
-    """The module's map (HxWx3 uint8) of an HxWx3 uint8 picture, at processor resolution, before fitting;
-    an ApiError naming `field` when an image on the way would be out of bounds (`check_size`)."""
-    import cv2
-
-    if module.name == "none":
-        return image
-    if module.name == "tile_resample":
-        if threshold_a < 1.1:
-            return image
-        h, w = int(image.shape[0] / threshold_a), int(image.shape[1] / threshold_a)
-        check_size(w, h, limits, field, f"the picture down-sampled by {threshold_a:g}")
-        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    if module.name == "invert":  # white-background line art -> the black-background map ControlNets expect
-        return 255 - image
-    if module.name == "canny":
-        padded, unpad = _at_resolution(image, resolution, limits, field)
-        return _rgb(unpad(cv2.Canny(padded, int(threshold_a), int(threshold_b))))
-    raise AssertionError(f"no detector for module {module.name!r}")
+           threshold_b: float | None, annotators, limits: Limits, field: str, seed: int | None = None) -> np.ndarray:
+    """The module's map (HxWx3 uint8) of an HxWx3 uint8 picture, at processor resolution, before fitting.
+    `annotators`: the server Runner's (model-backed modules load there once); `seed`: shuffle's. An ApiError
+    naming `field` when an image on the way would be out of bounds (`check_size`), before it is made."""
+    raw_h, raw_w = image.shape[:2]
+    if resolution is not None and module.sizing != "none":  # engine.preprocess.at_resolution's sizes
+        k = float(resolution) / min(raw_h, raw_w)
+        h, w = int(np.round(raw_h * k)), int(np.round(raw_w * k))
+        if module.sizing == "pad":
+            h, w = h + -h % 64, w + -w % 64
+        check_size(w, h, limits, field, f"the picture at processor resolution {resolution:g}")
+    if module.key == "tile_resample" and threshold_a is not None and threshold_a >= 1.1:
+        check_size(int(raw_w / threshold_a), int(raw_h / threshold_a), limits, field,
+                   f"the picture down-sampled by {threshold_a:g}")
+    return run(module, image, annotators, resolution, threshold_a, threshold_b, seed)
 
 
 # ---- fitting to the generation size -------------------------------------------------------------------

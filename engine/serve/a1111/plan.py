@@ -244,7 +244,8 @@ def unit_image(unit, where: str, fallback: np.ndarray | None, limits: Limits) ->
     elif image is not None and not isinstance(image, str):
         image, mask = image.image, image.mask if image.mask is not None else mask
     if mask not in (None, ""):
-        raise ApiError(422, f"{where}.mask", f"{where}.mask needs an inpaint module, which this server does not ship")
+        raise ApiError(422, f"{where}.mask", f"{where}.mask is not taken by units here (the inpaint modules' maps need "
+                                                  "it): POST /generate builds them from mask_image")
     if image in (None, ""):
         if fallback is None:
             raise ApiError(422, f"{where}.image", f"{where}.image is required: the unit is enabled but has no picture")
@@ -252,7 +253,15 @@ def unit_image(unit, where: str, fallback: np.ndarray | None, limits: Limits) ->
     return control.decode_rgb(image, f"{where}.image", limits)
 
 
-def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarray | None, limits: Limits) -> list[Unit]:
+def shuffle_seed(req, seed: int) -> int:
+    """The numpy seed the extension sets before preprocessing (shuffle): (seed + subseed) & 0xFFFFFFFF, an
+    unset subseed (-1) taken as the seed."""
+    subseed = seed if req.subseed in (None, -1) else max(int(req.subseed), 0)
+    return (seed + subseed) & 0xFFFFFFFF
+
+
+def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarray | None, limits: Limits,
+               annotators=None, seed: int | None = None) -> list[Unit]:
     units, used = [], {}
     for key, script in scripts.items():
         if key.lower() != "controlnet":
@@ -273,6 +282,11 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
                                                       "ControlNet runs once per generation here")
             used[slot] = i
             module = control.check_module(u.module, f"{where}.module")
+            if module.needs_mask or module.sampler_step:
+                what = "its map needs the unit's mask, which units here do not take" if module.needs_mask else \
+                    f"the extension also changes the sampling for it ({module.sampler_step}), which is not implemented"
+                raise ApiError(422, f"{where}.module", f"{where}.module {u.module!r} is not available in units: {what}; "
+                                                       "POST /controlnet/detect gives its map")
             end = u.guidance_end if u.guidance is None else u.guidance
             if not u.guidance_start < end:
                 raise ApiError(422, f"{where}.guidance_end", f"{where}: guidance_start ({u.guidance_start}) must be less "
@@ -285,7 +299,8 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
                 resolution = control.pixel_perfect_resolution(picture, height, width, resize_mode)
             thr_a = control.slider_value(module.threshold_a, u.threshold_a, f"{where}.threshold_a")
             thr_b = control.slider_value(module.threshold_b, u.threshold_b, f"{where}.threshold_b")
-            detected = control.detect(module, picture, resolution, thr_a, thr_b, limits, f"{where}.image")
+            detected = control.detect(module, picture, resolution, thr_a, thr_b, annotators, limits, f"{where}.image",
+                                      seed)
             units.append(Unit(key, i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
                               thr_a, thr_b, u.guidance_start, end, mode, u.pixel_perfect, u.save_detected_map,
                               control.fit(detected, resize_mode, height, width, limits, f"{where}.image")))
@@ -391,8 +406,9 @@ def plan_request(req, runner, limits: Limits, tokenizer: PromptTokenizer, lora_d
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
         if text is not None:
             check_prompt_length(text, tokenizer, name)
-    units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits)
     seed = random.randrange(MAX_SEED + 1) if req.seed == -1 else req.seed
+    units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits,
+                       runner.annotators, shuffle_seed(req, seed))
     count = req.batch_size * req.n_iter
     kwargs = dict(height=req.height, width=req.width, num_inference_steps=req.steps, guidance_scale=float(req.cfg_scale),
                   scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width))

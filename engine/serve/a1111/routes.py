@@ -14,6 +14,7 @@ other routes answer while a heavy request is prepared. Errors have A1111's shape
 import asyncio
 import base64
 import io
+import random
 import time
 from dataclasses import dataclass
 
@@ -199,10 +200,14 @@ def add_routes(app, server) -> None:
         return kwargs
 
     async def guarded(work):
+        from engine.preprocess import AnnotatorUnavailable
+
         try:
             return await work()
         except ApiError as err:
             return _from_api_error(err)
+        except AnnotatorUnavailable as err:  # a preprocessor's weights cannot be loaded on this server
+            return error_response(503, None, str(err), "AnnotatorUnavailable")
         except Exception as err:  # noqa: BLE001 - one failed request must not take the replica down
             return error_response(500, None, f"generation failed: {type(err).__name__}: {err}", type(err).__name__)
 
@@ -304,24 +309,33 @@ def add_routes(app, server) -> None:
 
     @app.get("/controlnet/module_list", response_model=ModuleListResponse, responses=ERRORS, tags=["ControlNet"])
     async def cn_module_list(alias_names: bool = Query(False)):
+        from engine.preprocess import available, sorted_modules
+
         def sliders(m):
             return [dict(name=s.label, value=s.value, min=s.minimum, max=s.maximum, step=s.step)
-                    for s in (m.resolution, m.threshold_a, m.threshold_b) if s is not None]
+                    for s in (m.resolution, m.threshold_a, m.threshold_b) if s is not None and s.visible]
 
-        modules = a1111_control.MODULES
+        # The extension's order and names (alias_names: its UI names); model_free is its "needs no ControlNet
+        # model" flag (reference_only and the like), false for every module here.
+        modules = {(m.alias if alias_names else m.key): m for m in sorted_modules() if available(m)}
         return dict(module_list=list(modules),
-                    module_detail={name: dict(model_free=True, sliders=sliders(m)) for name, m in modules.items()})
+                    module_detail={name: dict(model_free=False, sliders=sliders(m)) for name, m in modules.items()})
 
     @app.get("/controlnet/control_types", response_model=ControlTypesResponse, tags=["ControlNet"])
     async def cn_control_types():
+        from engine.preprocess import available, find_module, sorted_modules
+
         titles = a1111.controlnet_titles(runner.controlnet_specs)
-        types = {"All": dict(module_list=list(a1111_control.MODULES), model_list=["None", *titles],
+        usable = [m for m in sorted_modules() if available(m)]
+        types = {"All": dict(module_list=[m.key for m in usable], model_list=["None", *titles],
                              default_option="none", default_model="None")}
         for spec, title in zip(runner.controlnet_specs, titles):
-            module = spec.preprocessor if spec.preprocessor in a1111_control.MODULES else "none"
-            types[spec.name.replace("_", " ").title()] = dict(module_list=sorted({"none", module}),
-                                                               model_list=["None", title], default_option=module,
-                                                               default_model=title)
+            default = find_module(spec.preprocessor) if spec.preprocessor else None
+            tag = default.tags[0] if default is not None else None  # the extension's control type of the net
+            modules = ["none", *(m.key for m in usable if tag in m.tags)]
+            types[spec.name.replace("_", " ").title()] = dict(
+                module_list=modules, model_list=["None", title], default_model=title,
+                default_option=default.key if default is not None and default.key in modules else "none")
         return dict(control_types=types)
 
     @app.get("/controlnet/settings", response_model=ControlNetSettingsResponse, tags=["ControlNet"])
@@ -334,24 +348,30 @@ def add_routes(app, server) -> None:
             field = "controlnet_input_images" if req.controlnet_input_images else "controlnet_images"
             pictures = req.controlnet_input_images or req.controlnet_images or []
             module = a1111_control.check_module(req.controlnet_module, "controlnet_module")
+            if module.needs_mask:
+                raise ApiError(422, "controlnet_module", f"controlnet_module {req.controlnet_module!r} builds its map from "
+                                                         "a picture and a mask, which /controlnet/detect here does not take")
             if not pictures:
                 raise ApiError(422, "controlnet_input_images", "controlnet_input_images: no image given")
             if len(pictures) > server.limits.max_images:
                 raise ApiError(422, field, f"{field}: at most {server.limits.max_images} images per call")
             if req.controlnet_masks:
-                raise ApiError(422, "controlnet_masks", "controlnet_masks need an inpaint module, which this server "
-                                                        "does not ship")
+                raise ApiError(422, "controlnet_masks", "controlnet_masks are not taken here: the inpaint modules' maps "
+                                                        "need a mask (POST /generate builds them from mask_image)")
             resolution = a1111_control.slider_value(module.resolution, req.controlnet_processor_res,
                                                     "controlnet_processor_res")
             thr_a = a1111_control.slider_value(module.threshold_a, req.controlnet_threshold_a, "controlnet_threshold_a")
             thr_b = a1111_control.slider_value(module.threshold_b, req.controlnet_threshold_b, "controlnet_threshold_b")
+
+            seed = random.randrange(2**32)  # the extension's detect runs on numpy's unseeded state (shuffle)
 
             def run():
                 maps = []
                 for i, picture in enumerate(pictures):
                     where = f"{field}.{i}"
                     image = a1111_control.decode_rgb(picture, where, server.limits)
-                    detected = a1111_control.detect(module, image, resolution, thr_a, thr_b, server.limits, where)
+                    detected = a1111_control.detect(module, image, resolution, thr_a, thr_b, runner.annotators,
+                                                      server.limits, where, seed)
                     maps.append(png_b64(detected))
                 return maps
 

@@ -1,22 +1,18 @@
-"""Control images: reading what users pass, the preprocessors (canny first), and the control tensor.
+"""Pictures as users pass them: reading, normalising to RGB, masks, and the inpaint map.
 
-Users pass a raw picture; the named ControlNet type's preprocessor turns it into a control map (a
-3-channel picture in [0, 1]), and `control_tensor` resizes it to the generation size exactly as diffusers'
-ControlNet pipeline does (its own `VaeImageProcessor`, so outputs stay equal to diffusers).
+A control image is a PIL image, a numpy array or a file path; `load_image` turns each into RGB (a PIL
+image, or an HxWx3 float32 array for ready float maps), and the Runner resizes the map to the generation
+size exactly as diffusers' ControlNet pipeline does (its own `VaeImageProcessor`).
 """
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import numpy as np
 import PIL.Image
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, str, Path]
-
-CANNY_LOW, CANNY_HIGH = 100, 200  # the diffusers ControlNet canny recipe's thresholds
-
 
 def load_image(image: ImageInput, what: str = "control image") -> PIL.Image.Image | np.ndarray:
     """Normalise an input picture to RGB: a PIL image, or an HxWx3 float32 array in [0, 1].
@@ -99,31 +95,6 @@ def to_uint8(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
     return np.round(image * 255.0).astype(np.uint8)
 
 
-def canny(image: ImageInput, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> PIL.Image.Image:
-    """OpenCV Canny edges stacked to 3 channels, as in the diffusers ControlNet canny recipe."""
-    import cv2  # imported here: only the canny path needs OpenCV
-
-    if not (0 <= low <= high):
-        raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
-    edges = cv2.Canny(to_uint8(load_image(image)), low, high)
-    return PIL.Image.fromarray(np.stack([edges] * 3, axis=2))
-
-
-def identity(image: ImageInput) -> PIL.Image.Image | np.ndarray:
-    """For ControlNets whose control map is the picture itself (tile)."""
-    return load_image(image)
-
-
-def _needs_annotator(kind: str) -> Callable:
-    def unavailable(image: ImageInput):
-        raise ValueError(
-            f"the {kind!r} preprocessor needs an annotator model that this engine does not ship; "
-            "compute the control map yourself and pass it with preprocess=False"
-        )
-
-    return unavailable
-
-
 def inpaint(image: ImageInput, mask: ImageInput | None = None) -> np.ndarray:
     """The inpaint ControlNet's control map, as the diffusers recipe (make_inpaint_condition) builds it:
     the picture as HxWx3 float32 in [0, 1] with every masked pixel (mask > 0.5) set to -1.
@@ -139,37 +110,3 @@ def inpaint(image: ImageInput, mask: ImageInput | None = None) -> np.ndarray:
                          f"{pixels.shape[1]}x{pixels.shape[0]}: give a mask of the image's size")
     pixels[masked] = -1.0
     return pixels
-
-
-PREPROCESSORS: dict[str, Callable] = {"canny": canny, "tile": identity, "inpaint": inpaint}
-for _kind in ("depth", "openpose", "mlsd", "normalbae", "seg", "scribble", "softedge", "lineart",
-              "lineart_anime", "shuffle"):
-    PREPROCESSORS[_kind] = _needs_annotator(_kind)
-
-
-def canny_with(low: int, high: int) -> Callable:
-    """A canny preprocessor with other thresholds, to pass as `preprocess=`."""
-    if not (0 <= low <= high):
-        raise ValueError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
-    return partial(canny, low=low, high=high)
-
-
-def pick_preprocessor(preprocess, registered: str | None) -> Callable | None:
-    """What `Runner.generate(preprocess=...)` means for one ControlNet.
-
-    None: the ControlNet type's own preprocessor (none for ControlNets given by id or path); False: the
-    image is already a control map; a name from PREPROCESSORS; or any callable image -> control map.
-    """
-    if preprocess is None:
-        return PREPROCESSORS[registered] if registered else None
-    if preprocess is False:
-        return None
-    if isinstance(preprocess, str):
-        if preprocess not in PREPROCESSORS:
-            raise ValueError(f"unknown preprocessor {preprocess!r}; known: {', '.join(sorted(PREPROCESSORS))}")
-        return PREPROCESSORS[preprocess]
-    if callable(preprocess):
-        return preprocess
-    raise TypeError(
-        f"preprocess must be None, False, a preprocessor name or a callable, got {preprocess!r}"
-    )
