@@ -56,7 +56,7 @@ def server_url(lora_dir, tiny_dpt, tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
     port = start_local_serve()
-    missing = str(tmp_path_factory.mktemp("empty") / "no-such-model")  # weights that are not there: 503
+    missing = str(tmp_path_factory.mktemp("empty") / "no-such-model")  # weights that are not there: 422
     args = dict(model="tiny", controlnet=["canny", "depth"], torch_threads=1, demo=False, num_cpus=0.5, limits=LIMITS,
                 lora_dir=str(lora_dir), annotators={"depth_midas": tiny_dpt, "depth_anything": missing})
     serve.run(build_app(args), name="a1111", route_prefix="/")
@@ -132,7 +132,7 @@ def test_lists(api, server_url):
     assert all(re.fullmatch(r".+ \[[0-9a-f]{8}\]", t) for t in titles)
     assert {"none", "canny"} <= set(api.controlnet_module_list())
     assert api.controlnet_version() == 3
-    assert api.util_get_sampler_names() == sorted(["DPM++ 2M", "DDIM", "Euler", "Euler a", "UniPC"])
+    assert api.util_get_sampler_names() == sorted(["DPM++ 2M", "DDIM", "Euler", "Euler a", "LCM", "UniPC"])
     assert {"automatic", "karras"} <= set(api.util_get_scheduler_names())
     model = api.get_sd_models()[0]
     assert model["model_name"] == "tiny" and api.get_options()["sd_model_checkpoint"] == model["title"]
@@ -272,10 +272,12 @@ def test_unit_with_a_model_backed_module_equals_runner(api, photo64, tiny_dpt, r
     np.testing.assert_array_equal(pixels(r.images[1]), depth)
 
 
-def test_missing_weights_are_a_503_naming_them(server_url, photo64):
+def test_missing_weights_are_a_422_naming_them(server_url, photo64):
+    """Weights the server cannot load are the request's module field, not a 5xx: retrying will not help."""
     body = dict(controlnet_module="depth_anything", controlnet_input_images=[b64(photo64)])
     r = _post(server_url, "/controlnet/detect", body)
-    assert r.status_code == 503 and "no-such-model" in r.json()["detail"] and "\n" not in r.json()["detail"], r.text
+    assert r.status_code == 422 and r.json()["field"] == "controlnet_module", r.text
+    assert "no-such-model" in r.json()["detail"] and "\n" not in r.json()["detail"], r.text
     r = _post(server_url, "/controlnet/detect", dict(body, controlnet_module="sobel"))
     assert r.status_code == 422 and r.json()["field"] == "controlnet_module"
 

@@ -225,7 +225,7 @@ class Replica:
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
             return [api.runner_error(err, api.GENERATE_WORDS)] * len(reqs)
         except AnnotatorUnavailable as err:  # the preprocessor's weights cannot be loaded on this server
-            return [api.ApiError(503, "preprocess", str(err))] * len(reqs)
+            return [api.ApiError(422, "preprocess", f"preprocess: {err}")] * len(reqs)  # retrying will not help
         except Exception as err:  # noqa: BLE001 - one failed call must not take the replica down
             return [api.ApiError(500, None, f"generation failed: {type(err).__name__}: {err}")] * len(reqs)
         per = first.num_images_per_prompt

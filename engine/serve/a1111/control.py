@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.preprocess import Module, Slider, available, find_module, missing_extra, run, sorted_modules
+from engine.preprocess import AnnotatorUnavailable, Module, Slider, available, find_module, missing_extra, run, sorted_modules
 from engine.serve.api import ApiError, Limits, open_image
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # index = the extension's number
@@ -116,10 +116,12 @@ def check_size(width: int, height: int, limits: Limits, field: str, what: str) -
 
 
 def detect(module: Module, image: np.ndarray, resolution: float | None, threshold_a: float | None,
-           threshold_b: float | None, annotators, limits: Limits, field: str, seed: int | None = None) -> np.ndarray:
+           threshold_b: float | None, annotators, limits: Limits, field: str, module_field: str,
+           seed: int | None = None) -> np.ndarray:
     """The module's map (HxWx3 uint8) of an HxWx3 uint8 picture, at processor resolution, before fitting.
-    `annotators`: the server Runner's (model-backed modules load there once); `seed`: shuffle's. An ApiError
-    naming `field` when an image on the way would be out of bounds (`check_size`), before it is made."""
+    `annotators`: the server Runner's (model-backed modules load there once); `seed`: shuffle's. A 422 naming
+    `field` when an image on the way would be out of bounds (`check_size`), before it is made; naming
+    `module_field` when the module's annotator cannot be loaded on this server (retrying will not help)."""
     raw_h, raw_w = image.shape[:2]
     if resolution is not None and module.sizing != "none":  # engine.preprocess.at_resolution's sizes
         k = float(resolution) / min(raw_h, raw_w)
@@ -130,7 +132,10 @@ def detect(module: Module, image: np.ndarray, resolution: float | None, threshol
     if module.key == "tile_resample" and threshold_a is not None and threshold_a >= 1.1:
         check_size(int(raw_w / threshold_a), int(raw_h / threshold_a), limits, field,
                    f"the picture down-sampled by {threshold_a:g}")
-    return run(module, image, annotators, resolution, threshold_a, threshold_b, seed)
+    try:
+        return run(module, image, annotators, resolution, threshold_a, threshold_b, seed)
+    except AnnotatorUnavailable as err:
+        raise ApiError(422, module_field, f"{module_field} {module.key!r} is not available on this server: {err}") from None
 
 
 # ---- fitting to the generation size -------------------------------------------------------------------

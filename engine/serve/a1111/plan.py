@@ -300,7 +300,7 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
             thr_a = control.slider_value(module.threshold_a, u.threshold_a, f"{where}.threshold_a")
             thr_b = control.slider_value(module.threshold_b, u.threshold_b, f"{where}.threshold_b")
             detected = control.detect(module, picture, resolution, thr_a, thr_b, annotators, limits, f"{where}.image",
-                                      seed)
+                                      f"{where}.module", seed)
             units.append(Unit(key, i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
                               thr_a, thr_b, u.guidance_start, end, mode, u.pixel_perfect, u.save_detected_map,
                               control.fit(detected, resize_mode, height, width, limits, f"{where}.image")))

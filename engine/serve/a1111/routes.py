@@ -200,14 +200,10 @@ def add_routes(app, server) -> None:
         return kwargs
 
     async def guarded(work):
-        from engine.preprocess import AnnotatorUnavailable
-
         try:
             return await work()
         except ApiError as err:
             return _from_api_error(err)
-        except AnnotatorUnavailable as err:  # a preprocessor's weights cannot be loaded on this server
-            return error_response(503, None, str(err), "AnnotatorUnavailable")
         except Exception as err:  # noqa: BLE001 - one failed request must not take the replica down
             return error_response(500, None, f"generation failed: {type(err).__name__}: {err}", type(err).__name__)
 
@@ -371,7 +367,7 @@ def add_routes(app, server) -> None:
                     where = f"{field}.{i}"
                     image = a1111_control.decode_rgb(picture, where, server.limits)
                     detected = a1111_control.detect(module, image, resolution, thr_a, thr_b, runner.annotators,
-                                                      server.limits, where, seed)
+                                                      server.limits, where, "controlnet_module", seed)
                     maps.append(png_b64(detected))
                 return maps
 
