@@ -222,7 +222,7 @@ class TextEncoder(nn.Module):
 
 def text_encoders(sd) -> dict[str, TextEncoder]:
     """The model's text encoders by graph name, cut as its family conditions on (SDXL: penultimate, two)."""
-    sdxl = sd.text_encoder_2 is not None
+    sdxl = getattr(sd, "text_encoder_2", None) is not None  # SD1.5 parts (benchmarks' namespaces) may lack it
     encoders = {"text_encoder": TextEncoder(sd.text_encoder, penultimate=sdxl)}
     if sdxl:
         encoders["text_encoder_2"] = TextEncoder(sd.text_encoder_2, penultimate=True)

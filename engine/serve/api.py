@@ -75,6 +75,7 @@ class GenerateRequest:
     init_image: object = None  # PIL RGB image (img2img, inpaint)
     mask_image: object = None  # PIL image, the init image's size (inpaint)
     loras: tuple = ()  # ((name, weight), ...): LoRAs of the server's --lora-dir, by A1111 name
+    control_type: object = None  # ControlNet-Union types: one (a name or diffusers' index), or a tuple per ControlNet
 
 
 # name: (kind, default). Ranges live in `_check_ranges`, where they can read the Limits.
@@ -98,6 +99,7 @@ FIELDS = {
     "response_format": ("str", "json"),
     "strength": ("float", None),
     "loras": ("loras", ()),
+    "control_type": ("control_type", None),
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
 LORA_NAME = re.compile(r"^[\w][\w .\-]*$")  # a file name without extension: no folders, so no paths
@@ -121,6 +123,8 @@ def _coerce(name: str, kind: str, value, from_form: bool):
         return None
     if kind == "loras":
         return _coerce_loras(value, from_form)
+    if kind == "control_type":
+        return _coerce_control_type(value, from_form)
     if from_form and isinstance(value, str):
         text = value.strip()
         if text == "" and kind != "str":
@@ -182,6 +186,32 @@ def _coerce_loras(value, from_form: bool) -> tuple:
             raise ApiError(422, "loras", f"the weight of LoRA {name!r} must be a finite number, got {weight!r}")
         pairs.append((name, float(weight)))
     return tuple(pairs)
+
+
+def _coerce_control_type(value, from_form: bool):
+    """`control_type`: a ControlNet-Union's condition type (a name or diffusers' index), or a list with one per
+    ControlNet (null for plain ones; one condition per net over HTTP). A form gives the name, or the list as JSON
+    or "none,depth"."""
+    from engine.registry import union_type
+
+    if from_form and isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [None if t.strip() == "none" else t.strip() for t in text.split(",")] if "," in text else text
+        number = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
+        value = [number(v) for v in value] if isinstance(value, list) else number(value)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        try:
+            if item is not None:
+                union_type(item)
+        except ValueError as err:
+            raise ApiError(422, "control_type", str(err)) from None
+    return tuple(items) if isinstance(value, (list, tuple)) else value
 
 
 _KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
@@ -390,6 +420,7 @@ def batch_key(req: GenerateRequest) -> tuple:
         req.controlnet_conditioning_scale, req.guess_mode, req.control_guidance_start, req.control_guidance_end,
         req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
         None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength, req.loras,
+        req.control_type,
     )
 
 
@@ -423,6 +454,7 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         init_image=req.init_image,
         mask_image=req.mask_image,
         strength=req.strength,
+        control_type=list(req.control_type) if isinstance(req.control_type, tuple) else req.control_type,
     )
 
 
@@ -439,6 +471,11 @@ _KIND_SCHEMAS = {
                                    "minItems": 2, "maxItems": 2},
                                   {"type": "object", "required": ["name"],
                                    "properties": {"name": {"type": "string"}, "weight": {"type": "number"}}}]}},
+    "control_type": {"description": "ControlNet-Union condition type (openpose, depth, hed, scribble, canny, lineart, "
+                                    "normal, segment, tile, repaint, or diffusers' index), or one per ControlNet "
+                                    "(null for plain ControlNets)",
+                     "oneOf": [{"type": "string"}, {"type": "integer"},
+                               {"type": "array", "items": {"type": ["string", "integer", "null"]}}]},
 }
 
 

@@ -48,6 +48,9 @@ class ControlNetUnit(_Body):
     pixel_perfect: bool = Field(False, description="True: processor_res from the generation size")
     hr_option: str = Field("Both", description="Applies with hires fix only, which this server does not run")
     save_detected_map: bool = Field(True, description="Append the control map to the response's images")
+    union_control_type: Optional[str] = Field("Unknown", description="ControlNet-Union models: OpenPose, Depth, Soft "
+                                              "Edge, Hard Edge, Normal Map, Segmentation, Tile, Inpaint; Unknown: "
+                                              "the module's (canny: Hard Edge, tile_resample: Tile)")
     # Legacy aliases the extension still accepts.
     input_image: Optional[str] = Field(None, description="Legacy name for image")
     guidance: Optional[float] = Field(None, description="Legacy name for guidance_end")
@@ -62,7 +65,6 @@ class ControlNetUnit(_Body):
     advanced_weighting: Optional[list[float]] = None
     effective_region_mask: Optional[str] = None
     pulid_mode: str = "Fidelity"
-    union_control_type: str = "Unknown"
     ipadapter_input: Optional[Any] = None
     batch_mask_dir: Optional[str] = None
     animatediff_batch: bool = False

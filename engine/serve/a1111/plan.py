@@ -133,7 +133,7 @@ INERT_UNIT = {
     "is_ui": _none_or(False), "input_mode": _none_or("simple", "InputMode.SIMPLE"), "batch_images": _none_or("", []),
     "output_dir": _none_or(""), "loopback": _none_or(False), "inpaint_crop_input_image": lambda v: True,
     "advanced_weighting": _none_or(), "effective_region_mask": _none_or(""), "pulid_mode": lambda v: True,
-    "union_control_type": _none_or("Unknown"), "ipadapter_input": _none_or(), "batch_mask_dir": _none_or(""),
+    "ipadapter_input": _none_or(), "batch_mask_dir": _none_or(""),
     "animatediff_batch": _none_or(False), "batch_modifiers": lambda v: not v, "batch_image_files": lambda v: not v,
     "batch_keyframe_idx": _none_or(),
 }
@@ -203,6 +203,7 @@ class Unit:
     pixel_perfect: bool
     save_detected_map: bool
     control_map: np.ndarray  # height x width x 3 uint8, ready for the Runner
+    union_type: int | None = None  # a ControlNet-Union's condition type (diffusers' index)
 
 
 @dataclass
@@ -240,7 +241,36 @@ def unit_image(unit, where: str, fallback: np.ndarray | None, limits: Limits) ->
     return control.decode_rgb(image, f"{where}.image", limits)
 
 
-def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarray | None, limits: Limits) -> list[Unit]:
+# The extension's union control types (ControlNetUnionControlType, in diffusers' index order) and the type its
+# modules imply when the unit leaves union_control_type "Unknown" (the engine's model-free modules only).
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+UNION_TYPE_OF_MODULE = {"canny": 3, "tile_resample": 6}
+
+
+def _union_type(u, module: str, types: int | None, field: str) -> int | None:
+    """A unit's ControlNet-Union type index: its union_control_type, else the one its module implies; None for a
+    plain ControlNet (which refuses a type)."""
+    given = None if u.union_control_type in (None, "", "Unknown") else u.union_control_type
+    if types is None:
+        if given is not None:
+            raise ApiError(422, field, f"{field}={given!r} is for ControlNet-Union models; {u.model!r} is a plain "
+                                       "ControlNet: leave it 'Unknown'")
+        return None
+    if given is not None:
+        if given not in UNION_CONTROL_TYPES[:types]:
+            raise ApiError(422, field, f"{field} must be one of {', '.join(UNION_CONTROL_TYPES[:types])} (or Unknown "
+                                       f"with a module that implies one), got {given!r}")
+        return UNION_CONTROL_TYPES.index(given)
+    if module not in UNION_TYPE_OF_MODULE:
+        raise ApiError(422, field, f"{u.model!r} is a ControlNet-Union: module {module!r} implies no control type; give "
+                                   f"{field} (one of {', '.join(UNION_CONTROL_TYPES[:types])})")
+    return UNION_TYPE_OF_MODULE[module]
+
+
+def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarray | None, limits: Limits,
+               unions: list | None = None) -> list[Unit]:
+    """`unions`: per loaded ControlNet, a ControlNet-Union's number of types, None for a plain one."""
+    unions = unions or [None] * len(specs)
     units, used = [], {}
     for key, script in scripts.items():
         if key.lower() != "controlnet":
@@ -261,6 +291,7 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
                                                       "ControlNet runs once per generation here")
             used[slot] = i
             module = control.check_module(u.module, f"{where}.module")
+            union_type = _union_type(u, module.name, unions[slot], f"{where}.union_control_type")
             end = u.guidance_end if u.guidance is None else u.guidance
             if not u.guidance_start < end:
                 raise ApiError(422, f"{where}.guidance_end", f"{where}: guidance_start ({u.guidance_start}) must be less "
@@ -276,7 +307,7 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
             detected = control.detect(module, picture, resolution, thr_a, thr_b)
             units.append(Unit(key, i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
                               thr_a, thr_b, u.guidance_start, end, mode, u.pixel_perfect, u.save_detected_map,
-                              control.fit(detected, resize_mode, height, width)))
+                              control.fit(detected, resize_mode, height, width), union_type))
     odd = next((u for u in units if (u.control_mode == 2) != (units[0].control_mode == 2)), None)
     if odd is not None:
         raise ApiError(422, f"alwayson_scripts.{odd.script}.args.{odd.index}.control_mode",
@@ -293,8 +324,9 @@ def _control_mode(value, field: str) -> int:
     raise ApiError(422, field, f"{field} must be one of {', '.join(CONTROL_MODES)} or 0/1/2, got {value!r}")
 
 
-def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int) -> dict:
-    """Runner.generate's per-ControlNet arguments: unused slots at scale 0 (never run) and a blank map."""
+def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int, unions: list | None = None) -> dict:
+    """Runner.generate's per-ControlNet arguments: unused slots at scale 0 (never run) and a blank map (an unused
+    ControlNet-Union's type: 0, never read)."""
     blank = np.zeros((height, width, 3), np.uint8)
     by_slot = {u.slot: u for u in units}
     cond_only = any(u.control_mode == 2 for u in units)
@@ -308,6 +340,9 @@ def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int) ->
         control_mode=[RUNNER_CONTROL_MODES[by_slot[k].control_mode] if k in by_slot else idle_mode
                       for k in range(num_nets)] if units else None,
     )
+    if any(types is not None for types in unions or []):
+        kwargs["control_type"] = [by_slot[k].union_type if k in by_slot else (0 if unions[k] is not None else None)
+                                  for k in range(num_nets)]
     if num_nets == 1:
         kwargs = {k: (v[0] if isinstance(v, list) else v) for k, v in kwargs.items()}
     return kwargs
@@ -359,11 +394,12 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
         if text is not None:
             check_prompt_length(text, runner.tokenizer, name)
-    units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits)
+    unions = runner.parts.unions
+    units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits, unions)
     seed = random.randrange(MAX_SEED + 1) if req.seed == -1 else req.seed
     count = req.batch_size * req.n_iter
     kwargs = dict(height=req.height, width=req.width, num_inference_steps=req.steps, guidance_scale=float(req.cfg_scale),
-                  scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width))
+                  scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width, unions))
     return Plan(prompt=prompt, negative_prompt=negative,
                 seeds=[(seed + i) % (MAX_SEED + 1) for i in range(count)], sampler=sampler, schedule=schedule,
                 runner_kwargs=kwargs, units=units, prompt_as_sent=req.prompt, loras=loras)
