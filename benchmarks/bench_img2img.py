@@ -20,6 +20,7 @@ from benchmarks.bench_pipeline import (
     _skip_unless_selected,
     diffusers_pipeline,
     engine_runner,
+    held_for_the_module,
     image_error,
     release_after,
 )
@@ -30,6 +31,10 @@ BACKENDS = ["diffusers", "torch", "torch-fused", "torch-bf16", "onnxruntime"]
 
 @pytest.fixture(scope="module")
 def setup(request, bench_config):
+    yield from held_for_the_module(_setup(request, bench_config))
+
+
+def _setup(request, bench_config) -> dict:
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     from engine import Runner
@@ -47,7 +52,8 @@ def setup(request, bench_config):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, setup):
-    """Module-scoped, as bench_pipeline's: once a backend's row is done, what only it needed is dropped."""
+    """Module-scoped, as bench_pipeline's: once a backend's row is done, what only it needed is dropped (the
+    fp32 torch modules before the onnxruntime row)."""
     yield request.param
     release_after(setup, request.param, BACKENDS)
 

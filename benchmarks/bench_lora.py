@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.bench_pipeline import _after, _run
+from benchmarks.bench_pipeline import _after, _run, give_back_memory, held_for_the_module
 
 RANK = 16
 UNET_PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -38,6 +38,10 @@ def _lora_tensors(module: torch.nn.Module, suffixes: tuple[str, ...], gen: torch
 
 @pytest.fixture(scope="module")
 def lora_setup(request, bench_config, tmp_path_factory):
+    yield from held_for_the_module(_lora_setup(request, bench_config, tmp_path_factory))
+
+
+def _lora_setup(request, bench_config, tmp_path_factory) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from engine import Runner
@@ -73,9 +77,12 @@ def test_lora_switch(benchmark, lora_setup, bench_config, machine_info, backend)
     if backend not in bench_config.backends:
         pytest.skip(f"backend {backend} not selected (--backends {','.join(bench_config.backends)})")
     benchmark.group = f"lora switch {bench_config.size} rank {RANK}"
-    runner = lora_setup["runner"]
     if backend == "onnxruntime":
+        if lora_setup.pop("runner", None) is not None:  # the torch row's fp32 modules, beside ORT's own graphs
+            give_back_memory()
         runner = Runner(engine_dir=str(lora_setup["engine_dir"]), backend="onnxruntime")
+    else:
+        runner = lora_setup["runner"]
     weights = iter([0.8, 0.6] * 64)  # each round a real switch: another weight of the same LoRA
 
     def switch():

@@ -26,6 +26,20 @@ PROMPT = "an astronaut, best quality"
 
 @pytest.fixture(scope="module")
 def setup(request, bench_config):
+    yield from held_for_the_module(_setup(request, bench_config))
+
+
+def held_for_the_module(resources: dict):
+    """A module fixture's body: yield its dict of models, then empty it. The dict is made by a plain function
+    and only the dict is held here, so when a row's models are popped from it (release_after) nothing else
+    keeps them alive: a fixture that made them as its own locals before `yield` held every one of them,
+    from a suspended frame, until the module's end."""
+    yield resources
+    resources.clear()  # pytest holds the dict until the session ends: drop its models now, for the next module
+    give_back_memory()
+
+
+def _setup(request, bench_config) -> dict:
     from diffusers import StableDiffusionControlNetPipeline
 
     from engine import Runner
@@ -67,10 +81,13 @@ def diffusers_pipeline(pipeline_class, runner):
 
 def build_engine_dir(bench_config, tmp_path_factory):
     """An engine dir for the same random weights (seeded presets), sized for this run, that ONNX Runtime
-    and OpenVINO both run (the same ONNX graphs); returns it and what the build cost: wall seconds, and per
-    artefact its files' bytes and export seconds."""
+    and OpenVINO both run (the same ONNX graphs); returns it and what the build cost: wall seconds, the
+    build's peak RSS, and per artefact its files' bytes and export seconds. The build runs in a process of
+    its own (a full-size export peaks at 6.7-8.5 GB, FACTS.md), before any row loads a model."""
+    import os
     import subprocess
     import sys
+    import tempfile
     import time
 
     out = tmp_path_factory.mktemp("engine") / bench_config.size
@@ -80,16 +97,21 @@ def build_engine_dir(bench_config, tmp_path_factory):
            "--out", str(out), "--backend", backend, "--min-size", res, "--opt-size", res, "--max-size", res,
            "--max-batch", "1", "--no-verify", "--no-progress"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"engine build failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # the build's own peak RSS with its exit status
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"engine build failed ({' '.join(cmd)}):\n{log.read()}")
     seconds = time.perf_counter() - start
-    print(f"built {out} in {seconds:.0f} s")
+    peak_gb = usage.ru_maxrss * 1024 / 1e9  # kB on Linux
+    print(f"built {out} in {seconds:.0f} s, peak RSS {peak_gb:.1f} GB")
     from engine import manifest
 
     artefacts = {a.name: dict(bytes=sum((out / f).stat().st_size for f in a.files), build_s=a.build_s)
                  for a in manifest.load(out).artefacts.values()}
-    return out, dict(seconds=seconds, artefacts=artefacts)
+    return out, dict(seconds=seconds, peak_rss_gb=peak_gb, artefacts=artefacts)
 
 
 @pytest.fixture(scope="module")
@@ -149,27 +171,32 @@ def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
 
 
 # "torch-fused": the torch backend with the fused zero-conv residual path (engine.optimizations).
-# "torch-cpu" / "torch-compiled": the CPU presets "cpu" / "cpu-compiled" for this CPU's class in fp32, over
-# fp32 copies of the same weights (a preset changes modules in place, and the baseline's must stay as they
-# are): the presets held to diffusers at the same precision on every CPU, bf16 or not.
 # "-bf16": bf16 weights (the engine: preset "cpu", fp32 latents and scheduler; diffusers: the pipeline
 # cast to bf16, what its users would do); their floor is taken at the bf16 matmul rate.
 # "torch-compiled-bf16": preset "cpu-compiled", the step compiled with frozen weights over the same bf16
 # modules; its 1-2 minutes of compilation fall in the untimed warm-up call.
+# "torch-cpu" / "torch-compiled": the CPU presets "cpu" / "cpu-compiled" for this CPU's class in fp32: the
+# presets held to diffusers at the same precision on every CPU, bf16 or not. They run last of the torch
+# rows, over the very fp32 modules the rows before them ran (a preset changes modules in place: attention
+# processors, channels-last), so no second fp32 copy is held (5.7 GB at full size).
 # "openvino-f32" / "openvino-bf16": the engine dir's ONNX graphs (the ones onnxruntime runs) compiled by
 # OpenVINO with INFERENCE_PRECISION_HINT f32 / bf16 (Runner(backend="openvino", dtype=...)); the bf16 row
 # only where OpenVINO lists BF16 (AVX512-BF16 or AMX). Their compilation falls in the first warm-up call,
 # recorded as first_call_s beside compile_s (OpenVINO's own compile or cache-load seconds).
-STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-cpu", "torch-compiled", "torch-bf16",
-                 "torch-compiled-bf16", "onnxruntime", "openvino-f32", "openvino-bf16", "tensorrt"]
-# What each backend adds to `setup` beyond the shared fp32 modules. Once the last backend that uses a
-# resource is done, the resource is dropped: at full size each is GBs (bf16 copies 2.6-2.9 GB, the frozen
-# step's packed weights ~2.4 GB more, ONNX Runtime's graphs 5.3 GB), and holding them all at once took the
-# sd15 run's peak RSS to 23.1 GB of this machine's 24.
-RESOURCES = {"diffusers-bf16": "bf16_pipe", "torch-fused": "fused_runner", "torch-cpu": "fp32_engine",
-             "torch-compiled": "fp32_engine", "torch-bf16": "bf16_engine",
-             "torch-compiled-bf16": "bf16_engine", "onnxruntime": "ort_runner", "openvino-f32": "ov_runner_f32",
-             "openvino-bf16": "ov_runner_bf16"}
+STEP_BACKENDS = ["diffusers", "diffusers-bf16", "torch", "torch-fused", "torch-bf16", "torch-compiled-bf16",
+                 "torch-cpu", "torch-compiled", "onnxruntime", "openvino-f32", "openvino-bf16", "tensorrt"]
+# What each backend holds in `setup`. Once the last backend that uses a resource is done, the resource is
+# dropped: at full size each is GBs (the shared fp32 modules 5.7 GB, bf16 copies 2.6-2.9 GB, the frozen
+# step's packed weights ~2.4 GB more, ONNX Runtime's graphs 5.3 GB, OpenVINO's read and compiled graphs).
+# Holding them all at once took the sd15 run's peak RSS to 23.1 GB of this machine's 24, and on a Xeon
+# with AMX the torch rows alone peaked at 23.8 GB, the graph rows at 21.5 GB (issue #22): now the graph
+# rows run without the torch modules, and the fp32 preset rows without a copy of them.
+FP32_MODULES = ("pipe", "runner")  # the shared fp32 models: diffusers' pipeline and the torch Runner over them
+RESOURCES = {"diffusers": ("fp32_modules",), "diffusers-bf16": ("fp32_modules", "bf16_pipe"),
+             "torch": ("fp32_modules",), "torch-fused": ("fp32_modules", "fused_runner"),
+             "torch-bf16": ("fp32_modules", "bf16_engine"), "torch-compiled-bf16": ("fp32_modules", "bf16_engine"),
+             "torch-cpu": ("fp32_modules", "fp32_engine"), "torch-compiled": ("fp32_modules", "fp32_engine"),
+             "onnxruntime": ("ort_runner",), "openvino-f32": ("ov_runner_f32",), "openvino-bf16": ("ov_runner_bf16",)}
 
 
 @pytest.fixture(scope="module", params=STEP_BACKENDS)
@@ -181,16 +208,32 @@ def backend(request, setup):
 
 
 def release_after(setup: dict, backend: str, order: list[str]) -> None:
-    """Drop from `setup` what `backend` added (RESOURCES) unless a backend after it in `order` uses it too."""
-    resource = RESOURCES.get(backend)
-    later = order[order.index(backend) + 1:]
-    if resource in setup and not any(RESOURCES.get(b) == resource for b in later):
-        import gc
-
-        del setup[resource]
+    """Drop from `setup` what `backend` held (RESOURCES) unless a backend after it in `order` uses it too.
+    The fp32 modules stay while diffusers' reference images (every generate row's PSNR) are not made yet."""
+    later = [resource for b in order[order.index(backend) + 1:] for resource in RESOURCES.get(b, ())]
+    dropped = False
+    for resource in RESOURCES.get(backend, ()):
+        if resource in later or (resource == "fp32_modules" and "reference_images" not in setup):
+            continue
+        for key in FP32_MODULES if resource == "fp32_modules" else (resource,):
+            dropped |= setup.pop(key, None) is not None
         if resource in ("bf16_engine", "fp32_engine"):
             torch._dynamo.reset()  # compiled code, and the frozen weights in it, live in dynamo's caches
-        gc.collect()
+    if dropped:
+        give_back_memory()
+
+
+def give_back_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc's malloc_trim), so the next row's peak RSS
+    is its own and not what earlier rows left in the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _skip_unless_selected(bench_config, backend: str) -> None:
@@ -388,9 +431,10 @@ def bf16_pipe(setup):
 
 
 def preset_engine(setup, dtype) -> dict:
-    """The engine's Runners in `dtype` with this CPU's presets, over their own copies of the same weights
-    (the presets' switches change models in place: attention processors, channels-last): "cpu" eager, and
-    "cpu-compiled" over the same modules (its frozen weights are inductor's own packed copies)."""
+    """The engine's Runners in `dtype` with this CPU's presets: "cpu" eager, and "cpu-compiled" over the same
+    modules (its frozen weights are inductor's own packed copies). bf16: over bf16 copies of the weights.
+    fp32: over the shared fp32 modules themselves, which the presets' switches change in place (attention
+    processors, channels-last): these rows run after every other row that uses them (STEP_BACKENDS)."""
     from types import SimpleNamespace
 
     from engine.optimizations import cpu_preset
@@ -398,8 +442,9 @@ def preset_engine(setup, dtype) -> dict:
     key = "bf16_engine" if dtype == torch.bfloat16 else "fp32_engine"
     if key not in setup:
         pipe = setup["pipe"]
-        sd = SimpleNamespace(**{name: _copy(getattr(pipe, name), dtype) for name in ("text_encoder", "unet", "vae")})
-        nets = [_copy(pipe.controlnet, dtype)]
+        own = (lambda module: _copy(module, dtype)) if dtype != torch.float32 else (lambda module: module)
+        sd = SimpleNamespace(**{name: own(getattr(pipe, name)) for name in ("text_encoder", "unet", "vae")})
+        nets = [own(pipe.controlnet)]
         # The presets for this CPU's instruction-set class (engine/optimizations.py CPU_PRESETS).
         setup[key] = dict(runner=_runner_over(setup, sd, nets, dtype, cpu_preset("cpu")),
                           compiled=_runner_over(setup, sd, nets, dtype, cpu_preset("cpu-compiled")))

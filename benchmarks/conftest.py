@@ -3,10 +3,18 @@
 Without --benchmark every benchmark runs once, untimed, as a smoke check (CI keeps them working). With
 it, pytest-benchmark times them (several rounds, medians) and writes JSON to benchmarks/results/, from
 which `python -m benchmarks.report` rebuilds benchmarks/README.md and its plot.
+
+The JSON is rewritten after every row (as benchmarks/gpu_suite.py writes its results), not only when the
+session ends: an sd15 run killed by the OOM killer at its 17th row had written nothing (issue #22). Each
+row records `peak_rss_gb`, the process's peak resident memory from the start of the row's setup (its
+fixtures: models loaded for it) to the end of its timed call (Linux: the peak is reset through
+/proc/self/clear_refs before each row).
 """
 from __future__ import annotations
 
+import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +47,74 @@ def pytest_configure(config):
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         config.option.benchmark_json = RESULTS / f"cpu-{config.getoption('--size')}-{stamp}.json"
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux; elsewhere the peak stays the process's own)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_gb(field: str = "VmHWM") -> float | None:
+    """This process's resident memory (GB): VmHWM its peak since the last reset_peak_rss, VmRSS now; None
+    where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 / 1e9 if found else None
+
+
+START_RSS = pytest.StashKey[float]()  # the resident memory a row started from
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    reset_peak_rss()  # before the row's fixtures are made: what it loads counts as its own
+    item.stash[START_RSS] = rss_gb("VmRSS")
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    outcome = yield
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    if bench is None or not hasattr(bench, "extra_info"):
+        return
+    # The start says what earlier rows left behind; peak minus start is what this row itself added.
+    bench.extra_info.update(peak_rss_gb=rss_gb(), start_rss_gb=item.stash.get(START_RSS, None))
+    if outcome.excinfo is None:
+        write_results_so_far(item.config)
+
+
+RUN_INFO = pytest.StashKey[tuple]()  # (machine info, commit info) of this run
+
+
+def write_results_so_far(config) -> None:
+    """pytest-benchmark's JSON of the rows finished so far, written atomically where the session will write
+    its final one, so a run killed midway keeps every finished row."""
+    from pytest_benchmark.utils import safe_dumps
+
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled or not session.json or not session.benchmarks:
+        return
+    if RUN_INFO not in config.stash:  # py-cpuinfo and git, once per run
+        commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
+        config.hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
+        config.stash[RUN_INFO] = (session.get_machine_info(), commit_info)
+    machine_info, commit_info = config.stash[RUN_INFO]
+    output = config.hook.pytest_benchmark_generate_json(config=config, benchmarks=session.benchmarks,
+                                                        include_data=True, machine_info=machine_info,
+                                                        commit_info=commit_info)
+    config.hook.pytest_benchmark_update_json(config=config, benchmarks=session.benchmarks, output_json=output)
+    path = Path(session.json)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(safe_dumps(output, ensure_ascii=True, indent=4))
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

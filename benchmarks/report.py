@@ -4,7 +4,8 @@
 
 Each row: median and spread (IQR) of the timed rounds, the ratio to the group's baseline measured in
 the same run (diffusers for pipeline groups, torch's unfused path for kernel groups), and — for denoising steps — the multiple of the floor (counted FLOPs at the measured matmul
-rate of the row's dtype), and for whole generations the images' PSNR against diffusers' fp32 images.
+rate of the row's dtype), and for whole generations the images' PSNR against diffusers' fp32 images, and
+each row's peak RSS (the process's, from the row's setup to the end of its timed call).
 Nothing here measures anything; it only lays out what the JSON holds.
 """
 from __future__ import annotations
@@ -66,27 +67,41 @@ def table(path: Path) -> str:
         f"torch {first.get('torch', '?')}, {first.get('threads', '?')} threads · "
         f"matmul {first.get('matmul_gflops', 0):.0f} GFLOP/s measured in the run" + _bf16_rate(rs),
         "",
-        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor | first call s | PSNR vs diffusers fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| group | backend | median ms | IQR ms | rounds | x faster than baseline | x floor | first call s | PSNR vs diffusers fp32 "
+        "| peak RSS GB (+ over its start) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rs:
         ratio = f"{r['vs_baseline']:.2f}" if r["vs_baseline"] else "–"
         floor = f"{r['info']['x_floor']:.2f}" if "x_floor" in r["info"] else "–"
         first_call = f"{r['info']['first_call_s']:.1f}" if "first_call_s" in r["info"] else "–"  # compilation
+        peak = _peak(r["info"])
         lines.append(f"| {r['group']} | {r['backend']} | {_ms(r['median'])} | {_ms(r['iqr'])} | {r['rounds']} | "
-                     f"{ratio} | {floor} | {first_call} | {_psnr(r['info'])} |")
+                     f"{ratio} | {floor} | {first_call} | {_psnr(r['info'])} | {peak} |")
     build = next((r["info"]["engine_build"] for r in rs if "engine_build" in r["info"]), None)
     if build:
         parts = ", ".join(f"{name} {a['bytes'] / 2**20:,.1f} MiB ({a['build_s']:.0f} s)"
                           for name, a in build["artefacts"].items())
+        peak = f", peak RSS {build['peak_rss_gb']:.1f} GB in its own process" if "peak_rss_gb" in build else ""
         lines += ["", f"Engine dir (ONNX graphs, run by onnxruntime and openvino) built in {build['seconds']:.0f} s "
-                      f"(export, clean-up, save): {parts}."]
+                      f"(export, clean-up, save{peak}): {parts}."]
+    peaks = [r["info"]["peak_rss_gb"] for r in rs if r["info"].get("peak_rss_gb") is not None]
+    if peaks:
+        lines += ["", f"Peak RSS of the benchmark process over all rows: {max(peaks):.1f} GB."]
     return "\n".join(lines)
 
 
 def _bf16_rate(rs: list[dict]) -> str:
     bf16 = next((r for r in rs if r["backend"].endswith("-bf16") and "matmul_gflops" in r["info"]), None)
     return f" (bf16: {bf16['info']['matmul_gflops']:.0f}, the floor of the -bf16 rows)" if bf16 else ""
+
+
+def _peak(info: dict) -> str:
+    """The row's peak RSS, and what it added over the memory it started from (what earlier rows left)."""
+    peak, start = info.get("peak_rss_gb"), info.get("start_rss_gb")
+    if peak is None:
+        return "–"
+    return f"{peak:.1f}" + (f" (+{peak - start:.1f})" if start is not None else "")
 
 
 def _psnr(info: dict) -> str:

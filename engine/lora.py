@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +46,9 @@ SDXL_MARKERS = ("text_encoder_2.", "lora_te1_", "lora_te2_", "lora_unet_input_bl
 SD15_MARKERS = ("lora_te_",)  # kohya's single text encoder (SDXL files say lora_te1_ / lora_te2_)
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 EXTENSIONS = (".safetensors",)
+# LoRA files LoraSwitch keeps read (the least recently used is dropped): a server whose clients name many
+# LoRAs in turn holds this many, not every file ever named.
+FILE_CACHE_SIZE = 16
 
 
 class LoraError(ValueError):
@@ -313,14 +317,17 @@ def find_lora(name: str, lora_dir) -> Path:
     return found[0]
 
 
-def parse_prompt_loras(prompt: str, lora_dir) -> tuple[str, list[tuple[Path, float]]]:
+def parse_prompt_loras(prompt: str, lora_dir, max_loras: int | None = None) -> tuple[str, list[tuple[Path, float]]]:
     """A1111's `<lora:NAME>` / `<lora:NAME:WEIGHT>` tags -> (the prompt with the tags removed, [(file, weight)]).
 
     As A1111 (modules/extra_networks.parse_prompt): each tag is replaced by nothing, the rest of the text is
-    left exactly as it was; the weight defaults to 1.0. A1111's third field (a separate UNet weight) and
-    other extra networks (hypernetworks, ...) are refused rather than ignored.
+    left exactly as it was; the weight defaults to 1.0. A name given in several tags is one entry: A1111's
+    `networks.load_networks` reuses the one loaded network for every tag of a name, sets its weight from each
+    tag in turn and applies it once per tag, so `<lora:x:0.5> <lora:x:0.3>` is x at 2 x 0.3. `max_loras`:
+    at most this many distinct names, checked before any is looked up in the folder. A1111's third field (a
+    separate UNet weight) and other extra networks (hypernetworks, ...) are refused rather than ignored.
     """
-    found: list[tuple[Path, float]] = []
+    tags: dict[str, tuple[int, float]] = {}  # name -> (tags naming it, the last tag's weight), in order
 
     def replace(match: re.Match) -> str:
         kind, args = match.group(1), match.group(2).split(":")
@@ -335,10 +342,15 @@ def parse_prompt_loras(prompt: str, lora_dir) -> tuple[str, list[tuple[Path, flo
                 weight = float(args[1])
             except ValueError:
                 raise LoraError(f"prompt tag {match.group(0)!r}: the weight {args[1]!r} is not a number") from None
-        found.append((find_lora(args[0], lora_dir), check_weight(weight, f"the weight in {match.group(0)!r}")))
+        weight = check_weight(weight, f"the weight in {match.group(0)!r}")
+        tags[args[0]] = (tags.get(args[0], (0, 0.0))[0] + 1, weight)
         return ""
 
-    return EXTRA_NETWORK.sub(replace, prompt), found
+    text = EXTRA_NETWORK.sub(replace, prompt)
+    if max_loras is not None and len(tags) > max_loras:
+        raise LoraError(f"the prompt names {len(tags)} LoRAs ({', '.join(tags)}); at most {max_loras} are allowed")
+    return text, [(find_lora(name, lora_dir), check_weight(count * weight, f"the weight of LoRA {name!r}"))
+                  for name, (count, weight) in tags.items()]
 
 
 def lora_short_hash(path) -> str:
@@ -380,7 +392,7 @@ class LoraSwitch:
     weight the old set changed but the new one does not goes back to its base value (bit for bit: the base is
     kept as read, float32, which holds fp16/bf16/fp32 values exactly). The base is read from the backend the
     first time a weight is targeted, before anything changed it, so the model is never reloaded. Files are
-    read once and kept (keyed by path, size and modification time).
+    read once and kept (keyed by path, size and modification time), the FILE_CACHE_SIZE most recently used.
     """
 
     def __init__(self, backend, family: str = "sd15", unet_config=None):
@@ -391,13 +403,16 @@ class LoraSwitch:
         self.active: list[tuple[Lora, float]] = []
         self.base: dict[str, dict[str, torch.Tensor]] = {g: {} for g in self.graphs}
         self.changed: dict[str, set[str]] = {g: set() for g in self.graphs}
-        self._files: dict[tuple, Lora] = {}
+        self._files: OrderedDict[tuple, Lora] = OrderedDict()  # least recently used first
 
     def _load(self, source: str) -> Lora:
         path = Path(source).expanduser()
         key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else (source,)
         if key not in self._files:
             self._files[key] = load_lora(source, self.family, self.unet_config)
+            while len(self._files) > FILE_CACHE_SIZE:
+                self._files.popitem(last=False)
+        self._files.move_to_end(key)
         return self._files[key]
 
     def set(self, loras) -> None:

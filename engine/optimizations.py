@@ -149,10 +149,20 @@ CPU_PRESETS = {
         # .json). oneDNN's bf16 convolutions want NHWC: the VAE decode took 1.49 s against 1.76 s in NCHW;
         # the native bf16 attention took the step's attention from 216 to 100 ms (profiled).
         "avx512_bf16": TorchOptimizations(channels_last=True, attention="native"),
-        # Intel Xeon with AMX (2026-12-01): the Zen 4 preset (channels-last, our attention kernel) took
-        # 1085 ms a bf16 step against diffusers-bf16's 809: AMX's oneDNN kernels and torch's flash
-        # attention beat it. So diffusers' own layout and SDPA, with the hint encoded once per image.
-        "amx": TorchOptimizations(attention="native"),
+        # Intel Xeon with AMX (family 6 model 167): diffusers' own modules, every switch off, in bf16 and
+        # fp32. bf16 (2026-12-01): the Zen 4 preset (channels-last, our attention kernel) took 1085 ms a
+        # step against diffusers-bf16's 809: AMX's oneDNN kernels and torch's flash attention beat it;
+        # with diffusers' layout and SDPA ("native" attention is SDPA on AMX) 849 ms against 874, a
+        # generation 3.72 s against 4.76 s (FACTS.md, 2026-12-05). fp32 (2026-12-05, same run, FACTS.md):
+        # the reference switches took 2620 ms a step against diffusers' 2434 (0.93x), 12.51 s a
+        # generation against 12.16 (0.97x); with attention="native" (SDPA through our op) 2706 ms (0.90x)
+        # and 13.78 s (0.88x): the reference is the better of the two, so fp32 gets it (issue #22). No
+        # eager switch measured there beat diffusers in fp32; the compiled preset did (1.42x, 1.33x). The
+        # eager step is diffusers' own ops minus the per-step hint encoder (profiled, op by op, 256² full
+        # SD1.5 on a Zen 3, 2026-12-05), and the same reference step took 1947 ms against diffusers'
+        # 2527 on an AMX Xeon on 2026-12-01: the 0.93x is run-to-run spread on a shared 2-core VM, not
+        # extra work, and is to be measured again on AMX.
+        "amx": TorchOptimizations(),
         # AVX2 only (AMD EPYC Zen 3, family 25 model 1; bf16 emulated, ~30x slower: fp32 here):
         # channels-last made one SD1.5 down block (CrossAttnDownBlock2D, 320 ch, latent 32x32, batch 2)
         # no faster in fp32 (1138 vs 1141 ms, interleaved, 1 thread, 2026-12-01). Diffusers' layout, so

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from engine import modes
-from engine.backends import check_backend_name
+from engine.backends import check_backend_name, check_finite
 from engine.controls import step_hint
 from engine.families import cond_half
 from engine.optimizations import TorchOptimizations, resolve_optimizations
@@ -156,6 +156,8 @@ class Runner:
 
         with timer("text_encoder"):
             cond = self.family.encode(backend, plan)
+        for name, tensor in cond.items():
+            check_finite(tensor, f"text conditioning ({name})", backend, self.dtype)
         control_cond = cond_half(cond, plan.batch) if plan.guess and plan.do_cfg else cond
         controls = plan.controls
         net_conds = [{**control_cond, **own} for own in controls.net_cond]  # a union net's types are its own input
@@ -208,6 +210,7 @@ class Runner:
             if plan.callback is not None:
                 plan.callback(i + 1, total)
 
+        check_finite(latents, "final latents", backend, self.dtype)
         if plan.output_type == "latent":
             images = latents
         else:

@@ -19,6 +19,9 @@ if shutil.which("nvidia-smi") is None:
 # descheduled (tests/test_flops.py 5 s -> 51 s).
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The serving tests send bad requests by the dozen from one address (loopback), whose 4xx answers Serve's
+# proxy would pace at 4 a second (engine/serve/proxy.py); the pacing has its own test (test_serve_limits.py).
+os.environ.setdefault("ENGINE_PROXY_ERRORS_PER_S", "1000")
 
 import numpy as np
 import PIL.Image
@@ -26,7 +29,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The modules that run a local Ray (test_serve's server, shared, or one of their own started in turn).
-RAY_MODULES = {"test_serve", "test_serve_browser", "test_img2img_serve", "test_a1111", "bench_serve"}
+RAY_MODULES = {"test_serve", "test_serve_browser", "test_img2img_serve", "test_a1111", "test_serve_faults", "bench_serve"}
 # The backends that run an engine dir's ONNX graphs, as a test parameter: OpenVINO where it is installed.
 GRAPH_BACKENDS = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="openvino is not installed"))]

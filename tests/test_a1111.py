@@ -222,13 +222,14 @@ def test_detect_canny_equals_cv2(api, photo, photo64):
 def test_resize_modes_fit_the_map(photo):
     """The three resize modes give a map of the generation size; Crop and Resize keeps the centre."""
     from engine.serve.a1111 import control
+    from engine.serve.api import Limits
 
     wide = np.asarray(photo.resize((128, 64)))
     for mode in range(3):
-        assert control.fit(wide, mode, 64, 48).shape == (64, 48, 3)
-    crop = control.fit(wide, 1, 64, 64)
+        assert control.fit(wide, mode, 64, 48, Limits(), "image").shape == (64, 48, 3)
+    crop = control.fit(wide, 1, 64, 64, Limits(), "image")
     np.testing.assert_array_equal(crop, wide[:, 32:96])
-    fill = control.fit(wide, 2, 64, 64)  # scaled to 64x32, centred, bands of the median border colour
+    fill = control.fit(wide, 2, 64, 64, Limits(), "image")  # scaled to 64x32, centred, bands of the median border colour
     assert (fill[:16] == fill[0, 0]).all() and (fill[48:] == fill[0, 0]).all()
     assert control.pixel_perfect_resolution(wide, 64, 64, 1) == 64 and control.pixel_perfect_resolution(wide, 64, 64, 2) == 32
 
@@ -336,10 +337,10 @@ def test_img2img_with_a_unit_equals_runner(api, photo64, reference, inpaint):
 
 def test_openapi_documents_both_apis(server_url):
     spec = requests.get(server_url + "/openapi.json", timeout=TIMEOUT).json()
-    from engine.serve.api import FIELDS
+    from engine.serve.api import FIELDS, IMAGE_FIELDS
 
     generate = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(generate["properties"]) == {"image", *FIELDS}
+    assert set(generate["properties"]) == {*IMAGE_FIELDS, *FIELDS}
     txt2img = spec["paths"]["/sdapi/v1/txt2img"]["post"]
     ref = txt2img["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     assert {"prompt", "alwayson_scripts", "sampler_name", "seed"} <= set(spec["components"]["schemas"][ref]["properties"])
@@ -362,7 +363,19 @@ def test_schema_fuzz_finds_no_5xx_and_no_schema_break(server_url):
     )
 
     schema = schemathesis.openapi.from_url(server_url + "/openapi.json")
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    named = {}  # (status, field or None) -> count
+
+    def error_shape(ctx, response, case):
+        """Every 4xx is JSON in the route's error shape, naming the field it is about ("body": the whole body)."""
+        if 400 <= response.status_code < 500:
+            body = response.json()
+            assert isinstance(body, dict) and {"error", "field"} <= set(body), f"{case.path}: {response.text[:200]}"
+            assert body["field"], f"a {response.status_code} names no field: {case.path} {response.text[:200]}"
+            key = (response.status_code, "named" if body["field"] else None)
+            named[key] = named.get(key, 0) + 1
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              error_shape]
     deadline = time.monotonic() + FUZZ_SECONDS  # the time cap: later operations get no examples past it
     seen, statuses = [], {}
     for result in schema.get_all_operations():
@@ -383,10 +396,18 @@ def test_schema_fuzz_finds_no_5xx_and_no_schema_break(server_url):
             except Unsatisfiable:  # negative mode on an operation without inputs: nothing to break
                 assert mode == schemathesis.GenerationMode.NEGATIVE
         seen.append(f"{operation.method.upper()} {operation.path}")
-    print(f"fuzzed {len(seen)} operations ({', '.join(seen)}); responses by status: {dict(sorted(statuses.items()))}")
+    print(f"fuzzed {len(seen)} operations ({', '.join(seen)}); responses by status: {dict(sorted(statuses.items()))}; "
+          f"4xx by field named: {named}")
     assert time.monotonic() < deadline, "the fuzz ran into its time cap: some operations got no examples"
     assert {"POST /sdapi/v1/txt2img", "POST /generate", "POST /controlnet/detect"} <= set(seen)
     assert requests.get(server_url + "/healthz", timeout=TIMEOUT).status_code == 200
+    # The replica still generates, on both APIs, after whatever the fuzz sent.
+    r = _post(server_url, "/sdapi/v1/txt2img", _good_body(PIL.Image.new("RGB", (64, 64), "white")))
+    assert r.status_code == 200 and r.json()["images"], r.text
+    blank = b64(PIL.Image.new("RGB", (64, 64)))
+    r = _post(server_url, "/generate", dict(prompt="after the fuzz", image=[blank, blank], preprocess="none", height=64,
+                                            width=64, num_inference_steps=2))
+    assert r.status_code == 200 and r.json()["images"], r.text
 
 
 def test_docs_example_runs(server_url, monkeypatch):

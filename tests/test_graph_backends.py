@@ -7,6 +7,8 @@ reference generation runs once and is compared with every backend. What is parti
 tests/test_openvino_backend.py."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,26 @@ def test_backend_needs_engine_dir(backend):
 
     with pytest.raises(ValueError, match="pass engine_dir"):
         Runner(model="tiny", backend=backend)
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+@pytest.mark.parametrize("graph, stage", [("text_encoder", r"text conditioning \(encoder_hidden_states\)"),
+                                          ("unet", "final latents")])
+def test_nan_from_the_graphs_is_an_error_not_an_image(engine_dir, tiny_dir, tmp_path, backend, graph, stage):
+    """A NaN weight in a graph (poisoned through the LoRA path's set_weights) makes the text conditioning or
+    the final latents NaN: the Runner raises, naming the backend and precision, instead of returning a NaN
+    image (the torch backend's case: tests/test_nonfinite.py; TensorRT runs the same Runner code, on CUDA
+    only). The dir is copied without its OpenVINO cache so the poisoned graphs compile apart."""
+    import torch
+
+    from engine import Runner
+    from engine.backends import NonFiniteError
+
+    target = tmp_path / "engine"
+    shutil.copytree(engine_dir, target, ignore=shutil.ignore_patterns("openvino_cache"))
+    runner = Runner(engine_dir=str(target), backend=backend, controlnet=str(tiny_dir["canny"]))
+    name = next(iter(mf.load(target).artefact(graph).weights))
+    base = runner.backend.get_weights(graph, [name])[name]
+    runner.backend.set_weights(graph, {name: torch.full_like(base, float("nan"))})
+    with pytest.raises(NonFiniteError, match=rf"the {backend} backend \(fp32\) produced NaN or inf in the {stage}"):
+        runner.generate("a photo", torch.rand(64, 64, 3).numpy(), num_inference_steps=2, preprocess=False, seed=0)

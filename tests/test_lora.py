@@ -248,7 +248,7 @@ def test_parse_prompt_loras_and_hash(tmp_path, lora_files):
     target = folder / "ink.safetensors"
     target.write_bytes(lora_files["second"].read_bytes())
     prompt, loras = parse_prompt_loras("a cat <lora:ink:0.6>, sketch <lora:ink>", tmp_path / "loras")
-    assert prompt == "a cat , sketch " and loras == [(target, 0.6), (target, 1.0)]
+    assert prompt == "a cat , sketch " and loras == [(target, 2.0)]  # A1111: applied once per tag at the last weight
     assert parse_prompt_loras("no tags here", None) == ("no tags here", [])
     for bad, message in [("<lora:nope:1>", "no LoRA named 'nope'"), ("<lora:ink:x>", "not a number"),
                          ("<lora:ink:1:0.5>", "separate"), ("<hypernet:ink:1>", "only <lora")]:

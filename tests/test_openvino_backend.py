@@ -37,44 +37,83 @@ def test_runner_reports_precision_and_cache(engine_dir):
     assert runner.dtype == torch.float32 and runner.backend.precision == "f32"
     assert runner.backend.cache_dir == engine_dir / "openvino_cache"
     runner.backend.encode_text(torch.zeros(1, 77, dtype=torch.int64))  # compiles one shape, at least
-    assert any(runner.backend.cache_dir.glob("*.blob"))  # compiled models written to OpenVINO's cache
+    folder = runner.backend.text_encoder.blob_folder()
+    assert folder.parent == runner.backend.cache_dir and folder.name.startswith("f32-LATENCY-")
+    assert any(folder.glob("*.blob"))  # compiled models written to OpenVINO's cache, in this setting's folder
 
 
-def test_f32_is_f32(engine_dir):
-    """An fp32 engine dir runs f32 even where OpenVINO would pick bf16 by itself (AMX, AVX512-BF16 CPUs):
-    the hint encoder's convolutions and the text encoder's matmuls."""
-    from engine.backends.openvino_backend import compiled_precision, executed_precisions
-
-    for kind, net, shapes in (("hint_encoder", "controlnet-canny", ((1, 3, 64, 64),)), ("text_encoder", None, ((1, 77),))):
-        compiled = _model(engine_dir, kind, net).compiled_for(shapes).compiled
-        assert compiled_precision(compiled) == "f32", kind
-        assert executed_precisions(compiled) == {"f32"}, kind
+def _blobs(folder) -> dict:
+    return {path: path.read_bytes() for path in folder.rglob("*.blob")}
 
 
-def test_bf16_is_bf16_or_refused(engine_dir, tiny_dir):
-    """Asked for bf16: bf16 where OpenVINO can (read back from the compiled model and its runtime graph),
-    an error where it would run f32 instead, both from the Runner and from the compile's own check."""
+def test_each_setting_compiles_into_its_own_cache_folder(engine_dir, tmp_path, monkeypatch):
+    """OpenVINO 2026.4.1 keys a blob without its inference precision: a bf16 compile that found an f32
+    compile's blob in the same CACHE_DIR loaded it and gave NaN images (issue #22). So each precision,
+    hint, thread count, OpenVINO build and CPU has a folder of its own, and an f32 then a bf16 compile of
+    one graph into one cache never share a blob: on a CPU with native bf16 the bf16 compile writes and runs
+    its own (close to f32, not NaN); elsewhere it is refused, leaving the f32 blob untouched."""
+    import openvino as ov
+
+    from engine.backends.openvino_backend import OvConfig, OvModel, cache_folder, ov_has_bf16
+
+    core = ov.Core()
+    f32 = OvConfig(threads=2).properties()
+    settings = [f32, {**f32, "INFERENCE_PRECISION_HINT": "bf16"}, {**f32, "PERFORMANCE_HINT": "THROUGHPUT"},
+                {**f32, "INFERENCE_NUM_THREADS": 1}]
+    folders = [cache_folder(tmp_path, p, core) for p in settings]
+    assert len(set(folders)) == len(settings) and folders[0] == cache_folder(tmp_path, dict(f32), core)
+    monkeypatch.setattr(ov, "get_version", lambda: "2099.1.0-other-build")
+    assert cache_folder(tmp_path, f32, core) != folders[0]
+    monkeypatch.undo()
+
+    cache = tmp_path / "engine" / "openvino_cache"
+    artefact = model_artefact(engine_dir, "hint_encoder", "controlnet-canny")
+    feeds = dict(control_map=torch.rand(1, 3, 64, 64))
+    first = OvModel(engine_dir / artefact.onnx, artefact, OvConfig(), cache)
+    want = first.run(feeds)[0]
+    f32_blobs = _blobs(cache)
+    assert f32_blobs and all(path.parent == first.blob_folder() for path in f32_blobs)
+    second = OvModel(engine_dir / artefact.onnx, artefact, OvConfig(precision="bf16"), cache)
+    assert second.blob_folder() != first.blob_folder() and second.blob_folder().name.startswith("bf16-")
+    if ov_has_bf16(core):
+        got = second.run(feeds)[0]
+        compiled = next(iter(second._compiled.values())).compiled
+        assert not compiled.get_property("LOADED_FROM_CACHE") and any(second.blob_folder().glob("*.blob"))
+        assert torch.isfinite(got).all()
+        assert 0 < max_errors(got, want)[1] < 5e-2  # bf16's rounding, not f32's blob and not NaN
+    else:
+        with pytest.raises(RuntimeError, match="inference precision f32, not the bf16"):
+            second.run(feeds)
+    assert {p: b for p, b in _blobs(cache).items() if p.parent == first.blob_folder()} == f32_blobs
+
+
+def test_bf16_runner_after_an_f32_one_on_the_same_dir(engine_dir, tiny_dir, tmp_path):
+    """Issue #22's failure, end to end: an f32 generation writes its blobs into the dir's cache, then a bf16
+    Runner on the same dir. Where OpenVINO lists BF16 (AVX512-BF16 or AMX: the CPU flags decide, never a
+    skip), its images are finite and near f32's; elsewhere dtype bf16 is refused, naming the CPU."""
+    import numpy as np
     import openvino as ov
 
     from engine import Runner
-    from engine.backends.openvino_backend import compiled_precision, executed_precisions, ov_has_bf16
+    from engine.backends.openvino_backend import ov_has_bf16
+    from tests.test_optimizations import psnr
 
-    model = _model(engine_dir, "hint_encoder", "controlnet-canny", precision="bf16")
-    control = torch.rand(1, 3, 64, 64)
-    if ov_has_bf16(ov.Core()):
-        runner = Runner(engine_dir=str(engine_dir), backend="openvino", dtype="bf16")
-        assert runner.dtype == torch.bfloat16 and runner.backend.precision == "bf16"
-        got = model.run({"control_map": control})[0]
-        compiled = next(iter(model._compiled.values())).compiled
-        assert compiled_precision(compiled) == "bf16" and "bf16" in executed_precisions(compiled)
-        want = _model(engine_dir, "hint_encoder", "controlnet-canny").run({"control_map": control})[0]
-        abs_err, rel_err = max_errors(got, want)
-        assert 0 < rel_err < 5e-2, rel_err  # bf16's rounding, not f32's and not garbage
-    else:
-        with pytest.raises(ValueError, match="would run f32 instead"):
-            Runner(engine_dir=str(engine_dir), backend="openvino", dtype="bf16")
-        with pytest.raises(RuntimeError, match="inference precision f32, not the bf16"):
-            model.run({"control_map": control})
+    target = tmp_path / "engine"
+    shutil.copytree(engine_dir, target, ignore=shutil.ignore_patterns("openvino_cache"))
+    args = dict(num_inference_steps=2, preprocess=False, seed=0, output_type="np")
+    control = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    net = dict(controlnet=str(tiny_dir["canny"]))
+    want = Runner(engine_dir=str(target), backend="openvino", **net).generate("a photo", control, **args).images
+    if not ov_has_bf16(ov.Core()):
+        with pytest.raises(ValueError, match="OpenVINO runs bf16 only on CPUs with AVX512-BF16 or AMX"):
+            Runner(engine_dir=str(target), backend="openvino", dtype="bf16", **net)
+        return
+    runner = Runner(engine_dir=str(target), backend="openvino", dtype="bf16", **net)
+    got = runner.generate("a photo", control, **args).images
+    assert runner.backend.precision == "bf16" and np.isfinite(got).all()
+    db = psnr(got, want)
+    print(f"\nopenvino bf16 after f32 on one dir: PSNR {db:.1f} dB against f32")
+    assert db >= 30
 
 
 def test_set_initializers_swaps_weights(engine_dir, engine_references):

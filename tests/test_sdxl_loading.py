@@ -162,7 +162,7 @@ def test_a1111_unit_union_type(tiny_sdxl_dir, edges):
 
     from engine import Runner
     from engine.serve.a1111.models import Txt2ImgRequest
-    from engine.serve.a1111.plan import plan_request
+    from engine.serve.a1111.plan import PromptTokenizer, plan_request
     from engine.serve.api import ApiError, Limits
 
     runner = Runner(model=str(tiny_sdxl_dir["model"]), controlnet=[str(tiny_sdxl_dir["canny"]),
@@ -176,7 +176,7 @@ def test_a1111_unit_union_type(tiny_sdxl_dir, edges):
         args = [{**dict(image=picture, model=union, module="none"), **unit}]
         req = Txt2ImgRequest(prompt="a cat", width=64, height=64, steps=2,
                              alwayson_scripts={"controlnet": {"args": args}})
-        return plan_request(req, runner, Limits())
+        return plan_request(req, runner, Limits(), PromptTokenizer(runner.tokenizer))
 
     assert plan(union_control_type="Depth").runner_kwargs["control_type"] == [None, 1]
     assert plan(module="canny").runner_kwargs["control_type"] == [None, 3]

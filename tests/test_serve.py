@@ -184,9 +184,9 @@ def _form(**fields):
 
 
 BAD_JSON = [
-    ("malformed JSON", b'{"prompt": "x", ', None, 400),
-    ("body not an object", b'["prompt"]', None, 400),
-    ("deeply nested JSON", b"[" * 100_000, None, 400),
+    ("malformed JSON", b'{"prompt": "x", ', "body", 400),
+    ("body not an object", b'["prompt"]', "body", 400),
+    ("deeply nested JSON", b"[" * 100_000, "body", 400),
 ]
 
 BAD_FIELDS = [  # (what, fields to override, field named in the error)
@@ -216,7 +216,7 @@ BAD_FIELDS = [  # (what, fields to override, field named in the error)
 @pytest.mark.parametrize("what, body, field, status", BAD_JSON, ids=[c[0] for c in BAD_JSON])
 def test_bad_body_is_400(client, what, body, field, status):
     r = client.post("/generate", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == status and "JSON" in r.json()["error"], r.text
+    assert r.status_code == status and "JSON" in r.json()["error"] and r.json()["field"] == field, r.text
 
 
 @pytest.mark.parametrize("what, override, field", BAD_FIELDS, ids=[c[0] for c in BAD_FIELDS])

@@ -48,6 +48,24 @@ def sum_residuals(outputs: list, batch: int) -> list:
     return residuals
 
 
+class NonFiniteError(RuntimeError):
+    """A backend produced NaN or inf where a generation needs finite values."""
+
+
+def check_finite(tensor, what: str, backend, dtype) -> None:
+    """Raise NonFiniteError, naming the backend and precision, where `tensor` holds a NaN or inf: never a NaN
+    image returned. The Runner checks the text conditioning (each tensor of the family's dict) and the final
+    latents, once per generation each (a NaN anywhere in the loop reaches the final latents), so the cost is
+    a few reductions over small tensors. It caught OpenVINO running bf16 from an f32 compile's cached blob (issue #22)."""
+    import torch
+
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        raise NonFiniteError(f"the {backend.name} backend ({precision}) produced NaN or inf in the {what} "
+                             f"({int((~finite).sum())} of {finite.numel()} values): refusing to return a NaN image")
+
+
 def check_request(backend, images: int, height: int, width: int) -> None:
     """A request against the range a backend's engines were built for, before any model work: backends
     with fixed ranges (TensorRT: its plans' optimisation profiles) expose the manifest's `sizes`; the

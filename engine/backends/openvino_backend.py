@@ -14,11 +14,16 @@ compile the hint is read back from the compiled model and checked against what w
 
 Static shapes: each graph is reshaped to the input shapes of the call and compiled for them (CPU
 kernels are picked per shape), keeping the last `OvConfig.shapes` compiled models per graph. Compiled
-models go to OpenVINO's model cache (CACHE_DIR; by default `<engine dir>/openvino_cache`, or a user
-cache dir where the engine dir is read-only), so a second process loads instead of compiling.
+models go to OpenVINO's model cache (CACHE_DIR), so a second process loads instead of compiling: under
+`<engine dir>/openvino_cache` by default (a user cache dir where the engine dir is read-only), in one
+folder per everything a blob depends on (`cache_folder`: precision, hint, threads, OpenVINO build, CPU).
+OpenVINO's own cache key is not enough: 2026.4.1 keys a blob without INFERENCE_PRECISION_HINT, and a bf16
+compile that found an f32 compile's blob loaded it and computed NaN (issue #22).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import threading
@@ -56,7 +61,9 @@ class OvConfig:
     # infer request from a pool).
     hint: str = "LATENCY"
     threads: int | None = None  # INFERENCE_NUM_THREADS; None: torch.get_num_threads() at compile time
-    cache_dir: str | None = None  # None: <engine dir>/openvino_cache, or user_cache_dir() if read-only
+    # The model cache: None is <engine dir>/openvino_cache, or user_cache_dir() if read-only; blobs go to a
+    # folder under it per setting (cache_folder).
+    cache_dir: str | None = None
     cache: bool = True  # False: no model cache at all
     shapes: int = 2  # compiled models kept per graph; each holds its own packed weights
 
@@ -83,6 +90,31 @@ def pick_cache_dir(engine_dir: Path | None, config: OvConfig) -> Path | None:
     if engine_dir is not None and os.access(engine_dir, os.W_OK):
         return Path(engine_dir) / CACHE_NAME
     return user_cache_dir()
+
+
+def cache_folder(base: Path, properties: dict, core) -> Path:
+    """The folder under the model cache `base` for blobs compiled with these properties:
+    `<precision>-<hint>-<threads>t-<hash>`, the hash over every property passed to the compile, the
+    OpenVINO build and the CPU (OpenVINO's name, architecture and capabilities, and the family, model and
+    instruction-set class, since OpenVINO names Zen 3 and Zen 4 alike "AMD EPYC").
+
+    Why a folder per setting, not one shared folder: OpenVINO 2026.4.1 keys a blob without
+    INFERENCE_PRECISION_HINT. On a Xeon with AMX, after an f32 compile had written its blob, a bf16 compile
+    of the same graph with the same CACHE_DIR loaded the f32 blob, read back "bfloat16" and output NaN, at
+    neither precision's speed (UNet step 1233 ms against 338 ms from a fresh bf16 compile; FACTS.md). Here
+    a blob compiled under other settings is never in reach, whatever OpenVINO's own key leaves out."""
+    import openvino as ov
+
+    from engine.optimizations import cpu_description
+
+    device = {name: str(core.get_property("CPU", name))
+              for name in ("FULL_DEVICE_NAME", "DEVICE_ARCHITECTURE", "OPTIMIZATION_CAPABILITIES")}
+    identity = dict(openvino=ov.get_version(), cpu=cpu_description(), device=device,
+                    properties={name: str(value) for name, value in properties.items() if name != "CACHE_DIR"})
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    name = (f"{properties['INFERENCE_PRECISION_HINT']}-{properties['PERFORMANCE_HINT']}-"
+            f"{properties['INFERENCE_NUM_THREADS']}t-{digest}")
+    return Path(base) / name
 
 
 def compiled_precision(compiled) -> str:
@@ -154,9 +186,13 @@ class OvModel:
 
     def _properties(self) -> dict:
         properties = self.config.properties()
-        if self.cache_dir is not None:
-            properties["CACHE_DIR"] = str(self.cache_dir)
+        if self.cache_dir is not None:  # one folder per setting (cache_folder says why)
+            properties["CACHE_DIR"] = str(cache_folder(self.cache_dir, properties, self.core))
         return properties
+
+    def blob_folder(self) -> Path | None:
+        """Where a compile now reads and writes its blob (None: no model cache)."""
+        return None if self.cache_dir is None else Path(self._properties()["CACHE_DIR"])
 
     def compiled_for(self, shapes: tuple) -> _Compiled:
         """The compiled model for these input shapes: from the LRU, else reshaped and compiled."""

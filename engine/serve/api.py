@@ -30,17 +30,21 @@ RESPONSE_FORMATS = ("json", "png")
 class Limits:
     """What one request may ask for; keeps a single client from tying a replica up for minutes."""
 
-    max_side: int = 1024  # height/width, pixels
+    max_side: int = 1024  # height/width, pixels, given or taken from the init / control image
     max_steps: int = 100
-    max_images: int = 4  # num_images_per_prompt
+    max_images: int = 4  # num_images_per_prompt; A1111: batch_size x n_iter; images per /controlnet/detect
     max_prompt_chars: int = 2000
-    max_image_pixels: int = 4096 * 4096  # of an uploaded control image, checked before decoding
-    max_body_bytes: int = 32 * 2**20
-    max_loras: int = 8  # LoRAs per request
+    # Of any picture the server holds: an upload (checked from its header, before decoding) and every image made
+    # from it (A1111's preprocessor resolution and resize modes), so a thin strip cannot ask for gigabytes.
+    max_image_pixels: int = 4096 * 4096
+    max_body_bytes: int = 32 * 2**20  # every route (engine/serve/guard.py)
+    max_loras: int = 8  # LoRAs per request: the loras field, or distinct <lora:...> names in an A1111 prompt
+    max_images_per_call: int = 16  # batch_mode "merge": images one generate() call makes
 
 
 class ApiError(Exception):
-    """A client error: HTTP status, the offending field (or None for the whole body) and why."""
+    """An error: HTTP status, the offending field ("body" for the request as a whole; None only on a 5xx) and
+    why."""
 
     def __init__(self, status: int, field: str | None, message: str):
         super().__init__(message)
@@ -48,6 +52,16 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
+
+
+def runner_error(err: Exception, words: dict[str, str]) -> ApiError:
+    """A Runner argument check that a request passed the API's own checks to fail (a preprocessor without
+    its annotator, a strength that keeps no step), as a 422 naming the field: the one whose word comes first
+    in the message (`words`: the Runner's names -> the route's fields), else "body" (the request as a whole)."""
+    text = str(err)
+    found = [(m.start(), field) for word, field in words.items()
+             for m in [re.search(rf"(?<![\w.]){re.escape(word)}(?!\w)", text)] if m]
+    return ApiError(422, min(found)[1] if found else "body", text)
 
 
 @dataclass
@@ -78,30 +92,56 @@ class GenerateRequest:
     control_type: object = None  # ControlNet-Union types: one (a name or diffusers' index), or a tuple per ControlNet
 
 
-# name: (kind, default). Ranges live in `_check_ranges`, where they can read the Limits.
+@dataclass(frozen=True)
+class Field:
+    """One field of POST /generate: its kind, default and bounds. The server's checks (`_check_ranges`) and the
+    OpenAPI schema (engine/serve/openapi.py) are both read from this table, so the two cannot disagree.
+    A bound given as a string names the `Limits` attribute that holds it."""
+
+    kind: str  # "str", "int", "float", "bool", "loras" or "control_type"
+    default: object = None  # None: not given (the Runner's default, or required for `prompt`)
+    minimum: float | None = None
+    maximum: float | str | None = None
+    exclusive_minimum: bool = False
+    multiple_of: int | None = None
+    max_length: str | None = None  # strings: characters; loras: entries
+    choices: object = None  # a function returning the allowed values
+
+    def bounds(self, limits: Limits) -> tuple:
+        high = getattr(limits, self.maximum) if isinstance(self.maximum, str) else self.maximum
+        return self.minimum, high
+
+    def length(self, limits: Limits) -> int | None:
+        return None if self.max_length is None else getattr(limits, self.max_length)
+
+
 FIELDS = {
-    "prompt": ("str", None),
-    "negative_prompt": ("str", None),
-    "height": ("int", None),
-    "width": ("int", None),
-    "num_inference_steps": ("int", 20),
-    "guidance_scale": ("float", 7.5),
-    "controlnet_conditioning_scale": ("float", None),
-    "guess_mode": ("bool", False),
-    "control_guidance_start": ("float", 0.0),
-    "control_guidance_end": ("float", 1.0),
-    "scheduler": ("str", "unipc"),
-    "seed": ("int", None),
-    "num_images_per_prompt": ("int", 1),
-    "preprocess": ("str", "auto"),
-    "canny_low": ("int", 100),
-    "canny_high": ("int", 200),
-    "response_format": ("str", "json"),
-    "strength": ("float", None),
-    "loras": ("loras", ()),
-    "control_type": ("control_type", None),
+    "prompt": Field("str", max_length="max_prompt_chars"),
+    "negative_prompt": Field("str", max_length="max_prompt_chars"),
+    "height": Field("int", None, 64, "max_side", multiple_of=8),
+    "width": Field("int", None, 64, "max_side", multiple_of=8),
+    "num_inference_steps": Field("int", 20, 1, "max_steps"),
+    "guidance_scale": Field("float", 7.5, 0.0, 30.0),
+    "controlnet_conditioning_scale": Field("float", None, 0.0, 2.0),
+    "guess_mode": Field("bool", False),
+    "control_guidance_start": Field("float", 0.0, 0.0, 1.0),
+    "control_guidance_end": Field("float", 1.0, 0.0, 1.0),
+    "scheduler": Field("str", "unipc", choices=lambda: _schedulers()),
+    "seed": Field("int", None, 0, MAX_SEED),
+    "num_images_per_prompt": Field("int", 1, 1, "max_images"),
+    "preprocess": Field("str", "auto", choices=lambda: _preprocessors()),
+    "canny_low": Field("int", 100, 0, 255),
+    "canny_high": Field("int", 200, 0, 255),
+    "response_format": Field("str", "json", choices=lambda: RESPONSE_FORMATS),
+    "strength": Field("float", None, 0.0, 1.0, exclusive_minimum=True),
+    "loras": Field("loras", (), max_length="max_loras"),
+    "control_type": Field("control_type"),  # a name or diffusers' index, or one per ControlNet (_coerce_control_type)
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
+# The Runner's argument names (and words its checks use for them) -> POST /generate's fields, for
+# `runner_error`. The rest (control images, ControlNets) is the `image` field.
+GENERATE_WORDS = {**{name: name for name in (*FIELDS, *IMAGE_FIELDS)}, "preprocessor": "preprocess",
+                  "control guidance": "control_guidance_start", "control image": "image", "ControlNet": "image"}
 LORA_NAME = re.compile(r"^[\w][\w .\-]*$")  # a file name without extension: no folders, so no paths
 
 
@@ -143,6 +183,8 @@ def _coerce(name: str, kind: str, value, from_form: bool):
         except ValueError:
             raise ApiError(422, name, f"{name} must be {_KIND_WORDS[kind]}, got {value!r}") from None
         return value
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 4.0 is the integer 4 (as JSON schema's "integer" says)
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -217,62 +259,52 @@ def _coerce_control_type(value, from_form: bool):
 _KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
 
 
-def _in_range(name: str, value, low, high) -> None:
+def _check_field(name: str, spec: Field, value, limits: Limits) -> None:
+    """The bounds, step, length and choices of one field's value, as FIELDS states them."""
     if value is None:  # unset: the Runner's default
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(422, name, f"{name} must be a finite number, got {value!r}")
-    if not (low <= value <= high):
+    low, high = spec.bounds(limits)
+    if spec.multiple_of is not None and (value % spec.multiple_of or not low <= value <= high):
+        raise ApiError(422, name, f"{name} must be a multiple of {spec.multiple_of} in [{low}, {high}], got {value!r}")
+    if spec.exclusive_minimum and not low < value <= high:
+        raise ApiError(422, name, f"{name} must be a number with {low:g} < {name} <= {high:g}, got {value!r}")
+    if low is not None and not low <= value <= high:
         raise ApiError(422, name, f"{name} must be in [{low}, {high}], got {value!r}")
+    length = spec.length(limits)
+    if length is not None and len(value) > length:
+        what = "LoRAs per request" if spec.kind == "loras" else "characters"
+        raise ApiError(422, name, f"{name}: at most {length} {what}, got {len(value)}")
+    if spec.choices is not None and value not in spec.choices():
+        raise ApiError(422, name, f"{name} must be one of {', '.join(spec.choices())}, got {value!r}")
 
 
 def _check_ranges(values: dict, limits: Limits) -> None:
-    for side in ("height", "width"):
-        v = values[side]
-        if v is not None and (v % 8 or not 64 <= v <= limits.max_side):
-            raise ApiError(422, side, f"{side} must be a multiple of 8 in [64, {limits.max_side}], got {v!r}")
-    _in_range("num_inference_steps", values["num_inference_steps"], 1, limits.max_steps)
-    _in_range("guidance_scale", values["guidance_scale"], 0.0, 30.0)
-    _in_range("controlnet_conditioning_scale", values["controlnet_conditioning_scale"], 0.0, 2.0)
-    _in_range("control_guidance_start", values["control_guidance_start"], 0.0, 1.0)
-    _in_range("control_guidance_end", values["control_guidance_end"], 0.0, 1.0)
+    for name, spec in FIELDS.items():
+        _check_field(name, spec, values[name], limits)
+    # What one field's bounds cannot say (the OpenAPI schema states these in words or as dependencies).
     if values["control_guidance_start"] >= values["control_guidance_end"]:
         raise ApiError(
             422, "control_guidance_end",
             f"control_guidance_end must be greater than control_guidance_start, got start="
             f"{values['control_guidance_start']}, end={values['control_guidance_end']}",
         )
-    _in_range("num_images_per_prompt", values["num_images_per_prompt"], 1, limits.max_images)
-    _in_range("canny_low", values["canny_low"], 0, 255)
-    _in_range("canny_high", values["canny_high"], 0, 255)
     if values["canny_low"] > values["canny_high"]:
         raise ApiError(422, "canny_low", f"canny_low must be <= canny_high, got {values['canny_low']} > {values['canny_high']}")
-    if values["seed"] is not None:
-        _in_range("seed", values["seed"], 0, MAX_SEED)
-    strength = values["strength"]
-    if strength is not None and not (math.isfinite(strength) and 0.0 < strength <= 1.0):
-        raise ApiError(422, "strength", f"strength must be a number with 0 < strength <= 1, got {strength!r}")
-    for name, choices in (("scheduler", _schedulers()), ("preprocess", _preprocessors()),
-                          ("response_format", RESPONSE_FORMATS)):
-        if values[name] not in choices:
-            raise ApiError(422, name, f"{name} must be one of {', '.join(choices)}, got {values[name]!r}")
     if values["response_format"] == "png" and values["num_images_per_prompt"] != 1:
         raise ApiError(422, "response_format", "response_format 'png' returns one image: use 'json' for num_images_per_prompt > 1")
-    for name in ("prompt", "negative_prompt"):
-        text = values[name]
-        if text is not None and len(text) > limits.max_prompt_chars:
-            raise ApiError(422, name, f"{name} must be at most {limits.max_prompt_chars} characters, got {len(text)}")
     if not (values["prompt"] or "").strip():
         raise ApiError(422, "prompt", "prompt is required and must be a non-empty string")
     if "<lora:" in values["prompt"]:  # never sent to the text encoder as words, never silently dropped
         raise ApiError(422, "prompt", "<lora:NAME:WEIGHT> tags are not read from the prompt over HTTP: give the LoRAs "
                                       "in the loras field, e.g. [[\"NAME\", 0.8]]")
-    if len(values["loras"]) > limits.max_loras:
-        raise ApiError(422, "loras", f"at most {limits.max_loras} LoRAs per request, got {len(values['loras'])}")
 
 
-def decode_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.Image.Image:
-    """Raw file bytes or base64 text (a data URL is fine) -> RGB PIL image, or ApiError naming `name`."""
+def open_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.Image.Image:
+    """Raw file bytes or base64 text (a data URL is fine) -> a PIL image whose header is read and checked but whose
+    pixels are not decoded yet (`to_rgb` decodes), or ApiError naming `name`. `build_request` decodes only once
+    every field and size check has passed, so a refused request costs no decoding."""
     if isinstance(data, str):
         text = data.split(",", 1)[1] if data.startswith("data:") else data
         try:
@@ -282,14 +314,20 @@ def decode_image(data: bytes | str, limits: Limits, name: str = "image") -> PIL.
     if not data:
         raise ApiError(422, name, f"{name} is empty")
     try:
-        with PIL.Image.open(io.BytesIO(data)) as opened:
-            w, h = opened.size  # read from the header: refuse huge images before decoding them
-            if w * h > limits.max_image_pixels:
-                raise ApiError(422, name, f"{name} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
-            return opened.convert("RGB")
-    except ApiError:
-        raise
+        opened = PIL.Image.open(io.BytesIO(data))
     except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ApiError(422, name, f"{name} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
+    w, h = opened.size  # from the header: huge images are refused before they are decoded
+    if w * h > limits.max_image_pixels:
+        raise ApiError(422, name, f"{name} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
+    return opened
+
+
+def to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """Decode an `open_image` result (or convert a ready image) to RGB; a broken file is an ApiError naming `name`."""
+    try:
+        return image.convert("RGB")
+    except Exception as err:  # truncated or corrupt data surfaces only now
         raise ApiError(422, name, f"{name} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
 
 
@@ -311,17 +349,32 @@ def _check_image_count(count: int, num_controlnets: int, inpaint: bool = False) 
         raise ApiError(422, "image", f"give one image per ControlNet: this server has {num_controlnets}, got {count}")
 
 
+def _check_derived_size(values: dict, source, field: str, limits: Limits) -> None:
+    """A side left out comes from the init image, else the first control image, rounded down to a multiple of 8
+    (`Runner.generate`); it is held to max_side like a side given, so a large picture cannot ask for a large
+    generation."""
+    if source is None:
+        return
+    width, height = source.size
+    for side, derived in (("height", height // 8 * 8), ("width", width // 8 * 8)):
+        if values[side] is None and derived > limits.max_side:
+            raise ApiError(422, field, f"{side} was not given, so it comes from {field} ({width}x{height}): {derived} "
+                                       f"is over this server's max_side {limits.max_side}; give height and width, or a "
+                                       f"picture at most {limits.max_side} pixels on each side")
+
+
 def build_request(fields: dict, images: list, limits: Limits, num_controlnets: int, from_form: bool = False,
                   init_image=None, mask_image=None) -> GenerateRequest:
-    """Checked request from field values (JSON types, or form text when from_form) and decoded images."""
+    """Checked request from field values (JSON types, or form text when from_form) and images (`open_image`'s,
+    decoded here after the checks, or ready PIL images)."""
     unknown = sorted(set(fields) - set(FIELDS) - set(IMAGE_FIELDS))
     if unknown:
         raise ApiError(422, unknown[0], f"unknown field(s) {', '.join(unknown)}; allowed: "
                                         f"{', '.join(IMAGE_FIELDS)}, {', '.join(FIELDS)}")
     values = {}
-    for name, (kind, default) in FIELDS.items():
-        value = _coerce(name, kind, fields.get(name), from_form)
-        values[name] = default if value is None else value
+    for name, spec in FIELDS.items():
+        value = _coerce(name, spec.kind, fields.get(name), from_form)
+        values[name] = spec.default if value is None else value
     _check_ranges(values, limits)
     if mask_image is not None and init_image is None:
         raise ApiError(422, "mask_image", "mask_image needs an init_image: inpainting repaints the masked part of it")
@@ -331,6 +384,11 @@ def build_request(fields: dict, images: list, limits: Limits, num_controlnets: i
         raise ApiError(422, "mask_image", f"mask_image is {mask_image.size[0]}x{mask_image.size[1]} but init_image is "
                                           f"{init_image.size[0]}x{init_image.size[1]}: give a mask of its size")
     _check_image_count(len(images), num_controlnets, inpaint=mask_image is not None)
+    _check_derived_size(values, init_image if init_image is not None else (images[0] if images else None),
+                        "init_image" if init_image is not None else "image", limits)
+    images = [to_rgb(im, "image") for im in images]  # every check passed: now decode
+    init_image = None if init_image is None else to_rgb(init_image, "init_image")
+    mask_image = None if mask_image is None else to_rgb(mask_image, "mask_image")
     if values["negative_prompt"] is not None and not values["negative_prompt"].strip():
         values["negative_prompt"] = None  # the Runner's "no negative prompt"; it refuses blank strings
     if values["seed"] is None:
@@ -344,9 +402,9 @@ def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateReq
     try:
         fields = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ApiError(400, None, f"request body is not valid JSON: {err}") from None
+        raise ApiError(400, "body", f"request body is not valid JSON: {err}") from None
     if not isinstance(fields, dict):
-        raise ApiError(400, None, f"request body must be a JSON object, got {type(fields).__name__}")
+        raise ApiError(400, "body", f"request body must be a JSON object, got {type(fields).__name__}")
     raw = fields.get("image")
     raw = raw if isinstance(raw, list) else ([] if raw is None else [raw])
     _check_image_count(len(raw), num_controlnets, inpaint=fields.get("mask_image") is not None)
@@ -358,25 +416,25 @@ def parse_json(body: bytes, limits: Limits, num_controlnets: int) -> GenerateReq
         item = fields.get(name)
         if item is not None and not isinstance(item, str):
             raise ApiError(422, name, f"{name} must be a base64 string, got {type(item).__name__}")
-        extra[name] = None if item is None else decode_image(item, limits, name)
-    images = [decode_image(item, limits) for item in raw]
+        extra[name] = None if item is None else open_image(item, limits, name)
+    images = [open_image(item, limits) for item in raw]
     return build_request(fields, images, limits, num_controlnets, **extra)
 
 
-async def parse_form(form, limits: Limits, num_controlnets: int) -> GenerateRequest:
-    """A starlette FormData: `image` fields are uploaded files or base64 text; the rest are text."""
+def parse_form(items: list, limits: Limits, num_controlnets: int) -> GenerateRequest:
+    """A form's [(name, value)] (`form_items`): `image` fields are uploaded files' bytes or base64 text; the rest
+    are text."""
     fields, images, extra = {}, [], {}
-    _check_image_count(len(form.getlist("image")), num_controlnets, inpaint=bool(form.getlist("mask_image")))
-    for key, value in form.multi_items():
+    _check_image_count(sum(key == "image" for key, _ in items), num_controlnets,
+                       inpaint=any(key == "mask_image" for key, _ in items))
+    for key, value in items:
         if key == "image":
-            data = await value.read() if hasattr(value, "read") else value
-            images.append(decode_image(data, limits))
+            images.append(open_image(value, limits))
         elif key in ("init_image", "mask_image"):
             if key in extra:
                 raise ApiError(422, key, f"{key} is given more than once")
-            data = await value.read() if hasattr(value, "read") else value
-            extra[key] = decode_image(data, limits, key)
-        elif hasattr(value, "read"):
+            extra[key] = open_image(value, limits, key)
+        elif isinstance(value, bytes):
             raise ApiError(422, key, f"{key} must be a text field, not a file")
         elif key in fields:
             raise ApiError(422, key, f"{key} is given more than once")
@@ -385,27 +443,34 @@ async def parse_form(form, limits: Limits, num_controlnets: int) -> GenerateRequ
     return build_request(fields, images, limits, num_controlnets, from_form=True, **extra)
 
 
-async def parse_http(request, limits: Limits, num_controlnets: int) -> GenerateRequest:
-    """A starlette Request (JSON or multipart) -> GenerateRequest, or ApiError."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise ApiError(413, None, f"request body is {declared} bytes; at most {limits.max_body_bytes} are allowed")
+async def form_items(form) -> list:
+    """A starlette FormData as [(name, text or an uploaded file's bytes)]."""
+    return [(key, await value.read() if hasattr(value, "read") else value) for key, value in form.multi_items()]
+
+
+async def parse_http(request, limits: Limits, num_controlnets: int, pool=None) -> GenerateRequest:
+    """A starlette Request (JSON or multipart) -> GenerateRequest, or ApiError. The body is read on the event
+    loop; parsing and decoding the pictures run on `pool` (an executor; None: asyncio's default), so a large
+    picture never stalls the loop. The body's size is capped before this, for every route (guard.BodyLimit)."""
+    import asyncio
+    import functools
+
+    def off_loop(fn, *args):
+        return asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, limits, num_controlnets))
+
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("application/json", ""):
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
-            raise ApiError(413, None, f"request body is {len(body)} bytes; at most {limits.max_body_bytes} are allowed")
-        return parse_json(body, limits, num_controlnets)
+        return await off_loop(parse_json, await request.body())
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_part_size=limits.max_body_bytes)
         except Exception as err:  # malformed multipart bodies raise from the parser
-            raise ApiError(400, None, f"request body is not valid form data: {err}") from None
+            raise ApiError(400, "body", f"request body is not valid form data: {err}") from None
         try:
-            return await parse_form(form, limits, num_controlnets)
+            return await off_loop(parse_form, await form_items(form))
         finally:
             await form.close()
-    raise ApiError(415, None, f"content type {ctype!r} is not supported; send application/json or multipart/form-data")
+    raise ApiError(415, "content-type", f"content type {ctype!r} is not supported; send application/json or multipart/form-data")
 
 
 def batch_key(req: GenerateRequest) -> tuple:
@@ -456,70 +521,3 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         strength=req.strength,
         control_type=list(req.control_type) if isinstance(req.control_type, tuple) else req.control_type,
     )
-
-
-# ---- the OpenAPI entry of POST /generate ---------------------------------------------------------------
-
-# A FIELDS kind -> its JSON schema; a kind not here is documented as any value, so a new field always appears.
-_KIND_SCHEMAS = {
-    "str": {"type": "string"},
-    "int": {"type": "integer"},
-    "float": {"type": "number"},
-    "bool": {"type": "boolean"},
-    "loras": {"type": "array", "description": "LoRAs of the server's lora_dir: [name, weight] or {name, weight}",
-              "items": {"oneOf": [{"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}],
-                                   "minItems": 2, "maxItems": 2},
-                                  {"type": "object", "required": ["name"],
-                                   "properties": {"name": {"type": "string"}, "weight": {"type": "number"}}}]}},
-    "control_type": {"description": "ControlNet-Union condition type (openpose, depth, hed, scribble, canny, lineart, "
-                                    "normal, segment, tile, repaint, or diffusers' index), or one per ControlNet "
-                                    "(null for plain ControlNets)",
-                     "oneOf": [{"type": "string"}, {"type": "integer"},
-                               {"type": "array", "items": {"type": ["string", "integer", "null"]}}]},
-}
-
-
-def _error_schema() -> dict:
-    return {"type": "object", "required": ["error", "field"],
-            "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"]}}}
-
-
-def openapi_operation() -> dict:
-    """Request and response schemas for POST /generate, derived from FIELDS (so new fields appear by
-    themselves) plus the enumerations `_check_ranges` checks. For FastAPI's `openapi_extra`: the route
-    parses the body itself (JSON or multipart), so FastAPI cannot infer it."""
-    enums = {"scheduler": list(_schedulers()), "preprocess": list(_preprocessors()),
-             "response_format": list(RESPONSE_FORMATS)}
-    properties = {}
-    for name, (kind, default) in FIELDS.items():
-        prop = dict(_KIND_SCHEMAS.get(kind, {"description": f"a {kind} value"}))
-        if default is None:
-            prop = {"anyOf": [prop, {"type": "null"}]}
-        else:
-            prop["default"] = list(default) if isinstance(default, tuple) else default
-        if name in enums:
-            prop["enum"] = enums[name]
-        properties[name] = prop
-    image = {"description": "control image(s), base64 (a data URL is fine): one per ControlNet",
-             "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-    json_body = {"type": "object", "required": ["prompt", "image"], "additionalProperties": False,
-                 "properties": {"image": image, **properties}}
-    form_body = {"type": "object", "required": ["prompt", "image"],
-                 "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                                **{k: {"type": "string"} for k in FIELDS}}}
-    b64_list = {"type": "array", "items": {"type": "string"}}
-    result = {"type": "object", "required": ["images", "control_maps", "seed", "timings", "parameters", "batch"],
-              "properties": {"images": b64_list, "control_maps": b64_list, "seed": {"type": "integer"},
-                             "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-                             "parameters": {"type": "object"}, "batch": {"type": "object"}}}
-    error = {"description": "bad request: {error, field}", "content": {"application/json": {"schema": _error_schema()}}}
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": json_body},
-                                                      "multipart/form-data": {"schema": form_body}}},
-        "responses": {
-            "200": {"description": "the images (JSON), or one PNG with response_format 'png'",
-                    "content": {"application/json": {"schema": result},
-                                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-            **{str(status): error for status in (400, 413, 415, 422, 500, 503)},
-        },
-    }

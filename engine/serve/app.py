@@ -4,7 +4,10 @@
     serve deploy engine/serve/config.yaml                   # a GPU cluster (see docs/SERVING.md)
 
 Routes: POST /generate, GET /healthz, GET /models, GET /stats, the demo at /demo, and the A1111 web UI
-API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111/routes.py).
+API (POST /sdapi/v1/txt2img, /sdapi/v1/img2img, /controlnet/detect, ...: engine/serve/a1111/routes.py),
+all behind engine/serve/guard.py (authentication, the body-size cap). `Replica` is one replica's Runner,
+thread pools, limits and routes, usable without Serve; `ControlNetServer` is the deployment: a Replica
+whose POST /generate requests are batched.
 
 Batching. `@serve.batch` hands the replica up to `max_batch_size` requests that arrived within
 `batch_wait_timeout_s`; they are grouped by `api.batch_key` (size, steps, scheduler, guidance, ControlNet
@@ -32,8 +35,10 @@ from dataclasses import dataclass, field
 # must see the route's `Request` annotation as a class, not a string to look up in module globals.
 from fastapi import Request
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from engine.serve import api
+from engine.serve.proxy import RETRY_AFTER_S
 
 BATCH_MODES = ("exact", "merge")
 STEP_NOISE_SCHEDULERS = ("euler_a",)  # draw fresh noise in every step from the call's generator
@@ -64,10 +69,13 @@ class Stats:
     lora_switches: int = 0  # LoRA set changes between generate() calls
 
     def as_dict(self) -> dict:
+        import os
+
         def table(c):
             return {str(k): v for k, v in sorted(c.items())}
 
         return dict(
+            pid=os.getpid(),  # which replica answered: its process, as in Ray's logs
             requests=self.requests, failures=self.failures, batch_sizes=table(self.batch_sizes),
             group_sizes=table(self.group_sizes), generate_calls=table(self.generate_calls),
             recent_batches=list(self.recent_batches), lora_switches=self.lora_switches,
@@ -95,20 +103,15 @@ def _json_error(err: api.ApiError):
     return JSONResponse(err.body(), status_code=err.status)
 
 
-@serve.deployment(
-    name="ControlNet",
-    # Back-pressure: a replica holds at most this many requests (one batch running, the next forming);
-    # beyond that Serve queues up to max_queued_requests per caller and then answers 503.
-    max_ongoing_requests=32,
-    max_queued_requests=128,
-    health_check_period_s=10,
-)
-@serve.ingress()
-class ControlNetServer:
+class Replica:
+    """One replica's state and routes: its Runner, limits, thread pools and FastAPI app. Runs each POST
+    /generate request alone (`submit`), which is what a process without Serve (tests, a plain ASGI server)
+    gets; ControlNetServer, below, is the Serve deployment and batches them."""
+
     def __init__(
         self,
-        model: str = "tiny",
-        controlnet: str | list[str] = "canny",
+        model: str | None = "tiny",  # None with engine_dir: the dir's model
+        controlnet: str | list[str] | None = "canny",  # None with engine_dir: the dir's ControlNets
         backend: str = "auto",
         engine_dir: str | None = None,
         device: str | None = None,
@@ -121,10 +124,15 @@ class ControlNetServer:
         demo_size: int | None = None,
         limits: dict | None = None,
         lora_dir: str | None = None,
+        prepare_threads: int = 2,
+        api_auth: str | None = None,
+        api_key: str | None = None,
     ):
         import torch
 
         from engine.runner import Runner
+        from engine.serve.a1111.plan import PromptTokenizer
+        from engine.serve.guard import parse_credentials, parse_keys
 
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
@@ -138,20 +146,21 @@ class ControlNetServer:
         self.max_batch_size = int(max_batch_size)
         self.limits = api.Limits(**(limits or {}))
         self.demo = bool(demo)
-        self.demo_size = int(demo_size or (64 if model == "tiny" else 512))
+        self.demo_size = int(demo_size or (64 if self.runner.model == "tiny" else 512))
         self.stats = Stats()
         # One worker: the Runner is not thread-safe, and generation must not block the event loop that
         # answers /healthz and parses the next requests.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
-        self._batched.set_max_batch_size(self.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        # Decoding pictures, planning A1111 requests, preprocessing (canny) and PNG encoding: off the event loop,
+        # on a few threads, so one heavy request can neither stall the loop nor take every core.
+        self.prepare_pool = ThreadPoolExecutor(max_workers=int(prepare_threads), thread_name_prefix="prepare")
+        # The A1111 routes' 75-token check, with its own tokenizer: the Runner's, shared, would have its
+        # truncation switched off while the worker tokenizes with it (a Rust tokenizer's settings are shared).
+        self.prompt_tokenizer = PromptTokenizer(self.runner.tokenizer)
+        self.credentials, self.api_keys = parse_credentials(api_auth), parse_keys(api_key)
+        self.batch_wait_timeout_s = float(batch_wait_timeout_s)
 
     # ---- batching ---------------------------------------------------------------------------------
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, requests: list[api.GenerateRequest]) -> list:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._run_batch, requests)
 
     def _run_batch(self, requests: list[api.GenerateRequest]) -> list:
         groups: dict[tuple, list[int]] = {}
@@ -182,7 +191,9 @@ class ControlNetServer:
         for i in members:
             req = requests[i]
             calls.setdefault((req.image_digest, req.negative_prompt is None), []).append(i)
-        return list(calls.values())
+        # At most limits.max_images_per_call images a call (the group shares num_images_per_prompt).
+        size = max(1, self.limits.max_images_per_call // first.num_images_per_prompt)
+        return [call[k:k + size] for call in calls.values() for k in range(0, len(call), size)]
 
     def _generate(self, reqs: list[api.GenerateRequest]) -> list:
         """One Runner.generate call for `reqs` (all same key); an Outcome or ApiError per request."""
@@ -204,7 +215,7 @@ class ControlNetServer:
                                               latents=self._merged_latents(reqs, first.images[0]), **kwargs)
             self.stats.generate_calls[len(reqs)] += 1
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
-            return [api.ApiError(422, None, str(err))] * len(reqs)
+            return [api.runner_error(err, api.GENERATE_WORDS)] * len(reqs)
         except Exception as err:  # noqa: BLE001 - one failed call must not take the replica down
             return [api.ApiError(500, None, f"generation failed: {type(err).__name__}: {err}")] * len(reqs)
         per = first.num_images_per_prompt
@@ -267,7 +278,8 @@ class ControlNetServer:
         ])
 
     async def submit(self, req: api.GenerateRequest) -> Outcome:
-        outcome = await self._batched(req)
+        """One request, as a batch of one on the worker thread (ControlNetServer batches)."""
+        outcome = (await asyncio.get_running_loop().run_in_executor(self.pool, self._run_batch, [req]))[0]
         if isinstance(outcome, api.ApiError):
             raise outcome
         return outcome
@@ -287,7 +299,7 @@ class ControlNetServer:
 
         r = self.runner
         return dict(
-            model=r.model, controlnets=[s.name for s in r.controlnet_specs], device=str(r.device),
+            model=r.model, controlnets=[s.name for s in r.controlnet_specs], backend=r.backend.name, device=str(r.device),
             dtype=str(r.dtype).replace("torch.", ""), schedulers=list(SCHEDULERS),
             preprocessors=["auto", "none", *sorted(PREPROCESSORS)], limits=dataclasses.asdict(self.limits),
             batching=dict(mode=self.batch_mode, max_batch_size=self.max_batch_size), loras=self.available_loras(),
@@ -297,6 +309,9 @@ class ControlNetServer:
         """The FastAPI app, built per replica after __init__ so routes and demo can close over the Runner."""
         from fastapi import FastAPI
         from fastapi.responses import Response
+
+        from engine.serve.guard import Auth, BodyLimit
+        from engine.serve.openapi import generate_operation
 
         app = FastAPI(title="ControlNet engine", docs_url="/docs")
 
@@ -312,21 +327,27 @@ class ControlNetServer:
         async def stats():
             return self.stats.as_dict()
 
-        @app.post("/generate", openapi_extra=api.openapi_operation())
+        inpaint_only = all(s.preprocessor == "inpaint" for s in self.runner.controlnet_specs)
+        operation = generate_operation(self.limits, self.runner.num_controlnets, inpaint_only)
+
+        @app.post("/generate", openapi_extra=operation)
         async def generate(request: Request):
+            loop = asyncio.get_running_loop()
             try:
-                req = await api.parse_http(request, self.limits, self.runner.num_controlnets)
+                req = await api.parse_http(request, self.limits, self.runner.num_controlnets, self.prepare_pool)
                 outcome = await self.submit(req)
             except api.ApiError as err:
                 return _json_error(err)
             if req.response_format == "png":
                 headers = {"X-Seed": str(outcome.seed), "X-Batch-Size": str(outcome.batch_size),
                            "X-Merged": str(outcome.merged), "X-Total-Ms": f"{outcome.timings['total']:.1f}"}
-                return Response(png_bytes(outcome.images[0]), media_type="image/png", headers=headers)
+                data = await loop.run_in_executor(self.prepare_pool, png_bytes, outcome.images[0])
+                return Response(data, media_type="image/png", headers=headers)
+            images, maps = await loop.run_in_executor(
+                self.prepare_pool, lambda: ([b64_png(im) for im in outcome.images], [b64_png(m) for m in outcome.control_maps]))
             return dict(
-                images=[b64_png(im) for im in outcome.images],
-                control_maps=[b64_png(m) for m in outcome.control_maps],
-                seed=outcome.seed, timings=outcome.timings, parameters=outcome.parameters,
+                images=images, control_maps=maps, seed=outcome.seed, timings=outcome.timings,
+                parameters=outcome.parameters,
                 batch=dict(mode=self.batch_mode, size=outcome.batch_size, group_size=outcome.group_size,
                            merged=outcome.merged),
             )
@@ -341,6 +362,11 @@ class ControlNetServer:
 
             blocks = build_demo(self._demo_run, self.limits, self.demo_size, self.available_loras())
             app = gr.mount_gradio_app(app, blocks, path="/demo")
+        # Around every route, the demo and /docs included: authentication (outermost: a stranger's body is
+        # never read), then the body-size cap (engine/serve/guard.py).
+        app.add_middleware(BodyLimit, max_bytes=self.limits.max_body_bytes)
+        if self.credentials or self.api_keys:
+            app.add_middleware(Auth, credentials=self.credentials, keys=self.api_keys)
         return app
 
     async def _demo_run(self, fields: dict, image, init_image=None, mask_image=None):
@@ -351,15 +377,46 @@ class ControlNetServer:
         return outcome.control_maps[0], outcome.images[0], outcome.seed
 
 
-DEPLOYMENT_ARGS = ("num_gpus", "num_cpus", "num_replicas", "max_ongoing_requests", "max_queued_requests")
+@serve.deployment(
+    name="ControlNet",
+    # Back-pressure: a replica takes at most max_ongoing_requests requests (build_app sets it to max_batch_size
+    # unless given: the batch it runs), so the rest wait in Serve's queue, from which any live replica takes
+    # them: a replica that dies loses only what it had taken. Beyond max_queued_requests per caller Serve
+    # answers 503 with Retry-After (in JSON: engine/serve/proxy.py).
+    max_ongoing_requests=8,
+    max_queued_requests=128,
+    backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    health_check_period_s=10,
+)
+@serve.ingress()
+class ControlNetServer(Replica):
+    """The Serve deployment: a Replica whose POST /generate requests are batched (`@serve.batch`, see the
+    module docstring)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._batched.set_max_batch_size(self.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _batched(self, requests: list[api.GenerateRequest]) -> list:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._run_batch, requests)
+
+    async def submit(self, req: api.GenerateRequest) -> Outcome:
+        outcome = await self._batched(req)
+        if isinstance(outcome, api.ApiError):
+            raise outcome
+        return outcome
 
 
 def build_app(args: dict | None = None):
     """Serve's application builder (`serve run engine.serve.app:build_app model=tiny`).
 
     `args` are ControlNetServer's arguments, plus deployment options for running without a config file:
-    num_gpus/num_cpus (per replica), num_replicas, max_ongoing_requests, max_queued_requests. In a
-    config file, prefer the deployment section for those (see config.yaml).
+    num_gpus/num_cpus (per replica), num_replicas, max_ongoing_requests (default: max_batch_size, the batch a
+    replica runs), max_queued_requests. In a config file, prefer the deployment section for those (see
+    config.yaml).
     """
     args = dict(args or {})
     options = {}
@@ -367,14 +424,15 @@ def build_app(args: dict | None = None):
     if actor:
         options["ray_actor_options"] = actor
     for key in ("num_replicas", "max_ongoing_requests", "max_queued_requests"):
-        if key in args:
+        if args.get(key) is not None:
             options[key] = int(args.pop(key))
-    for key in ("max_batch_size", "torch_threads", "demo_size"):
+        args.pop(key, None)
+    for key in ("max_batch_size", "torch_threads", "demo_size", "prepare_threads"):
         if key in args and args[key] is not None:
             args[key] = int(args[key])
+    options.setdefault("max_ongoing_requests", args.get("max_batch_size", 8))
     if "batch_wait_timeout_s" in args:
         args["batch_wait_timeout_s"] = float(args["batch_wait_timeout_s"])
     if isinstance(args.get("demo"), str):  # from `serve run ... demo=false`
         args["demo"] = args["demo"].lower() not in ("0", "false", "no", "off")
-    deployment = ControlNetServer.options(**options) if options else ControlNetServer
-    return deployment.bind(**args)
+    return ControlNetServer.options(**options).bind(**args)

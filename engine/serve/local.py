@@ -26,7 +26,12 @@ def start_local_serve(host: str = "127.0.0.1", port: int | None = None, num_cpus
     import ray
     from ray import serve
 
+    from engine.serve.proxy import CALLBACK
+
     port = free_port(host) if port is None else port
+    # Serve's proxy answers its own failures (a replica that died, a full queue) in JSON (engine/serve/proxy.py);
+    # it reads the callback from its environment, which Ray's processes inherit from this one.
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", CALLBACK)
     pythonpath = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=not quiet,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

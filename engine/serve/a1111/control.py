@@ -14,20 +14,21 @@ documented behaviour (sd-webui-controlnet `scripts/controlnet.py`, `internal_con
    Not reproduced: its non-maximum suppression and thinning of one-pixel edges when a binary map is
    resized (maps already at the target size, e.g. with pixel_perfect, are not resized at all).
 
+Every image made on the way (the picture at processor resolution, the scaled map before its crop) is held to
+`Limits.max_image_pixels` like an upload: scaling by the short side makes the long side of a thin strip grow
+without bound (a 16000x1 picture in a 512x512 unit would ask for ~12 GB), so such a request is refused with
+a 422 naming the unit's field, before anything is allocated. Within the bound the steps are the extension's.
+
 The engine ships model-free preprocessors only: none, canny, invert, tile_resample. The result is an
 HxWx3 uint8 array, handed to `Runner.generate(preprocess=False)`. Nothing here imports torch.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from dataclasses import dataclass
 
 import numpy as np
-import PIL.Image
 
-from engine.serve.api import ApiError, Limits
+from engine.serve.api import ApiError, Limits, open_image
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # index = the extension's number
 RESIZE_MODE_ALIASES = {
@@ -107,21 +108,11 @@ def decode_rgb(data, field: str, limits: Limits) -> np.ndarray:
     """Base64 text (a data URL is fine) -> HxWx3 uint8; alpha composited over white, as the extension does."""
     if not isinstance(data, str) or not data:
         raise ApiError(422, field, f"{field} must be a base64-encoded image (PNG, JPEG, WebP, ...)")
-    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    opened = open_image(data, limits, field)  # base64 and the header's size checked, nothing decoded yet
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, field, f"{field} must be base64-encoded image bytes (PNG, JPEG, WebP, ...): not valid base64") from None
-    try:
-        with PIL.Image.open(io.BytesIO(raw)) as opened:
-            w, h = opened.size
-            if w * h > limits.max_image_pixels:
-                raise ApiError(422, field, f"{field} is {w}x{h}; at most {limits.max_image_pixels} pixels are allowed")
-            rgba = opened.convert("RGBA") if "A" in opened.getbands() or "transparency" in opened.info else None
-            rgb = None if rgba is not None else np.asarray(opened.convert("RGB"))
-    except ApiError:
-        raise
-    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        rgba = opened.convert("RGBA") if "A" in opened.getbands() or "transparency" in opened.info else None
+        rgb = None if rgba is not None else np.asarray(opened.convert("RGB"))
+    except Exception as err:  # truncated or corrupt data surfaces when decoding
         raise ApiError(422, field, f"{field} is not a readable image (PNG, JPEG, WebP, ...): {type(err).__name__}") from None
     if rgb is not None:
         return rgb
@@ -140,13 +131,22 @@ def pixel_perfect_resolution(image: np.ndarray, height: int, width: int, resize_
     return int(np.round(k * min(raw_h, raw_w)))
 
 
-def _at_resolution(image: np.ndarray, resolution: float):
+def check_size(width: int, height: int, limits: Limits, field: str, what: str) -> None:
+    """An image the server would make from a picture: at least 1 pixel a side, at most max_image_pixels."""
+    if width < 1 or height < 1 or width * height > limits.max_image_pixels:
+        raise ApiError(422, field, f"{field}: {what} would be {width}x{height} pixels; this server makes images of at "
+                                   f"most {limits.max_image_pixels} pixels and at least 1 a side: the picture's aspect "
+                                   "ratio is too far from the target's (crop it first)")
+
+
+def _at_resolution(image: np.ndarray, resolution: float, limits: Limits, field: str):
     """Scale so the short side is `resolution`, pad to multiples of 64 with edge pixels; and the un-padder."""
     import cv2
 
     raw_h, raw_w = image.shape[:2]
     k = float(resolution) / min(raw_h, raw_w)
     h, w = int(np.round(raw_h * k)), int(np.round(raw_w * k))
+    check_size(w + -w % 64, h + -h % 64, limits, field, f"the picture at processor resolution {resolution:g}")
     scaled = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     pad_h, pad_w = -h % 64, -w % 64
     padded = np.pad(scaled, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
@@ -154,8 +154,9 @@ def _at_resolution(image: np.ndarray, resolution: float):
 
 
 def detect(module: Module, image: np.ndarray, resolution: float | None, threshold_a: float | None,
-           threshold_b: float | None) -> np.ndarray:
-    """The module's map (HxWx3 uint8) of an HxWx3 uint8 picture, at processor resolution, before fitting."""
+           threshold_b: float | None, limits: Limits, field: str) -> np.ndarray:
+    """The module's map (HxWx3 uint8) of an HxWx3 uint8 picture, at processor resolution, before fitting;
+    an ApiError naming `field` when an image on the way would be out of bounds (`check_size`)."""
     import cv2
 
     if module.name == "none":
@@ -164,11 +165,12 @@ def detect(module: Module, image: np.ndarray, resolution: float | None, threshol
         if threshold_a < 1.1:
             return image
         h, w = int(image.shape[0] / threshold_a), int(image.shape[1] / threshold_a)
+        check_size(w, h, limits, field, f"the picture down-sampled by {threshold_a:g}")
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
     if module.name == "invert":  # white-background line art -> the black-background map ControlNets expect
         return 255 - image
     if module.name == "canny":
-        padded, unpad = _at_resolution(image, resolution)
+        padded, unpad = _at_resolution(image, resolution, limits, field)
         return _rgb(unpad(cv2.Canny(padded, int(threshold_a), int(threshold_b))))
     raise AssertionError(f"no detector for module {module.name!r}")
 
@@ -200,23 +202,25 @@ def _resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
     return y
 
 
-def fit(detected: np.ndarray, resize_mode: int, height: int, width: int) -> np.ndarray:
-    """The detected map at height x width (HxWx3 uint8) by the unit's resize mode."""
+def fit(detected: np.ndarray, resize_mode: int, height: int, width: int, limits: Limits, field: str) -> np.ndarray:
+    """The detected map at height x width (HxWx3 uint8) by the unit's resize mode; an ApiError naming `field`
+    when the scaled map would be out of bounds (`check_size`)."""
     x = _rgb(detected)
     mode = RESIZE_MODES[resize_mode]
     if mode == "Just Resize":
         return np.ascontiguousarray(_resize(x, width, height))
     old_h, old_w = x.shape[:2]
     k_h, k_w = height / old_h, width / old_w
+    k = min(k_h, k_w) if mode == "Resize and Fill" else max(k_h, k_w)
+    scaled_w, scaled_h = int(np.round(old_w * k)), int(np.round(old_h * k))
+    check_size(scaled_w, scaled_h, limits, field, f"the map scaled for {mode}")
     if mode == "Resize and Fill":
-        k = min(k_h, k_w)
         borders = np.concatenate([x[0, :, :], x[-1, :, :], x[:, 0, :], x[:, -1, :]], axis=0)
         canvas = np.tile(np.median(borders, axis=0).astype(x.dtype)[None, None], [height, width, 1])
-        inner = _resize(x, int(np.round(old_w * k)), int(np.round(old_h * k)))
+        inner = _resize(x, scaled_w, scaled_h)
         top, left = max(0, (height - inner.shape[0]) // 2), max(0, (width - inner.shape[1]) // 2)
         canvas[top:top + inner.shape[0], left:left + inner.shape[1]] = inner
         return canvas
-    k = max(k_h, k_w)  # Crop and Resize
-    outer = _resize(x, int(np.round(old_w * k)), int(np.round(old_h * k)))
+    outer = _resize(x, scaled_w, scaled_h)  # Crop and Resize
     top, left = max(0, (outer.shape[0] - height) // 2), max(0, (outer.shape[1] - width) // 2)
     return np.ascontiguousarray(outer[top:top + height, left:left + width])

@@ -26,12 +26,16 @@ class InitImages:
     runner_kwargs: dict  # init_image (a list, cycled over the images), mask_image, strength
 
 
-def fit_picture(image: PIL.Image.Image, mode: int, width: int, height: int) -> PIL.Image.Image:
+def fit_picture(image: PIL.Image.Image, mode: int, width: int, height: int, limits: Limits,
+                field: str) -> PIL.Image.Image:
+    """A1111's resize to width x height; mode 1 scales to cover first, an image held to max_image_pixels
+    (control.check_size: a thin strip would otherwise be scaled to gigabytes)."""
     if mode == 0:
         return image.resize((width, height), resample=PIL.Image.LANCZOS)
     ratio, src_ratio = width / height, image.width / image.height
     w = width if ratio > src_ratio else image.width * height // image.height
     h = height if ratio <= src_ratio else image.height * width // image.width
+    control.check_size(w, h, limits, field, f"the picture scaled for {RESIZE_MODES[mode]}")
     scaled = image.resize((w, h), resample=PIL.Image.LANCZOS)
     canvas = PIL.Image.new(image.mode, (width, height))
     canvas.paste(scaled, box=(width // 2 - w // 2, height // 2 - h // 2))
@@ -57,7 +61,8 @@ def decode_init(req, limits: Limits) -> InitImages:
         raise ApiError(422, "resize_mode", f"resize_mode must be 0 ({RESIZE_MODES[0]}) or 1 ({RESIZE_MODES[1]}), "
                                            f"got {req.resize_mode!r}; 2 and 3 are not implemented")
     pictures = [control.decode_rgb(data, f"init_images.{i}", limits) for i, data in enumerate(req.init_images)]
-    init = [fit_picture(PIL.Image.fromarray(p), req.resize_mode, req.width, req.height) for p in pictures]
+    init = [fit_picture(PIL.Image.fromarray(p), req.resize_mode, req.width, req.height, limits, f"init_images.{i}")
+            for i, p in enumerate(pictures)]
     mask = None
     if req.mask:
         if req.inpainting_fill != 1:
@@ -74,5 +79,6 @@ def decode_init(req, limits: Limits) -> InitImages:
         sigma_x, sigma_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
         if min(sigma_x, sigma_y) < 0:
             raise ApiError(422, "mask_blur", "mask_blur must be >= 0")
-        mask = fit_picture(PIL.Image.fromarray(_blur(grey, sigma_x, sigma_y)), req.resize_mode, req.width, req.height)
+        mask = fit_picture(PIL.Image.fromarray(_blur(grey, sigma_x, sigma_y)), req.resize_mode, req.width, req.height,
+                           limits, "mask")
     return InitImages(pictures[0], dict(init_image=init, mask_image=mask, strength=float(req.denoising_strength)))

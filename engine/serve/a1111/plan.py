@@ -143,6 +143,16 @@ MAPPED = {"prompt", "negative_prompt", "seed", "sampler_name", "scheduler", "sam
           "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert"}
 
 
+# The Runner's argument names (and words its checks use) -> A1111's fields, for api.runner_error.
+UNITS = "alwayson_scripts.controlnet.args"
+RUNNER_WORDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "height": "height", "width": "width",
+                "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "strength": "denoising_strength",
+                "init_image": "init_images", "mask_image": "mask", "scheduler": "sampler_name",
+                "num_images_per_prompt": "batch_size", "controlnet_conditioning_scale": UNITS,
+                "control guidance": UNITS, "control_guidance_start": UNITS, "control_guidance_end": UNITS,
+                "control_mode": UNITS, "preprocessor": UNITS, "control image": UNITS, "ControlNet": UNITS}
+
+
 def check_inert(values: dict) -> None:
     for name, value in values.items():
         if name in MAPPED:
@@ -304,10 +314,10 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
                 resolution = control.pixel_perfect_resolution(picture, height, width, resize_mode)
             thr_a = control.slider_value(module.threshold_a, u.threshold_a, f"{where}.threshold_a")
             thr_b = control.slider_value(module.threshold_b, u.threshold_b, f"{where}.threshold_b")
-            detected = control.detect(module, picture, resolution, thr_a, thr_b)
+            detected = control.detect(module, picture, resolution, thr_a, thr_b, limits, f"{where}.image")
             units.append(Unit(key, i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
                               thr_a, thr_b, u.guidance_start, end, mode, u.pixel_perfect, u.save_detected_map,
-                              control.fit(detected, resize_mode, height, width), union_type))
+                              control.fit(detected, resize_mode, height, width, limits, f"{where}.image"), union_type))
     odd = next((u for u in units if (u.control_mode == 2) != (units[0].control_mode == 2)), None)
     if odd is not None:
         raise ApiError(422, f"alwayson_scripts.{odd.script}.args.{odd.index}.control_mode",
@@ -363,17 +373,37 @@ def check_size(req, limits: Limits) -> None:
             raise ApiError(422, name, f"{name} must be at most {limits.max_prompt_chars} characters")
 
 
-def check_prompt_length(text: str, tokenizer, field: str) -> None:
+class PromptTokenizer:
+    """A copy of the Runner's tokenizer for the 75-token check, used from any thread (one at a time). Not the
+    Runner's own: a Rust-backed tokenizer keeps truncation and padding as shared state, which each call sets,
+    so a check (truncation off) beside the worker's tokenizing (truncation and padding on) could hand the text
+    encoder an untruncated prompt."""
+
+    def __init__(self, tokenizer):
+        import copy
+        import threading
+
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.model_max_length = self.tokenizer.model_max_length
+        self._lock = threading.Lock()
+
+    def count(self, text: str) -> int:
+        with self._lock:
+            return len(self.tokenizer(text, truncation=False).input_ids)
+
+
+def check_prompt_length(text: str, tokenizer: PromptTokenizer, field: str) -> None:
     """The text encoder reads model_max_length tokens (77 with start and end); more would be cut off unseen."""
-    count = len(tokenizer(text, truncation=False).input_ids)
+    count = tokenizer.count(text)
     if count > tokenizer.model_max_length:
         raise ApiError(422, field, f"{field} is {count - 2} tokens; this engine reads at most "
                                    f"{tokenizer.model_max_length - 2} (A1111 splits longer prompts into chunks of 75, "
                                    "which is not implemented)")
 
 
-def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarray | None = None) -> Plan:
-    """Every check, and the control maps, before any model work."""
+def plan_request(req, runner, limits: Limits, tokenizer: PromptTokenizer, lora_dir=None,
+                 init_rgb: np.ndarray | None = None) -> Plan:
+    """Every check, and the control maps, before any model work (on a thread: it decodes and preprocesses)."""
     values = dict(req)
     check_inert(values)
     check_size(req, limits)
@@ -387,13 +417,13 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
     if "<lora:" in req.negative_prompt:
         raise ApiError(422, "negative_prompt", "negative_prompt: <lora:...> tags apply in prompt only")
     if "<lora:" in prompt:
-        prompt, loras = _parse_loras(prompt, lora_dir)
+        prompt, loras = _parse_loras(prompt, lora_dir, limits)
     if not prompt.strip():
         raise ApiError(422, "prompt", "prompt is required: this engine does not generate from an empty prompt")
     negative = req.negative_prompt if req.negative_prompt.strip() else None
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
         if text is not None:
-            check_prompt_length(text, runner.tokenizer, name)
+            check_prompt_length(text, tokenizer, name)
     unions = runner.parts.unions
     units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits, unions)
     seed = random.randrange(MAX_SEED + 1) if req.seed == -1 else req.seed
@@ -405,12 +435,12 @@ def plan_request(req, runner, limits: Limits, lora_dir=None, init_rgb: np.ndarra
                 runner_kwargs=kwargs, units=units, prompt_as_sent=req.prompt, loras=loras)
 
 
-def _parse_loras(prompt: str, lora_dir):
+def _parse_loras(prompt: str, lora_dir, limits: Limits):
     from engine.lora import parse_prompt_loras
 
     if lora_dir is None:
         raise ApiError(422, "prompt", "prompt has <lora:...> tags, but this server was started without a lora_dir")
     try:
-        return parse_prompt_loras(prompt, lora_dir)
+        return parse_prompt_loras(prompt, lora_dir, max_loras=limits.max_loras)
     except (ValueError, FileNotFoundError) as err:
         raise ApiError(422, "prompt", f"prompt: {err}") from None

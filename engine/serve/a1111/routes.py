@@ -6,7 +6,9 @@
     GET  /controlnet/version, model_list, module_list, control_types, settings; POST /controlnet/detect
 
 Generation runs on the replica's single worker thread (`server.pool`), the one POST /generate's batches
-use, so the Runner never runs two calls at once. Errors have A1111's shape plus the offending field:
+use, so the Runner never runs two calls at once. Planning (decoding the pictures, preprocessing, fitting) and
+PNG encoding run on the replica's small `server.prepare_pool`, never on the event loop, so /healthz and the
+other routes answer while a heavy request is prepared. Errors have A1111's shape plus the offending field:
 {"error", "detail", "body", "errors", "field"}; a bad request costs no model work and disturbs nothing.
 """
 import asyncio
@@ -39,7 +41,7 @@ from engine.serve.a1111.models import (
     Txt2ImgRequest,
     VersionResponse,
 )
-from engine.serve.api import ApiError
+from engine.serve.api import ApiError, runner_error
 
 EXTENSION_API_VERSION = 3  # what sd-webui-controlnet's GET /controlnet/version answers
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 422, 500, 501)}
@@ -56,14 +58,15 @@ def _from_api_error(err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # FastAPI's own 4xx (a body it cannot parse, 404, 405), in the same shape as every other error.
-    return error_response(exc.status_code, None, str(exc.detail))
+    field = {404: "path", 405: "method"}.get(exc.status_code, "body" if exc.status_code < 500 else None)
+    return error_response(exc.status_code, field, str(exc.detail))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(loc) or None
-    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    field = ".".join(loc) or "body"  # "body": the body as a whole (not a JSON object, say)
+    message = f"{field}: {first.get('msg')}"
     return error_response(422, field, message, "RequestValidationError")
 
 
@@ -136,17 +139,25 @@ def add_routes(app, server) -> None:
         finally:
             progress.job_count = 0
 
+    def prepare(fn, *args):
+        """`fn(*args)` on the replica's prepare pool: decoding, preprocessing and encoding stay off the event loop."""
+        return asyncio.get_running_loop().run_in_executor(server.prepare_pool, lambda: fn(*args))
+
     async def generate(req, plan: a1111.Plan) -> dict:
         loop = asyncio.get_running_loop()
         try:
             images, lora_hashes = await loop.run_in_executor(server.pool, run_plan, plan)
         except (ValueError, TypeError) as err:  # the Runner's own argument checks
-            raise ApiError(422, None, str(err)) from None
+            raise runner_error(err, a1111.RUNNER_WORDS) from None
         texts = [a1111_response.infotext(plan, runner, seed, i % req.batch_size, req.batch_size, lora_hashes)
                  for i, seed in enumerate(plan.seeds)]
-        encoded = [png_b64(im, text) for im, text in zip(images, texts)]
-        encoded += [png_b64(u.control_map) for u in plan.units if u.save_detected_map]
-        return dict(images=encoded if req.send_images else [], parameters=a1111_response.parameters(req, plan),
+
+        def encode():
+            encoded = [png_b64(im, text) for im, text in zip(images, texts)]
+            return encoded + [png_b64(u.control_map) for u in plan.units if u.save_detected_map]
+
+        encoded = await prepare(encode) if req.send_images else []
+        return dict(images=encoded, parameters=a1111_response.parameters(req, plan),
                     info=a1111_response.info_json(plan, runner, req, texts))
 
     def check_overrides(req) -> None:
@@ -169,7 +180,8 @@ def add_routes(app, server) -> None:
     async def txt2img(req: Txt2ImgRequest):
         async def work():
             check_overrides(req)
-            plan = a1111.plan_request(req, runner, server.limits, server.lora_dir)
+            plan = await prepare(a1111.plan_request, req, runner, server.limits, server.prompt_tokenizer,
+                                 server.lora_dir)
             return await generate(req, plan)
 
         return await guarded(work)
@@ -180,10 +192,14 @@ def add_routes(app, server) -> None:
             check_overrides(req)
             from engine.serve.a1111.img2img import decode_init
 
-            init = decode_init(req, server.limits)
-            plan = a1111.plan_request(req, runner, server.limits, server.lora_dir, init.first_rgb)
-            plan.init = init.runner_kwargs
-            return await generate(req, plan)
+            def plan_img2img():
+                init = decode_init(req, server.limits)
+                plan = a1111.plan_request(req, runner, server.limits, server.prompt_tokenizer, server.lora_dir,
+                                          init.first_rgb)
+                plan.init = init.runner_kwargs
+                return plan
+
+            return await generate(req, await prepare(plan_img2img))
 
         return await guarded(work)
 
@@ -287,12 +303,16 @@ def add_routes(app, server) -> None:
                                                     "controlnet_processor_res")
             thr_a = a1111_control.slider_value(module.threshold_a, req.controlnet_threshold_a, "controlnet_threshold_a")
             thr_b = a1111_control.slider_value(module.threshold_b, req.controlnet_threshold_b, "controlnet_threshold_b")
-            decoded = [a1111_control.decode_rgb(p, f"{field}.{i}", server.limits) for i, p in enumerate(pictures)]
 
             def run():
-                return [png_b64(a1111_control.detect(module, im, resolution, thr_a, thr_b)) for im in decoded]
+                maps = []
+                for i, picture in enumerate(pictures):
+                    where = f"{field}.{i}"
+                    image = a1111_control.decode_rgb(picture, where, server.limits)
+                    detected = a1111_control.detect(module, image, resolution, thr_a, thr_b, server.limits, where)
+                    maps.append(png_b64(detected))
+                return maps
 
-            maps = await asyncio.get_running_loop().run_in_executor(None, run)
-            return dict(images=maps, info="Success")
+            return dict(images=await prepare(run), info="Success")
 
         return await guarded(work)

@@ -1,0 +1,46 @@
+"""The pipeline benchmark keeps what it measured: each row goes to the result file as it finishes, with its
+peak RSS, so a run killed midway (the sd15 run was OOM-killed at its 17th row and wrote nothing, issue #22)
+keeps its finished rows; benchmarks/report.py shows the peak beside each row."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+KILLER = '''
+import os
+import signal
+
+import pytest
+
+calls = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    calls.append(item.nodeid)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no session end, no final write
+'''
+
+
+def test_a_killed_run_keeps_its_finished_rows(tmp_path):
+    from benchmarks.report import table
+
+    (tmp_path / "kill_second_row.py").write_text(KILLER)
+    out = tmp_path / "cpu-tiny-killed.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    # One kernel row (the hooks are benchmarks/conftest.py's, the same for every row; this one is cheap),
+    # then the next row is killed as it starts.
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_kernels.py", "--benchmark", "-k", "test_cpu_point",
+           "--benchmark-json", str(out), "-p", "kill_second_row", "-p", "no:cacheprovider", "-q"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["benchmarks"]
+    assert [r["name"] for r in rows] == ["test_cpu_point[320x64x64-torch_unfused]"]
+    assert 0.1 < rows[0]["extra_info"]["peak_rss_gb"] < 24
+    assert "| peak RSS GB (+ over its start) |" in table(out) and "Peak RSS of the benchmark process over all rows" in table(out)
