@@ -179,6 +179,16 @@ def test_a1111_unit_union_type(tiny_sdxl_dir, edges):
         return plan_request(req, runner, Limits(), PromptTokenizer(runner.tokenizer))
 
     assert plan(union_control_type="Depth").runner_kwargs["control_type"] == [None, 1]
+    # width/height left out follow the model: SDXL 1024 (SD1.5 512, A1111's own defaults)
+    from types import SimpleNamespace
+
+    from engine.families import SD15
+    from engine.serve.a1111.plan import with_model_size
+
+    left_out = Txt2ImgRequest(prompt="a cat")
+    assert (with_model_size(left_out, runner).width, with_model_size(left_out, runner).height) == (1024, 1024)
+    assert with_model_size(left_out, SimpleNamespace(family=SD15(None))).width == 512
+    assert with_model_size(Txt2ImgRequest(prompt="a cat", width=64, height=128), runner).height == 128
     assert plan(module="canny").runner_kwargs["control_type"] == [None, 3]
     with pytest.raises(ApiError, match="implies no control type"):
         plan()

@@ -97,8 +97,9 @@ class _Processing(_Body):
     n_iter: int = Field(1, ge=1, le=64)
     steps: int = Field(50, ge=1, le=1000)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int = Field(512, ge=64, le=4096, multiple_of=8)
-    height: int = Field(512, ge=64, le=4096, multiple_of=8)
+    # Left out: the model's own size (512 for SD1.5, 1024 for SDXL; plan.with_model_size)
+    width: Optional[int] = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's (SD1.5 512, SDXL 1024)")
+    height: Optional[int] = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's (SD1.5 512, SDXL 1024)")
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     do_not_save_samples: bool = False

@@ -358,6 +358,14 @@ def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int, un
     return kwargs
 
 
+def with_model_size(req, runner):
+    """The request with width/height it left out set to the model's own size (engine.families: SD1.5 512, as
+    A1111's defaults, SDXL 1024)."""
+    size = runner.family.default_size
+    missing = {side: size for side in ("width", "height") if getattr(req, side) is None}
+    return req.model_copy(update=missing) if missing else req
+
+
 def check_size(req, limits: Limits) -> None:
     for side in ("width", "height"):
         v = getattr(req, side)
@@ -404,6 +412,7 @@ def check_prompt_length(text: str, tokenizer: PromptTokenizer, field: str) -> No
 def plan_request(req, runner, limits: Limits, tokenizer: PromptTokenizer, lora_dir=None,
                  init_rgb: np.ndarray | None = None) -> Plan:
     """Every check, and the control maps, before any model work (on a thread: it decodes and preprocesses)."""
+    req = with_model_size(req, runner)
     values = dict(req)
     check_inert(values)
     check_size(req, limits)
