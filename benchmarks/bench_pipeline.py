@@ -13,7 +13,7 @@ forward includes the hint encoder; the engine's does not (it runs once per gener
 `--size sdxl`: the full SDXL base architecture with random weights (engine.tiny "sdxl-random") and an SDXL
 ControlNet shaped as diffusers/controlnet-canny-sdxl-1.0-small, against `StableDiffusionXLControlNetPipeline`
 at its defaults (guidance 5.0, time ids from the image size), at 512², 4 steps. One CFG step is ~3 TFLOP
-there (~25 s on 2 cores), so its rows take fewer rounds (ROUNDS) and some rows are not run (SDXL_NOT_RUN).
+there (~23 s on 2 cores), so its rows take fewer rounds (ROUNDS) and some rows are not run (SDXL_NOT_RUN).
 """
 from __future__ import annotations
 
@@ -290,6 +290,10 @@ SDXL_EXPORT_NEEDS = ("the fp32 ONNX export of the SDXL UNet (2.57 B parameters, 
 SDXL_NOT_RUN = {
     "torch-fused": "the fused zero-conv residual path is measured at --size sd15 (1.00-1.02x there); at sdxl "
                    "its row would add ~5 minutes to a ~30-minute run",
+    # 2026-12-05 (results/cpu-sdxl-20261205-181205.json): a minute into compiling, beside the run's 16 GB of fp32
+    # modules, the machine had 0.84 GB left and the run's memory watchdog stopped it.
+    "torch-compiled": "inductor's frozen compile of the SDXL step does not fit beside the 16 GB of fp32 modules "
+                      "in 24 GB of RAM (measured: 0.84 GB left a minute into compiling)",
     "onnxruntime": SDXL_EXPORT_NEEDS, "openvino-f32": SDXL_EXPORT_NEEDS, "openvino-bf16": SDXL_EXPORT_NEEDS,
 }
 
