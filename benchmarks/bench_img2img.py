@@ -17,6 +17,7 @@ from benchmarks.bench_pipeline import (
     PROMPT,
     _record,
     _run,
+    sd15_only,
     _skip_unless_selected,
     diffusers_pipeline,
     engine_runner,
@@ -35,6 +36,7 @@ def setup(request, bench_config):
 
 
 def _setup(request, bench_config) -> dict:
+    sd15_only(bench_config, "img2img")
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     from engine import Runner

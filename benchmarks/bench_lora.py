@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.bench_pipeline import _after, _run, give_back_memory, held_for_the_module
+from benchmarks.bench_pipeline import _after, _run, give_back_memory, held_for_the_module, sd15_only
 
 RANK = 16
 UNET_PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -42,6 +42,7 @@ def lora_setup(request, bench_config, tmp_path_factory):
 
 
 def _lora_setup(request, bench_config, tmp_path_factory) -> dict:
+    sd15_only(bench_config, "LoRA switch")
     from diffusers import StableDiffusionPipeline
 
     from engine import Runner

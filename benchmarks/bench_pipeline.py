@@ -9,6 +9,11 @@ and PSNR, so a speed-up that costs quality shows beside the speed-up.
 
 A "step" is what one denoising step costs with CFG: ControlNet + UNet at batch 2. diffusers' ControlNet
 forward includes the hint encoder; the engine's does not (it runs once per generation).
+
+`--size sdxl`: the full SDXL base architecture with random weights (engine.tiny "sdxl-random") and an SDXL
+ControlNet shaped as diffusers/controlnet-canny-sdxl-1.0-small, against `StableDiffusionXLControlNetPipeline`
+at its defaults (guidance 5.0, time ids from the image size), at 512², 4 steps. One CFG step is ~3 TFLOP
+there (~23 s on 2 cores), so its rows take fewer rounds (ROUNDS) and some rows are not run (SDXL_NOT_RUN).
 """
 from __future__ import annotations
 
@@ -40,17 +45,19 @@ def held_for_the_module(resources: dict):
 
 
 def _setup(request, bench_config) -> dict:
-    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     from engine import Runner
     from engine.preprocess import canny
 
     # The engine dir is built first, in its own process: a full-size export peaks at many GB, which
     # must be given back before this process loads its own copy of the weights.
-    graphs = {"onnxruntime", "openvino"} & set(bench_config.backends)
+    graphs = {"onnxruntime", "openvino"} & set(bench_config.backends) - _not_run_here(bench_config)
     engine_dir, engine_build = request.getfixturevalue("built_engine_dir") if graphs else (None, None)
-    runner = Runner(model=bench_config.preset, controlnet="canny", device="cpu", dtype=torch.float32)
-    pipe = diffusers_pipeline(StableDiffusionControlNetPipeline, runner)
+    runner = Runner(model=bench_config.preset, controlnet=controlnet_name(bench_config), device="cpu",
+                    dtype=torch.float32)
+    sdxl = runner.family.name == "sdxl"
+    pipe = diffusers_pipeline(StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline, runner)
     res = bench_config.resolution
     with PIL.Image.open(ASSET) as im:
         edges = canny(im.convert("RGB").resize((res, res), PIL.Image.LANCZOS))
@@ -58,23 +65,48 @@ def _setup(request, bench_config) -> dict:
     return dict(runner=runner, pipe=pipe, edges=edges, flops=flops, engine_dir=engine_dir, engine_build=engine_build)
 
 
+def controlnet_name(bench_config) -> str:
+    """The registry ControlNet of this size: SD1.5's canny, or for SDXL the -small canny (a preset model's
+    registry names give random-weight nets of the preset's architecture, engine.tiny)."""
+    from engine import tiny
+
+    return "sdxl-canny-small" if tiny.PRESETS[bench_config.preset].family == "sdxl" else "canny"
+
+
+def sd15_only(bench_config, what: str) -> None:
+    """Skip a bench module whose rows exist for SD1.5 only (SDXL sizes run this module's rows)."""
+    from engine import tiny
+
+    if tiny.PRESETS[bench_config.preset].family != "sd15":
+        pytest.skip(f"{what} rows are measured on SD1.5 sizes; --size {bench_config.size} runs bench_pipeline.py's rows")
+
+
 def diffusers_pipeline(pipeline_class, runner):
-    """A diffusers ControlNet pipeline of `pipeline_class` over the torch Runner's own modules (the same
-    weights, so each row's images compare with the baseline's), UniPC as the Runner's default."""
+    """A diffusers ControlNet pipeline of `pipeline_class` (an SD1.5 or SDXL one, as the Runner's family) over
+    the torch Runner's own modules (the same weights, so each row's images compare with the baseline's),
+    UniPC as the Runner's default."""
     from diffusers import UniPCMultistepScheduler
 
     b = runner.backend
-    pipe = pipeline_class(
-        vae=b.vae_decoder.vae,
-        text_encoder=b.text_encoder.text_encoder,
-        tokenizer=runner.tokenizer,
-        unet=b.unet_model.unet,
-        controlnet=b.controlnet_bodies[0].net,
-        scheduler=UniPCMultistepScheduler.from_config(runner.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    modules = dict(vae=b.vae_decoder.vae, text_encoder=b.text_encoder.text_encoder, unet=b.unet_model.unet,
+                   controlnet=b.controlnet_bodies[0].net)
+    if runner.family.name == "sdxl":
+        modules["text_encoder_2"] = b.text_encoders["text_encoder_2"].text_encoder
+    return pipeline_over(pipeline_class, runner, modules, UniPCMultistepScheduler.from_config(runner.scheduler_config))
+
+
+def pipeline_over(pipeline_class, runner, modules: dict, scheduler):
+    """`pipeline_class` over these modules (vae, text encoder(s), unet, controlnet), with the Runner's
+    tokenizers: SD1.5 pipelines without a safety checker, SDXL ones with the model's
+    force_zeros_for_empty_prompt and no watermark."""
+    family = runner.family
+    if family.name == "sdxl":
+        pipe = pipeline_class(**modules, tokenizer=family.tokenizer, tokenizer_2=family.tokenizer_2,
+                              scheduler=scheduler, force_zeros_for_empty_prompt=family.force_zeros,
+                              add_watermarker=False)
+    else:
+        pipe = pipeline_class(**modules, tokenizer=runner.tokenizer, scheduler=scheduler, safety_checker=None,
+                              feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -93,7 +125,7 @@ def build_engine_dir(bench_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / bench_config.size
     res = str(bench_config.resolution)
     backend = "onnxruntime" if "onnxruntime" in bench_config.backends else "openvino"
-    cmd = [sys.executable, "-m", "engine.build", "--model", bench_config.preset, "--controlnet", "canny",
+    cmd = [sys.executable, "-m", "engine.build", "--model", bench_config.preset, "--controlnet", controlnet_name(bench_config),
            "--out", str(out), "--backend", backend, "--min-size", res, "--opt-size", res, "--max-size", res,
            "--max-batch", "1", "--no-verify", "--no-progress"]
     start = time.perf_counter()
@@ -121,7 +153,11 @@ def step_inputs(setup, bench_config):
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, res // 8, res // 8, generator=gen)
     t = torch.tensor(500)
-    cond = runner.family.encode_prompts(runner.backend, ["", PROMPT])
+    if runner.family.name == "sdxl":  # both encoders; time ids (original size, crop 0, target size) as diffusers'
+        cond = runner.family.encode_prompts(runner.backend, ["", PROMPT], ["", PROMPT])
+        cond["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(2, 1)
+    else:
+        cond = runner.family.encode_prompts(runner.backend, ["", PROMPT])
     control = runner.processors.control_tensor(setup["edges"], res, res).expand(2, -1, -1, -1)
     hint = runner.backend.encode_hint(0, control)
     scales = torch.ones(runner.num_residuals)
@@ -145,6 +181,17 @@ def _after(benchmark):
 
 STEP_ROUNDS, STEP_WARMUPS = 5, 2  # a step is 1-4 s at full size: more rounds cost little and steady the median
 GENERATE_ROUNDS = 3
+# --size sdxl: an fp32 CFG step is ~25 s and a generation ~2.5 min on 2 cores, so 3 step rounds after 1 warm-up
+# and 1 generation (right after its backend's step row warmed it): ~5 minutes a row instead of ~12.
+ROUNDS = {"sdxl": dict(step=(3, 1), generate=1)}
+
+
+def step_rounds(bench_config) -> tuple[int, int]:
+    return ROUNDS.get(bench_config.size, {}).get("step", (STEP_ROUNDS, STEP_WARMUPS))
+
+
+def generate_rounds(bench_config) -> int:
+    return ROUNDS.get(bench_config.size, {}).get("generate", GENERATE_ROUNDS)
 
 
 def _run(benchmark, bench_config, fn, rounds: int, warmups: int):
@@ -236,7 +283,31 @@ def give_back_memory() -> None:
         pass
 
 
+# Rows not run at --size sdxl, and why.
+SDXL_EXPORT_NEEDS = ("the fp32 ONNX export of the SDXL UNet (2.57 B parameters, 10.3 GB) needs ~43 GB of RAM "
+                     "(>= 3.1x its weights over the models loaded, measured: benchmarks/export_sdxl.py), not this "
+                     "machine's 24 GB")
+SDXL_NOT_RUN = {
+    "torch-fused": "the fused zero-conv residual path is measured at --size sd15 (1.00-1.02x there); at sdxl "
+                   "its row would add ~5 minutes to a ~30-minute run",
+    # 2026-12-05 (results/cpu-sdxl-20261205-181205.json): a minute into compiling, beside the run's 16 GB of fp32
+    # modules, the machine had 0.84 GB left and the run's memory watchdog stopped it.
+    "torch-compiled": "inductor's frozen compile of the SDXL step does not fit beside the 16 GB of fp32 modules "
+                      "in 24 GB of RAM (measured: 0.84 GB left a minute into compiling)",
+    "onnxruntime": SDXL_EXPORT_NEEDS, "openvino-f32": SDXL_EXPORT_NEEDS, "openvino-bf16": SDXL_EXPORT_NEEDS,
+}
+
+
+def _not_run_here(bench_config) -> set[str]:
+    """Backend names (as --backends spells them) none of whose rows run at this size."""
+    if bench_config.size != "sdxl":
+        return set()
+    return {"onnxruntime", "openvino"}
+
+
 def _skip_unless_selected(bench_config, backend: str) -> None:
+    if bench_config.size == "sdxl" and backend in SDXL_NOT_RUN:
+        pytest.skip(f"--size sdxl: {SDXL_NOT_RUN[backend]}")
     if "-compiled" in backend and not bench_config.real:
         pytest.skip("compiled rows run with --benchmark only: their ~90 s of compilation is no smoke check "
                     "(tests/test_optimizations.py holds the compiled path to the reference)")
@@ -272,12 +343,14 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
         dtype = pipe.unet.dtype
         sample, control = (x[k].to(dtype) for k in ("sample", "control"))
         embeddings = x["cond"]["encoder_hidden_states"].to(dtype)
+        # SDXL: the pooled text embeds and time ids, as its pipeline passes them (in the UNet's dtype)
+        added = {k: x["cond"][k].to(dtype) for k in ("text_embeds", "time_ids") if k in x["cond"]} or None
 
         @torch.inference_mode()
         def step():
-            down, mid = pipe.controlnet(sample, x["t"], encoder_hidden_states=embeddings,
-                                        controlnet_cond=control, conditioning_scale=1.0, return_dict=False)
-            return pipe.unet(sample, x["t"], encoder_hidden_states=embeddings,
+            down, mid = pipe.controlnet(sample, x["t"], encoder_hidden_states=embeddings, controlnet_cond=control,
+                                        conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
+            return pipe.unet(sample, x["t"], encoder_hidden_states=embeddings, added_cond_kwargs=added,
                              down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
         step_flops = 2 * (flops["controlnet_full"] + flops["unet"])
@@ -294,7 +367,7 @@ def test_step(benchmark, setup, step_inputs, bench_config, machine_info, request
     _record(benchmark, bench_config, machine_info, rate, backend=backend, kind="step", flops=step_flops)
     if backend in ("onnxruntime", "openvino-f32"):
         benchmark.extra_info["engine_build"] = setup["engine_build"]
-    _run(benchmark, bench_config, step, STEP_ROUNDS, STEP_WARMUPS)
+    _run(benchmark, bench_config, step, *step_rounds(bench_config))
     if backend.startswith("openvino"):
         benchmark.extra_info.update(compile_s=b.compile_s, precision=b.precision, hint=b.config.hint)
     _after(benchmark)
@@ -316,7 +389,7 @@ def test_generate(benchmark, setup, bench_config, machine_info, matmul_rate, bac
             return runner.generate(PROMPT, setup["edges"], seed=0, preprocess=False, **_generate_kwargs(bench_config)).images
 
     _record(benchmark, bench_config, machine_info, matmul_rate, backend=backend, kind="generate", steps=steps)
-    images = _run(benchmark, bench_config, generate, GENERATE_ROUNDS, warmups=0)
+    images = _run(benchmark, bench_config, generate, generate_rounds(bench_config), warmups=0)
     if backend == "diffusers":
         setup["reference_images"] = images
     benchmark.extra_info.update(image_error(images, reference_images(setup, bench_config)))
@@ -329,7 +402,7 @@ def _generate_kwargs(bench_config) -> dict:
 
 def _diffusers_images(pipe, setup, bench_config):
     generator = torch.Generator("cpu").manual_seed(0)
-    return pipe(PROMPT, setup["edges"], generator=generator, **_generate_kwargs(bench_config)).images
+    return pipe(PROMPT, image=setup["edges"], generator=generator, **_generate_kwargs(bench_config)).images
 
 
 def reference_images(setup, bench_config):
@@ -398,7 +471,8 @@ def _fused_runner(setup):
 
     if "fused_runner" not in setup:
         b = setup["runner"].backend
-        sd = SimpleNamespace(text_encoder=b.text_encoder.text_encoder, unet=b.unet_model.unet, vae=b.vae_decoder.vae)
+        encoders = {name: encoder.text_encoder for name, encoder in b.text_encoders.items()}
+        sd = SimpleNamespace(**encoders, unet=b.unet_model.unet, vae=b.vae_decoder.vae)
         nets = [body.net for body in b.controlnet_bodies]
         setup["fused_runner"] = _runner_over(setup, sd, nets, setup["runner"].dtype, PRESETS["fused"])
     return setup["fused_runner"]
@@ -415,19 +489,17 @@ def bf16_pipe(setup):
     would do."""
     import copy
 
-    from diffusers import StableDiffusionControlNetPipeline
-
     if "bf16_pipe" not in setup:
         pipe = setup["pipe"]
-        names = ("vae", "text_encoder", "unet", "controlnet")
-        half = {name: _copy(getattr(pipe, name), torch.bfloat16) for name in names}
-        pipe16 = StableDiffusionControlNetPipeline(
-            **half, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe16.set_progress_bar_config(disable=True)
-        setup["bf16_pipe"] = pipe16
+        half = {name: _copy(getattr(pipe, name), torch.bfloat16) for name in _module_names(pipe) + ("controlnet",)}
+        setup["bf16_pipe"] = pipeline_over(type(pipe), setup["runner"], half, copy.deepcopy(pipe.scheduler))
     return setup["bf16_pipe"]
+
+
+def _module_names(pipe) -> tuple[str, ...]:
+    """The pipeline's text encoder(s), UNet and VAE: what a Runner's TorchBackend takes."""
+    second = ("text_encoder_2",) if getattr(pipe, "text_encoder_2", None) is not None else ()
+    return ("text_encoder", *second, "unet", "vae")
 
 
 def preset_engine(setup, dtype) -> dict:
@@ -443,7 +515,7 @@ def preset_engine(setup, dtype) -> dict:
     if key not in setup:
         pipe = setup["pipe"]
         own = (lambda module: _copy(module, dtype)) if dtype != torch.float32 else (lambda module: module)
-        sd = SimpleNamespace(**{name: own(getattr(pipe, name)) for name in ("text_encoder", "unet", "vae")})
+        sd = SimpleNamespace(**{name: own(getattr(pipe, name)) for name in _module_names(pipe)})
         nets = [own(pipe.controlnet)]
         # The presets for this CPU's instruction-set class (engine/optimizations.py CPU_PRESETS).
         setup[key] = dict(runner=_runner_over(setup, sd, nets, dtype, cpu_preset("cpu")),

@@ -1,4 +1,4 @@
-"""`pytest benchmarks/ --benchmark [--size tiny|sd15] [--resolution N] [--steps N] [--backends a,b]`.
+"""`pytest benchmarks/ --benchmark [--size tiny|sd15|sdxl] [--resolution N] [--steps N] [--backends a,b]`.
 
 Without --benchmark every benchmark runs once, untimed, as a smoke check (CI keeps them working). With
 it, pytest-benchmark times them (several rounds, medians) and writes JSON to benchmarks/results/, from
@@ -23,16 +23,19 @@ from pathlib import Path
 import pytest
 
 RESULTS = Path(__file__).parent / "results"
-SIZES = {"tiny": "tiny", "sd15": "sd15-random"}  # --size -> engine model preset
-DEFAULTS = {"tiny": dict(resolution=64, steps=4), "sd15": dict(resolution=256, steps=4)}
+# --size -> engine model preset. "tiny-sdxl" runs the sdxl size's code paths in seconds (a smoke check).
+SIZES = {"tiny": "tiny", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15-random", "sdxl": "sdxl-random"}
+DEFAULTS = {"tiny": dict(resolution=64, steps=4), "tiny-sdxl": dict(resolution=64, steps=4),
+            "sd15": dict(resolution=256, steps=4), "sdxl": dict(resolution=512, steps=4)}
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("engine benchmarks")
     group.addoption("--benchmark", action="store_true", help="time the benchmarks for real and write JSON")
-    group.addoption("--size", choices=sorted(SIZES), default="tiny", help="model size: tiny, or sd15 = full "
-                    "SD1.5 architecture with random weights")
-    group.addoption("--resolution", type=int, default=None, help="image side in pixels (tiny 64, sd15 256)")
+    group.addoption("--size", choices=sorted(SIZES), default="tiny", help="model size: tiny, tiny-sdxl, sd15 = full "
+                    "SD1.5 architecture with random weights, or sdxl = full SDXL base architecture with random "
+                    "weights and the -small SDXL ControlNet (bench_pipeline.py only)")
+    group.addoption("--resolution", type=int, default=None, help="image side in pixels (tiny 64, sd15 256, sdxl 512)")
     group.addoption("--steps", type=int, default=None, help="denoising steps for end-to-end runs (default 4)")
     group.addoption("--backends", default="torch,onnxruntime,openvino",
                     help="comma-separated engine backends to measure besides diffusers (torch, onnxruntime, "

@@ -29,9 +29,11 @@ def _count(fn) -> int:
 
 @torch.no_grad()
 def per_sample_flops(preset: str = "sd15-random", height: int = 512, width: int = 512) -> dict[str, int]:
-    """FLOPs of each role for one sample at height x width, counted on the meta device."""
+    """FLOPs of each role for one sample at height x width, counted on the meta device. SDXL presets: both text
+    encoders under "text_encoder", the ControlNet with the preset's own config (engine.tiny), and the pooled
+    text embeds and time ids the UNet and ControlNet take."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from engine import tiny
     from engine.modules import ControlNetBody, HintEncoder
@@ -41,26 +43,35 @@ def per_sample_flops(preset: str = "sd15-random", height: int = 512, width: int 
     h, w = height // scale, width // scale
     with torch.device("meta"):
         unet = UNet2DConditionModel(**p.unet)
+        net_unet = UNet2DConditionModel.from_config(dict(unet.config, **p.controlnet)) if p.controlnet else unet
         net = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=p.hint_channels, load_weights_from_unet=False
+            net_unet, conditioning_embedding_out_channels=p.hint_channels, load_weights_from_unet=False
         )
         vae = AutoencoderKL(**p.vae)
-        text = CLIPTextModel(tiny.text_config(preset))
+        texts = [CLIPTextModel(tiny.text_config(preset))]
+        if p.text_2 is not None:
+            texts.append(CLIPTextModelWithProjection(tiny.text_config(preset, second=True)))
         sample = torch.randn(1, 4, h, w)
         t = torch.tensor(500)
         emb = torch.randn(1, tiny.MAX_TOKENS, p.unet["cross_attention_dim"])
+        added = None
+        if p.unet.get("addition_embed_type") == "text_time":
+            pooled = p.unet["projection_class_embeddings_input_dim"] - tiny.SDXL_TIME_IDS * p.unet["addition_time_embed_dim"]
+            added = dict(text_embeds=torch.randn(1, pooled), time_ids=torch.randn(1, tiny.SDXL_TIME_IDS))
         control = torch.rand(1, 3, height, width)
         ids = torch.zeros(1, tiny.MAX_TOKENS, dtype=torch.long)
         hint_encoder, body = HintEncoder(net), ControlNetBody(net)
         hint = hint_encoder(control)
-        residuals = body(sample, t, emb, hint, torch.ones(body.num_residuals))
+        cond = dict(encoder_hidden_states=emb, **(added or {}))
+        body_inputs = [cond[name] for name in body.cond_inputs]
+        residuals = body(sample, t, *body_inputs, hint, torch.ones(body.num_residuals))
         return {
-            "text_encoder": _count(lambda: text(ids)),
+            "text_encoder": sum(_count(lambda text=text: text(ids)) for text in texts),
             "hint_encoder": _count(lambda: hint_encoder(control)),
-            "controlnet_body": _count(lambda: body(sample, t, emb, hint, torch.ones(body.num_residuals))),
-            "controlnet_full": _count(lambda: net(sample, t, emb, control, return_dict=False)),
+            "controlnet_body": _count(lambda: body(sample, t, *body_inputs, hint, torch.ones(body.num_residuals))),
+            "controlnet_full": _count(lambda: net(sample, t, emb, control, added_cond_kwargs=added, return_dict=False)),
             "unet": _count(
-                lambda: unet(sample, t, emb, down_block_additional_residuals=list(residuals[:-1]),
+                lambda: unet(sample, t, emb, added_cond_kwargs=added, down_block_additional_residuals=list(residuals[:-1]),
                              mid_block_additional_residual=residuals[-1])
             ),
             "vae_decoder": _count(lambda: vae.decode(sample)),

@@ -182,6 +182,14 @@ def matmul_row(cfg, state) -> dict:
     return dict(matmul_tflops=rate / 1e12, step_tflop=step_flops / 1e12, floor_ms_per_step=state["floor_ms"])
 
 
+def controlnet_name(preset: str) -> str:
+    """The registry ControlNet the rows run: canny, or for SDXL presets the -small SDXL canny (a preset model's
+    registry names give random-weight nets of the preset's architecture, engine.tiny)."""
+    from engine import tiny
+
+    return "sdxl-canny-small" if tiny.PRESETS[preset].family == "sdxl" else "canny"
+
+
 def reference_row(cfg, state) -> dict:
     """The engine's fp32 reference image (TF32 off), which every row's PSNR is measured against."""
     import torch
@@ -191,7 +199,8 @@ def reference_row(cfg, state) -> dict:
     device, _ = _device_dtype(cfg)
     state["edges"] = control_image(cfg.resolution)
     with fp32_math():
-        ref = Runner(model=cfg.preset, controlnet="canny", device=device, dtype=torch.float32, optimizations="reference")
+        ref = Runner(model=cfg.preset, controlnet=controlnet_name(cfg.preset), device=device, dtype=torch.float32,
+                     optimizations="reference")
         start = time.perf_counter()
         state["fp32"] = ref.generate(PROMPT, state["edges"], num_inference_steps=cfg.steps, height=cfg.resolution,
                                      width=cfg.resolution, seed=0, preprocess=False, output_type="np").images
@@ -207,10 +216,15 @@ def _needs(state, *keys):
 
 def _copies(ref, dtype):
     """Fresh copies of the reference Runner's models in dtype: switches change models in place, so every
-    row gets its own, and the fp32 reference stays untouched."""
+    row gets its own, and the fp32 reference stays untouched. SDXL: both text encoders, and the VAE kept in
+    fp32 in an fp16 run (its config says force_upcast), as the Runner loads it and diffusers decodes."""
+    from engine.loading import _vae_dtype
+
     b = ref.backend
-    sd = SimpleNamespace(text_encoder=copy.deepcopy(b.text_encoder.text_encoder).to(dtype),
-                         unet=copy.deepcopy(b.unet_model.unet).to(dtype), vae=copy.deepcopy(b.vae_decoder.vae).to(dtype))
+    encoders = {name: copy.deepcopy(encoder.text_encoder).to(dtype) for name, encoder in b.text_encoders.items()}
+    vae = b.vae_decoder.vae
+    sd = SimpleNamespace(**encoders, unet=copy.deepcopy(b.unet_model.unet).to(dtype),
+                         vae=copy.deepcopy(vae).to(_vae_dtype(vae, dtype)))
     return sd, [copy.deepcopy(body.net).to(dtype) for body in b.controlnet_bodies]
 
 
@@ -233,23 +247,26 @@ def free(device) -> None:
 
 
 def diffusers_row(cfg, state) -> dict:
+    """diffusers' ControlNet pipeline (SD1.5's or SDXL's, as the preset) at its defaults over fp16 copies."""
     import torch
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
+
+    from benchmarks.bench_pipeline import pipeline_over
 
     _needs(state, "ref", "floor_ms")
     device, dtype = _device_dtype(cfg)
     ref = state["ref"]
     sd, nets = _copies(ref, dtype)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=ref.tokenizer, unet=sd.unet, controlnet=nets[0],
-        scheduler=UniPCMultistepScheduler.from_config(ref.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    sdxl = ref.family.name == "sdxl"
+    # The VAE in the pipeline's dtype, as `pipe.to(float16)` leaves it: SDXL's pipeline upcasts it to decode.
+    modules = dict(vars(sd), vae=sd.vae.to(dtype), controlnet=nets[0])
+    pipe = pipeline_over(StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline, ref,
+                         modules, UniPCMultistepScheduler.from_config(ref.scheduler_config))
     res = cfg.resolution
 
     def generate(clock):
-        return pipe(PROMPT, state["edges"], num_inference_steps=cfg.steps, height=res, width=res, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=clock).images
+        return pipe(PROMPT, image=state["edges"], num_inference_steps=cfg.steps, height=res, width=res,
+                    output_type="np", generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=clock).images
 
     with torch.inference_mode():
         result, images = timed(generate, device, cfg)

@@ -42,9 +42,16 @@ safetensors 0.8, opencv, pytest, pybind11, cmake, ninja and nvcc 13. So:
     +cuda_graphs                                                       10 s
     kernel GB/s (13 points and GroupNorm+SiLU, in CUDA graphs)         10 s
     TensorRT tiny build + generate                       0 s today (skipped: no tensorrt), else ~60 s
+    SDXL (sdxl-random, -small ControlNet, 1024², fp16): flops, fp32 reference,
+      diffusers, engine eager, +cuda_graphs                        ~130 s
     +compile (inductor, the whole step; rows before it end at ~130 s) 150 s
     tests, one pytest per file, one kernel config (timeouts 30-90 s)  145 s
-    total inside the command                                ~425 s, deadline 480 s, hard stop 540 s
+    total inside the command                                ~555 s, deadline 480 s, hard stop 540 s
+
+With the SDXL rows (before the compile row, so they are measured on the first try) the estimate passes the
+deadline: on a machine as fast as estimated the compile row still runs and the last test files
+(test_optimizations, test_compile_graph_breaks, the TensorRT fakes; all also run on the CPU) are recorded
+as not started, with the time. `--no-sdxl` gives the SD1.5-only plan back.
 
 Rows start only when their own estimate fits before the deadline, so a slow machine loses the last
 rows (recorded as skipped, with the time), never the file.
@@ -104,15 +111,18 @@ class SuiteConfig:
     deadline_s: float  # no row starts whose estimate would end after this
     compile: bool
     tests: bool
+    sdxl_preset: str | None = "sdxl-random"  # the SDXL rows' model preset; None: no SDXL rows
+    sdxl_resolution: int = 1024
 
 
 def suite_config(args) -> SuiteConfig:
     if args.dry_run:
         # 32²: a 4x4 latent, the smallest the tiny UNet's three downsamplers take; no warm-up (nothing to
         # capture or compile on the CPU), so each row is one 2-step generation.
-        return SuiteConfig(True, "tiny", 32, 2, 1, False, args.deadline_s, False, not args.skip_tests)
+        return SuiteConfig(True, "tiny", 32, 2, 1, False, args.deadline_s, False, not args.skip_tests,
+                           None if args.no_sdxl else "tiny-sdxl", 32)
     return SuiteConfig(False, "sd15-random", args.resolution, args.steps, 2, True, args.deadline_s, not args.no_compile,
-                       not args.skip_tests)
+                       not args.skip_tests, None if args.no_sdxl else "sdxl-random", args.sdxl_resolution)
 
 
 @dataclass
@@ -274,7 +284,33 @@ def benchmark_rows(cfg: SuiteConfig, state: dict) -> list[Row]:
         if name == "+cuda_graphs":  # the compile row goes last: the longest, and the one most likely to be cut
             out.append(Row("kernel GB/s", bind(rows.kernels_row), 10, gpu_only))
             out.append(Row("tensorrt tiny fp16", bind(rows.tensorrt_row), 60))
+            out += sdxl_rows(cfg) if cfg.sdxl_preset else []
     return out
+
+
+def sdxl_rows(cfg: SuiteConfig) -> list[Row]:
+    """The same measurements on SDXL (sdxl_preset at sdxl_resolution, the -small SDXL ControlNet), in state of
+    their own: the fp32 reference, diffusers' SDXL pipeline in fp16, the engine with every eager switch, and
+    with CUDA graphs on top. Before the compile row, so a lent GPU measures them on the first try."""
+    import dataclasses
+
+    from engine.optimizations import cumulative
+
+    sdxl_cfg, state = dataclasses.replace(cfg, preset=cfg.sdxl_preset, resolution=cfg.sdxl_resolution), {}
+
+    def bind(fn):
+        return lambda: fn(sdxl_cfg, state)
+
+    steps = dict(cumulative())
+    eager = [name for name, opts in steps.items() if not (opts.cuda_graphs or opts.compile)][-1]
+    gpu_only = None if not cfg.dry_run else "needs CUDA (dry run on the CPU)"
+    # Estimates (H100/H200, 1024², 20 steps): the random fp32 models built on the CPU (~3.5 B parameters)
+    # dominate the reference row.
+    return [Row("sdxl matmul rate", bind(rows.matmul_row), 5),
+            Row("sdxl fp32 reference", bind(rows.reference_row), 60),
+            Row("sdxl diffusers eager (SDPA)", bind(rows.diffusers_row), 20),
+            Row(f"sdxl {eager}", bind(rows.engine_row(steps[eager])), 20),
+            Row("sdxl +cuda_graphs", bind(rows.engine_row(steps["+cuda_graphs"])), 25, gpu_only)]
 
 
 def test_rows(cfg: SuiteConfig, native) -> list[Row]:
@@ -328,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--deadline-s", type=float, default=480.0,
                         help="start no row whose estimate ends after this many seconds (default 480, for a 600 s command)")
+    parser.add_argument("--sdxl-resolution", type=int, default=1024, help="image side of the SDXL rows (default 1024)")
+    parser.add_argument("--no-sdxl", action="store_true", help="skip the SDXL rows")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args(argv)

@@ -20,16 +20,18 @@ EXTRA = {"auto": "onnx", "onnxruntime": "onnx", "tensorrt": "tensorrt", "openvin
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m engine.build", description=__doc__.split("\n")[0])
     p.add_argument("--controlnet", action="append", default=None, metavar="NAME|ID|PATH",
-                   help="a ControlNet to build (repeatable; default canny)")
+                   help="a ControlNet to build (repeatable; default: canny, for SDXL models sdxl-canny)")
     p.add_argument("--model", default=None,
-                   help="SD1.5 model: Hugging Face id, folder, .safetensors or tiny (default: SD1.5's hub id)")
+                   help="SD1.5 or SDXL model (read from its config): Hugging Face id, folder, .safetensors, tiny or "
+                        "tiny-sdxl (default: SD1.5's hub id)")
     p.add_argument("--out", default="engines/default", help="engine dir to write (default engines/default)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "openvino"), default="auto",
                    help="auto: tensorrt where it can run, else onnxruntime (says which); openvino: verified "
                         "with OpenVINO, and what Runner(engine_dir=...) picks by default")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (default 256)")
-    p.add_argument("--opt-size", type=int, default=None, help="image side TensorRT tunes for (default 512, within min/max)")
+    p.add_argument("--opt-size", type=int, default=None,
+                   help="image side TensorRT tunes for (default: the model's, SD1.5 512, SDXL 1024, within min/max)")
     p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
     p.add_argument("--max-batch", type=int, default=4, help="images per call; CFG models get twice this (default 4)")
     p.add_argument("--vae", action="append", default=None, metavar="ID|PATH",
@@ -55,16 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: python -m engine.build --backend {args.backend} needs {', '.join(missing)}, not installed: "
               f"pip install -e '.[{EXTRA[args.backend]}]' -c requirements/constraints.txt", file=sys.stderr)
         return 2
-    from engine.loading import DEFAULT_MODEL
+    from engine.loading import DEFAULT_CONTROLNET, DEFAULT_MODEL, model_family
     from engine.parity import format_table
     from export.build import BuildConfig, build
     from export.onnx_export import ExportConfig
     from export.spec import Sizes
 
-    opt = args.opt_size if args.opt_size is not None else min(max(512, args.min_size), args.max_size)
+    model = args.model or DEFAULT_MODEL
+    try:
+        family = model_family(model)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    default_opt = 1024 if family == "sdxl" else 512
+    opt = args.opt_size if args.opt_size is not None else min(max(default_opt, args.min_size), args.max_size)
     config = BuildConfig(
-        controlnets=tuple(args.controlnet or ["canny"]),
-        model=args.model or DEFAULT_MODEL,
+        controlnets=tuple(args.controlnet or [DEFAULT_CONTROLNET[family]]),
+        model=model,
         out=Path(args.out),
         backend=args.backend,
         precision=args.precision,

@@ -29,11 +29,15 @@ FLAG_NAMES = {
     "control_guidance_start": "--control-start",
     "control_guidance_end": "--control-end",
     "control_mode": "--control-mode",
+    "control_type": "--control-type",
     "num_images_per_prompt": "--num-images",
     "mask_image": "--mask",
 }
 PER_NET = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "preprocess",
-           "control_mode")
+           "control_mode", "control_type")
+# SDXL's second prompts and size micro-conditioning (engine.families.SDXL_ARGS), flags by their names
+SDXL_SIZES = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+              "negative_crops_coords_top_left", "negative_target_size")
 
 
 class LineError(Exception):
@@ -116,6 +120,31 @@ def _strength(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise argparse.ArgumentTypeError(f"must be a number with 0 < strength <= 1, got {text!r}")
+    return value
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """SDXL's sizes and crop: "H,W" (height, width), two integers >= 0."""
+    try:
+        first, second = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be H,W (two integers, height then width), got {text!r}") from None
+    if first < 0 or second < 0:
+        raise argparse.ArgumentTypeError(f"must be two integers >= 0, got {text!r}")
+    return first, second
+
+
+def _control_type(text: str):
+    """A ControlNet-Union type name or diffusers' index; "none" for a plain ControlNet."""
+    from engine.registry import union_type
+
+    if text == "none":
+        return None
+    value = int(text) if text.isdigit() else text
+    try:
+        union_type(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 
@@ -221,6 +250,16 @@ def _add_job_flags(parser: argparse.ArgumentParser, gen: dict) -> None:
     parser.add_argument("--control-mode", action=_PerNet, choices=list(pngmeta.CONTROL_MODES),
                         help="the A1111 ControlNet extension's control mode (balanced; prompt: 'My prompt is more "
                              "important'; controlnet: 'ControlNet is more important'); once, or once per ControlNet")
+    parser.add_argument("--control-type", action=_PerNet, type=_control_type, metavar="TYPE",
+                        help="a ControlNet-Union's condition type (openpose, depth, hed, scribble, canny, lineart, "
+                             "normal, segment, tile, repaint, or diffusers' index); none for plain ControlNets; once "
+                             "per ControlNet (one condition per net here; several per net from Python or HTTP)")
+    parser.add_argument("--prompt-2", metavar="TEXT", help="SDXL: the second text encoder's prompt (default: --prompt)")
+    parser.add_argument("--negative-prompt-2", metavar="TEXT",
+                        help="SDXL: the second text encoder's negative prompt (default: --negative-prompt)")
+    for name in SDXL_SIZES:
+        parser.add_argument("--" + name.replace("_", "-"), type=_pair, metavar="H,W",
+                            help=f"SDXL size micro-conditioning: diffusers' {name} (default: the pipeline's)")
     parser.add_argument("--control-start", dest="control_guidance_start", action=_PerNet, type=_float_in(0.0, 1.0),
                         metavar="F", help="fraction of steps before a ControlNet starts; per ControlNet"
                         + d("control_guidance_start"))
@@ -332,7 +371,8 @@ def check_job(args: argparse.Namespace, count: int | None, fail, whole: bool = T
     if count is None:
         lengths = {len(getattr(args, name)) for name in PER_NET if getattr(args, name)} - {1}
         if len(lengths) > 1:
-            fail("per-ControlNet flags (--image, --scale, --control-mode, --control-start, --control-end, --preprocess) are "
+            fail("per-ControlNet flags (--image, --scale, --control-mode, --control-type, --control-start, --control-end, "
+                 "--preprocess) are "
                  f"given {' and '.join(map(str, sorted(lengths)))} times: give each once or once per ControlNet")
         # Check the rest against the count the flags imply, on a copy: the real count may still differ.
         check_job(argparse.Namespace(**vars(args)), next(iter(lengths), 1), fail, whole)
@@ -378,8 +418,9 @@ def apply_png(parser: argparse.ArgumentParser, argv: list[str] | None, png: str)
     if "strength" in p and p.get("init_image") is None:  # A1111's img2img (no Init image key): with --mask, its
         defaults["png_mask_blur"] = p.get("mask_blur", 0)  # inpainting; A1111 writes Mask blur only when not 0
     defaults["inpaint_area"] = "masked" if defaults.pop("inpaint_only_masked", False) else "whole"
+    defaults.update(defaults.pop("sdxl", {}))  # SDXL's second prompts and sizes, by their flags' names
     for name in ("controlnet", *PER_NET):  # a PNG from A1111 may lack these: then the flags decide
-        if not defaults.get(name) or None in defaults[name]:
+        if not defaults.get(name) or (None in defaults[name] and name != "control_type"):
             defaults.pop(name, None)
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)

@@ -6,8 +6,9 @@ over memory and temporaries, 13 points x N nets per step. Fused: each ControlNet
 convs and hands over its 13 feature maps; the UNet forward below calls one
 `kernels.fused_zero_conv_add` per injection point for all nets at once (read each input once, write once).
 
-`unet_forward` is UNet2DConditionModel.forward cut down to what SD1.5 configurations use (no class,
-addition or GLIGEN embeddings, no attention masks), with a hook at each of the 13 skip additions.
+`unet_forward` is UNet2DConditionModel.forward cut down to what SD1.5 and SDXL configurations use (no class
+or GLIGEN embeddings, no attention masks; SDXL's "text_time" added embedding), with a hook at each skip
+addition (13 for SD1.5, 10 for SDXL).
 """
 from __future__ import annotations
 
@@ -16,17 +17,17 @@ from typing import Callable
 
 import torch
 
-from engine.modules import down_blocks, mid_block, time_embedding
+from engine.modules import down_blocks, embedding, mid_block
 
 
 @dataclass
 class PendingResiduals:
-    """One ControlNet's output before its zero convs: 13 features, the zero convs, 13 scales."""
+    """One ControlNet's output before its zero convs: its features, zero convs and scales, one per injection point."""
 
     features: list[torch.Tensor]
     weights: list[torch.Tensor]  # (C, Ck) per injection point
     biases: list[torch.Tensor]  # (C,)
-    scales: torch.Tensor  # (13,) float32
+    scales: torch.Tensor  # (points,) float32
 
 
 @dataclass
@@ -54,18 +55,19 @@ class FusedResiduals:
 
 
 def zero_conv_params(net) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A ControlNetModel's 13 zero convs as (C, Ck) weight matrices and (C,) biases."""
+    """A ControlNet's zero convs (one per injection point) as (C, Ck) weight matrices and (C,) biases."""
     convs = list(net.controlnet_down_blocks) + [net.controlnet_mid_block]
     return [c.weight.reshape(c.weight.shape[0], -1) for c in convs], [c.bias for c in convs]
 
 
 def unet_forward(
     unet, sample: torch.Tensor, timestep: torch.Tensor, add_residual: Callable[[int, torch.Tensor], torch.Tensor],
-    encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+    timestep_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """UNet2DConditionModel.forward for SD1.5 configs; `add_residual(i, skip)` at the 13 skip points. The
-    conditioning by name (engine.modules.unet_cond_inputs): an LCM UNet's guidance embedding too."""
-    emb = time_embedding(unet, sample, timestep, timestep_cond)
+    """UNet2DConditionModel.forward for SD1.5 and SDXL configs; `add_residual(i, skip)` at each skip point. The
+    conditioning by name (engine.modules.unet_cond_inputs): SDXL's added embeds, an LCM UNet's guidance embedding."""
+    emb = embedding(unet, sample, timestep, text_embeds, time_ids, timestep_cond=timestep_cond)
     up_factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
 

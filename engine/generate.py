@@ -33,6 +33,7 @@ import traceback
 from pathlib import Path
 
 from engine import pngmeta
+from engine.families import SDXL_ARGS
 from engine.cli_flags import apply_png, build_parser, check_job, line_args, read_prompt_file
 
 STAGE_LABELS = {"preprocess": "preprocess", "text_encoder": "text encoder", "hint_encoder": "hint encoder", "vae_encoder": "VAE encoder",
@@ -131,6 +132,8 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     init_image, mask_image, height, width = args.init_image, args.mask_image, args.height, args.width
     if job is not None:
         init_image, mask_image, height, width = job.init, job.mask, job.init.height, job.init.width
+    control_type = list(args.control_type) if any(t is not None for t in args.control_type) else None
+    sdxl = {name: getattr(args, name) for name in SDXL_ARGS if getattr(args, name) is not None}
     try:
         result = runner.generate(
             prompt, image=list(args.image), negative_prompt=args.negative_prompt or None,
@@ -140,7 +143,7 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
             control_guidance_end=args.control_guidance_end, scheduler=args.scheduler, seed=args.seed,
             num_images_per_prompt=args.num_images_per_prompt, preprocess=preprocess, eta=args.eta,
             callback=progress, init_image=init_image, mask_image=mask_image, strength=args.strength,
-            control_mode=control_mode,
+            control_mode=control_mode, control_type=control_type, **sdxl,
         )
     finally:
         progress.close()
@@ -161,6 +164,10 @@ def _run_job(runner, args, label: str, index: int | None, enabled_bar: bool) -> 
     )
     if control_mode is not None:
         record["control_mode"] = control_mode
+    if control_type is not None:
+        record["control_type"] = control_type
+    if sdxl:
+        record["sdxl"] = {name: list(v) if isinstance(v, tuple) else v for name, v in sdxl.items()}
     if args.optimizations is not None:
         record["optimizations"] = args.optimizations
     if used["vae"] != "model":  # the source as given, so --from-png loads the same VAE

@@ -8,7 +8,11 @@ Loading is diffusers' path for `StableDiffusionControlNetPipeline.load_lora_weig
 `lora_unet_*` / `lora_te_*` with `.alpha`, which it converts), the keys are split by the `unet.` /
 `text_encoder.` prefix, converted to peft's names with diffusers' converters, and diffusers'
 `_create_lora_config` turns ranks, alphas and adapter metadata into the `LoraConfig` it would use. No key is
-parsed here.
+parsed here. SDXL models go through `StableDiffusionXLLoraLoaderMixin` (as
+`StableDiffusionXLControlNetPipeline.load_lora_weights`): kohya's `lora_te1_` / `lora_te2_` and SGM-named
+`lora_unet_input_blocks_*` keys, given the UNet's config, and a third part, `text_encoder_2.`. A LoRA of the
+other family is refused, naming both, before any weight changes (its kohya prefixes or `text_encoder_2.`
+keys say which it is; otherwise the layer shapes do).
 
 Merging: diffusers' `set_adapters(names, weights)` + `fuse_lora()` set each peft layer's scaling to
 `weight * lora_alpha / r` (peft's `set_scale`) and `merge()` adds each adapter's delta into the base weight
@@ -36,9 +40,15 @@ from pathlib import Path
 
 import torch
 
-GRAPHS = ("unet", "text_encoder")  # diffusers' prefixes in a LoRA file, and the backends' graph names
+# diffusers' prefixes in a LoRA file, and the backends' graph names, per model family
+FAMILY_GRAPHS = {"sd15": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder", "text_encoder_2")}
+GRAPHS = FAMILY_GRAPHS["sd15"]
 # After diffusers' conversion, a second text encoder's keys say SDXL (kohya's lora_te2_ becomes text_encoder_2.).
 SDXL_MARKERS = ("text_encoder_2.",)
+# A file's own keys that say its family before conversion: kohya's two text encoders (SDXL) or one (SD1.5).
+# SGM block names (lora_unet_input_blocks_...) say neither: SD1.5 LoRAs use them too (converted below).
+FILE_MARKERS = {"sdxl": ("text_encoder_2.", "lora_te1_", "lora_te2_"), "sd15": ("lora_te_",)}
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 # What diffusers' `load_lora_weights` passes as `unet_config` to number SGM/LDM block names (kohya's
 # `lora_unet_input_blocks_4_1_...`) as diffusers' down/mid/up blocks: only `layers_per_block` is read, and
 # every SD1.5 UNet has 2 resnets per down block.
@@ -85,10 +95,29 @@ def _is_local(source: str) -> bool:
         or source.count("/") != 1
 
 
-def load_lora(source: str | Path, allow_download: bool = True) -> Lora:
-    """Read and convert one LoRA with diffusers' loader; raises LoraError / FileNotFoundError saying why, each
-    naming the file. `allow_download=False`: a Hugging Face id is read from the local hub cache only."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def _file_family(path: Path) -> tuple[str, str] | None:
+    """(family, the key that says so) from a local .safetensors file's raw tensor names, or None."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not a safetensors file: diffusers' loader says so below
+        return None
+    for family, markers in FILE_MARKERS.items():
+        key = next((k for k in keys for m in markers if k.startswith(m) or f".{m}" in k), None)
+        if key is not None:
+            return family, key
+    return None
+
+
+def load_lora(source: str | Path, family: str = "sd15", unet_config=None, allow_download: bool = True) -> Lora:
+    """Read and convert one LoRA with diffusers' loader of the model's family ("sd15", "sdxl"; kohya files that
+    name SGM blocks are mapped with `unet_config`'s layers_per_block); raises LoraError / FileNotFoundError saying
+    why, each naming the file. `allow_download=False`: a Hugging Face id is read from the local hub cache only."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     if not isinstance(source, (str, Path)) or not str(source).strip():
         raise LoraError(f"a LoRA source must be a .safetensors file, a folder or a Hugging Face id, got {source!r}")
@@ -101,9 +130,15 @@ def load_lora(source: str | Path, allow_download: bool = True) -> Lora:
     where = str(path) if path.exists() else source
     if not path.exists() and not allow_download:
         where = _cached_snapshot(source)
+    found = _file_family(path)
+    if found is not None and found[0] != family:
+        _refuse_family(source, found[0], found[1], family)
+    loader = StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
+    if unet_config is None and family == "sd15":
+        unet_config = SD15_UNET_BLOCKS
+    extra = {"unet_config": unet_config} if unet_config is not None else {}
     try:
-        state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            where, return_lora_metadata=True, unet_config=SD15_UNET_BLOCKS)
+        state_dict, alphas, metadata = loader.lora_state_dict(where, return_lora_metadata=True, **extra)
     except OSError as err:
         if path.exists():
             raise LoraError(f"{source!r} is not a LoRA file diffusers can read ({type(err).__name__}: {err})") from err
@@ -116,22 +151,23 @@ def load_lora(source: str | Path, allow_download: bool = True) -> Lora:
         raise LoraError(f"{source!r} is not a LoRA: its tensors are not LoRA weights (e.g. {example!r}); a LoRA has "
                         "lora_A/lora_B (diffusers, peft) or lora_down/lora_up (kohya, A1111) tensors")
     marker = next((k for k in state_dict for m in SDXL_MARKERS if k.startswith(m) or f".{m}" in k), None)
-    if marker is not None:
-        raise LoraError(f"{source!r} is an SDXL LoRA (key {marker!r}); this engine runs SD1.5: use a LoRA trained on SD1.5")
+    if marker is not None and family != "sdxl":
+        _refuse_family(source, "sdxl", marker, family)
     embedding = next((k for k in state_dict if "lora_embedding_" in k or ".embeddings." in k), None)
     if embedding is not None:
         raise LoraError(f"{source!r} changes an embedding table (key {embedding!r}): LoRAs on the text encoder's token "
                         "or position embeddings are not merged by this engine (only linear and convolution layers)")
     name = path.name.removesuffix(".safetensors") if path.is_file() else Path(source.rstrip("/")).name
     lora = Lora(source, name, path.resolve() if path.is_file() else None)
-    for graph in GRAPHS:
+    for graph in FAMILY_GRAPHS[family]:
         part = _part(graph, state_dict, alphas, metadata, source)
         if part is not None:
             lora.parts[graph] = part
     if not lora.parts:
+        expected = ("unet.* / text_encoder.* / text_encoder_2.* or lora_unet_* / lora_te1_* / lora_te2_*"
+                    if family == "sdxl" else "unet.* / text_encoder.* or lora_unet_* / lora_te_*")
         raise LoraError(f"{source!r} has no UNet or text-encoder LoRA weights (its keys start like "
-                        f"{sorted(state_dict)[0]!r}); an SD1.5 LoRA has unet.* / text_encoder.* or lora_unet_* / "
-                        "lora_te_* keys")
+                        f"{sorted(state_dict)[0]!r}); an {FAMILY_NAMES[family]} LoRA has {expected} keys")
     for graph, part in lora.parts.items():
         for key, tensor in part.state_dict.items():
             if not torch.isfinite(tensor).all():
@@ -167,6 +203,11 @@ def _refuse_dora(source: str, path: Path) -> None:
                         "files are not supported")
 
 
+def _refuse_family(source: str, lora_family: str, key: str, family: str):
+    raise LoraError(f"{source!r} is an {FAMILY_NAMES[lora_family]} LoRA (key {key!r}) and the model is "
+                    f"{FAMILY_NAMES[family]}: they cannot be mixed; use a LoRA trained on {FAMILY_NAMES[family]}")
+
+
 def _part(graph: str, state_dict: dict, alphas: dict | None, metadata: dict | None, source: str) -> LoraPart | None:
     """One model's part as diffusers' `load_lora_adapter` (UNet) / `_load_lora_into_text_encoder` makes it."""
     from diffusers.utils.peft_utils import _create_lora_config
@@ -192,7 +233,10 @@ def _part(graph: str, state_dict: dict, alphas: dict | None, metadata: dict | No
     else:
         part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         # transformers 5's CLIPTextModel has no `text_model` level; older files still name it (diffusers strips it).
+        # Its CLIPTextModelWithProjection (SDXL's text_encoder_2) still has it.
         part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        if graph == "text_encoder_2":
+            part = {f"text_model.{k}": v for k, v in part.items()}
         rank = {k: v.shape[1] for k, v in part.items() if k.endswith(".lora_B.weight")}
         config = _create_lora_config(part, alphas, meta, rank, is_unet=False)
     if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
@@ -230,7 +274,7 @@ def check_shapes(adapters: list[tuple[Lora, float]], graph: str, base: dict[str,
                 raise LoraError(
                     f"LoRA {lora.source!r} does not fit {graph} layer {module!r}: it maps {down.shape[1]} -> {up.shape[0]} "
                     f"features, the layer {weight.shape[1]} -> {weight.shape[0]}: a LoRA for another architecture "
-                    "(SD1.5 text features are 768 wide, SDXL's 2048)")
+                    "(SD1.5 text features are 768 wide, SDXL's 2048; an SD1.5 LoRA on an SDXL model or the reverse)")
             kernel = tuple(weight.shape[2:]) or (1, 1)  # a linear layer is a 1x1 convolution
             for what, tensor, wanted in (("lora_down", down, kernel), ("lora_up", up, (1, 1))):
                 got = tuple(tensor.shape[2:]) or (1, 1)
@@ -443,18 +487,21 @@ class LoraSwitch:
     that `set` rewrites every weight ever changed.
     """
 
-    def __init__(self, backend):
-        self.backend = backend
+    def __init__(self, backend, family: str = "sd15", unet_config=None):
+        """`family`: the model's ("sd15", "sdxl"): its LoRA loader and graphs; `unet_config`: what SDXL's kohya
+        key mapping reads (layers_per_block)."""
+        self.backend, self.family, self.unet_config = backend, family, unet_config
+        self.graphs = FAMILY_GRAPHS[family]
         self.active: list[tuple[Lora, float]] | None = []  # None: unknown, after a switch that could not be undone
-        self.base: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GRAPHS}
-        self.changed: dict[str, set[str]] = {g: set() for g in GRAPHS}
+        self.base: dict[str, dict[str, torch.Tensor]] = {g: {} for g in self.graphs}
+        self.changed: dict[str, set[str]] = {g: set() for g in self.graphs}
         self._files: OrderedDict[tuple, Lora] = OrderedDict()  # least recently used first
         self._keys: list[tuple] = []  # file_key of each active LoRA, in order
 
     def _load(self, source: str) -> Lora:
         key = file_key(source)
         if key not in self._files:
-            self._files[key] = load_lora(source)
+            self._files[key] = load_lora(source, self.family, self.unet_config)
             while len(self._files) > FILE_CACHE_SIZE:
                 self._files.popitem(last=False)
         self._files.move_to_end(key)
@@ -476,31 +523,31 @@ class LoraSwitch:
         adapters = [(self._load(source), weight) for source, weight in checked]
         keys = [file_key(source) for source, _ in checked]
         plan = {}
-        for graph in GRAPHS:
+        for graph in self.graphs:
             names = targets(adapters, graph)
             new = [n for n in names if n not in self.base[graph]]
             if new:
                 self.base[graph].update(self.backend.get_weights(graph, new))
             check_shapes(adapters, graph, self.base[graph])
-        for graph in GRAPHS:
+        for graph in self.graphs:
             weights = merged_weights(adapters, graph, self.base[graph])
             for name in self.changed[graph] - weights.keys():
                 weights[name] = self.base[graph][name]
             plan[graph] = weights
         check = getattr(self.backend, "check_set_weights", None)  # a backend that would refuse, refuses now
-        for graph in GRAPHS:
+        for graph in self.graphs:
             if plan[graph] and check is not None:
                 check(graph)
         written = []
         try:
-            for graph in GRAPHS:  # the UNet first: a compiled step that refuses a switch refuses before any change
+            for graph in self.graphs:  # the UNet first: a compiled step that refuses a switch refuses before any change
                 if plan[graph]:
                     written.append(graph)
                     self.backend.set_weights(graph, plan[graph])
         except BaseException:
             self._undo(written, plan)
             raise
-        for graph in GRAPHS:
+        for graph in self.graphs:
             self.changed[graph] = set(targets(adapters, graph))
         self.active, self._keys = adapters, keys
 
@@ -519,7 +566,7 @@ class LoraSwitch:
             warnings.warn(f"a failed LoRA switch could not be undone ({type(err).__name__}: {err}); the weights are in "
                           "an unknown state until the next successful set_loras", RuntimeWarning, stacklevel=3)
             self.active, self._keys = None, []
-            for graph in GRAPHS:  # the next set rewrites every weight any set ever touched
+            for graph in self.graphs:  # the next set rewrites every weight any set ever touched
                 self.changed[graph] = set(self.base[graph])
 
     def describe(self) -> list[dict]:

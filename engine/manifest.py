@@ -18,7 +18,7 @@ from pathlib import Path
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-KINDS = ("text_encoder", "hint_encoder", "controlnet", "unet", "vae_encoder", "vae_decoder")
+KINDS = ("text_encoder", "text_encoder_2", "hint_encoder", "controlnet", "unet", "vae_encoder", "vae_decoder")
 DTYPES = ("float32", "float16", "int64", "int32")
 _DIM = re.compile(r"^(\d*)([Bhw])(?:/(\d+))?$")
 
@@ -106,6 +106,9 @@ class Artefact:
     weights: dict[str, str] = field(default_factory=dict)  # diffusers parameter name -> ONNX initializer name
     weight_layouts: dict[str, dict] = field(default_factory=dict)  # param -> {shape, onnx_shape, transpose, dtype}
     unreachable_weights: list[str] = field(default_factory=list)  # parameters no single initializer holds
+    # parameters the graph's outputs do not depend on (SDXL's first text encoder gives its penultimate layer's
+    # states: the last layer is not in the graph) -> their shape; a LoRA's change to them cannot change an image
+    unused_weights: dict[str, list[int]] = field(default_factory=dict)
 
     def failed(self) -> bool:
         return any(v is not None and not v.get("ok", False) for v in (self.verify, self.plan_verify))

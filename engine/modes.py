@@ -26,20 +26,17 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipelines' defaults
-# controlnet_conditioning_scale's default in StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline.__call__
-DEFAULT_CONDITIONING_SCALE = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
 
-
-def check_strength(strength, mode: str, steps: int) -> float | None:
-    """The strength for `mode` (None: diffusers' default), checked before any model work."""
+def check_strength(strength, mode: str, steps: int, default: float | None) -> float | None:
+    """The strength for `mode` (None: `default`, the family's pipeline's: engine/families.py), checked before any
+    model work."""
     if mode == "txt2img":
         if strength is not None:
             raise ValueError(f"strength={strength!r} needs an init_image (img2img or inpaint); leave it unset for "
                              "text to image")
         return None
     if strength is None:
-        return DEFAULT_STRENGTH[mode]
+        strength = default
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
             or not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be a number with 0 < strength <= 1, got {strength!r}")

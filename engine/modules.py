@@ -2,9 +2,14 @@
 
 diffusers' `ControlNetModel.forward` runs the hint (conditioning) encoder on every call although it
 depends only on the control image; here it is a module of its own, run once per generation, and the
-ControlNet body takes the hint. The body's per-block scales are an input tensor (13 values), so strength,
-guidance windows and guess mode's log-spaced scales never change the graph. These modules are what the
-torch backend runs and what `export/` exports, so every backend runs the same cut.
+ControlNet body takes the hint. The body's per-block scales are an input tensor (one per residual: 13 for
+SD1.5, 10 for SDXL), so strength, guidance windows and guess mode's log-spaced scales never change the graph.
+These modules are what the torch backend runs and what `export/` exports, so every backend runs the same cut.
+
+The conditioning inputs follow the model's family (`cond_inputs`, read from its config): SD1.5's
+encoder_hidden_states; SDXL adds text_embeds and time_ids (its "text_time" added embedding). A
+ControlNet-Union (engine/controls.py) is the same body plus its condition types' embedding ("control_type"),
+and its hint encoder also runs the task transformer, once per condition (UnionHintEncoder).
 
 At the end: the GroupNorm + SiLU fusion (TorchOptimizations.groupnorm_silu), installed by swapping the
 classes of existing modules so weights and state-dict keys never change.
@@ -14,6 +19,19 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from torch import nn
+
+SD15_COND = ("encoder_hidden_states",)
+SDXL_COND = ("encoder_hidden_states", "text_embeds", "time_ids")
+
+
+def cond_inputs(model) -> tuple[str, ...]:
+    """The conditioning a UNet or ControlNet takes, by its config: SDXL's "text_time" added embedding needs the
+    pooled text embeds and the time ids."""
+    added = model.config.addition_embed_type
+    if model.class_embedding is not None or added not in (None, "text_time"):
+        raise ValueError(f"UNets and ControlNets with class embeddings or addition_embed_type={added!r} are not "
+                         "supported (SD1.5: none; SDXL: 'text_time')")
+    return SDXL_COND if added == "text_time" else SD15_COND
 
 
 def block_scales(scale: float, num_residuals: int, guess_mode: bool) -> torch.Tensor:
@@ -29,6 +47,26 @@ def time_embedding(model, sample: torch.Tensor, timestep: torch.Tensor,
     adds its guidance embedding, `timestep_cond`, through the embedding's cond_proj)."""
     timesteps = timestep.reshape(-1).to(sample.device).expand(sample.shape[0])
     return model.time_embedding(model.time_proj(timesteps).to(dtype=sample.dtype), timestep_cond)
+
+
+def added_embedding(model, emb: torch.Tensor, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's "text_time" added embedding (pooled text embeds + sinusoidal time ids), as diffusers' UNet and
+    ControlNet forwards compute it (UNet2DConditionModel.get_aug_embed)."""
+    time_embeds = model.add_time_proj(time_ids.flatten()).reshape((text_embeds.shape[0], -1))
+    return model.add_embedding(torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+
+
+def embedding(model, sample, timestep, text_embeds=None, time_ids=None, control_type=None,
+              timestep_cond=None) -> torch.Tensor:
+    """The time embedding the blocks see: timestep (with an LCM UNet's guidance embedding), then a union net's
+    condition types, then SDXL's added embedding, summed in diffusers' order."""
+    emb = time_embedding(model, sample, timestep, timestep_cond)
+    if control_type is not None:  # ControlNetUnionModel.forward: control_type_proj, control_add_embedding
+        control = model.control_type_proj(control_type.flatten()).reshape((sample.shape[0], -1))
+        emb = emb + model.control_add_embedding(control.to(emb.dtype))
+    if text_embeds is not None:
+        emb = emb + added_embedding(model, emb, text_embeds, time_ids)
+    return emb
 
 
 def down_blocks(model, sample, emb, encoder_hidden_states) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -52,6 +90,8 @@ def mid_block(model, sample, emb, encoder_hidden_states) -> torch.Tensor:
 class HintEncoder(nn.Module):
     """Control map (B, 3, H, W) in [0, 1] -> hint (B, C0, H/8, W/8), added after the body's conv_in."""
 
+    extra_inputs = ()
+
     def __init__(self, net: ControlNetModel):
         super().__init__()
         self.embedding = net.controlnet_cond_embedding
@@ -63,20 +103,51 @@ class HintEncoder(nn.Module):
         return self.embedding(control_map)
 
 
+class UnionHintEncoder(nn.Module):
+    """A ControlNet-Union's hint for one condition: control map (B, 3, H, W), its type's index (1,) and its scale
+    (1,) -> embedding(map) * scale + alpha * scale, alpha the task transformer's output for the map's mean
+    feature plus the type's task embedding (ControlNetUnionModel.forward; one condition's scale is 1 there).
+    The transformer attends across the batch only (diffusers' (batch, conditions, C) layout into a
+    sequence-first attention), so a condition's hint does not depend on the others: summed per step. Every
+    row of the batch is the same control map (one image per condition), and attention over identical rows
+    equals attention over one, so the transformer runs on the first row: its exported attention then has a
+    fixed length 1 instead of the batch traced at export (which broke other batch sizes)."""
+
+    extra_inputs = ("control_type_index", "condition_scale")
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, control_map, control_type_index, condition_scale) -> torch.Tensor:
+        net = self.net
+        condition = net.controlnet_cond_embedding(control_map)
+        feat_seq = torch.mean(condition, dim=(2, 3)) + net.task_embedding[control_type_index]
+        x = feat_seq[:1].unsqueeze(1) * condition_scale
+        for layer in net.transformer_layes:
+            x = layer(x)
+        alpha = net.spatial_ch_projs(x[:, 0]).unsqueeze(-1).unsqueeze(-1)
+        return condition * condition_scale + alpha * condition_scale
+
+
+def hint_encoder(net) -> HintEncoder | UnionHintEncoder:
+    """The hint encoder of a ControlNet, or of a ControlNet-Union (one condition per call)."""
+    return UnionHintEncoder(net) if hasattr(net, "task_embedding") else HintEncoder(net)
+
+
 class ControlNetBody(nn.Module):
-    """ControlNet minus its hint encoder: (sample, t, *conditioning, hint, scales) -> 12 down residuals + mid.
+    """ControlNet minus its hint encoder: (sample, t, *conditioning, hint, scales) -> the down residuals + mid
+    (12 + 1 for SD1.5, 9 + 1 for SDXL).
 
-    Supports the SD1.5 ControlNet configurations (no class/addition embeddings). `hint` may have batch 1:
-    it broadcasts over the sample batch, so one hint serves every image and the CFG halves. `cond_inputs`
-    names the conditioning inputs (engine.families) in the order forward takes them, as the graph does.
+    `hint` may have batch 1: it broadcasts over the sample batch, so one hint serves every image and the CFG
+    halves. `cond_inputs` names the conditioning inputs (engine.families) in the order forward takes them, as
+    the graph does: the family's, and for a ControlNet-Union also "control_type" (its types, (B, types)).
     """
-
-    cond_inputs = ("encoder_hidden_states",)
 
     def __init__(self, net: ControlNetModel):
         super().__init__()
-        if net.class_embedding is not None or net.config.addition_embed_type is not None:
-            raise ValueError("ControlNets with class or addition embeddings (SDXL-style) are not supported")
+        self.union = hasattr(net, "task_embedding")  # ControlNetUnionModel
+        self.cond_inputs = cond_inputs(net) + (("control_type",) if self.union else ())
         self.net = net
         self.global_pool = bool(net.config.global_pool_conditions)
 
@@ -84,17 +155,22 @@ class ControlNetBody(nn.Module):
     def num_residuals(self) -> int:
         return len(self.net.controlnet_down_blocks) + 1
 
-    def features(self, sample, timestep, encoder_hidden_states, hint) -> list[torch.Tensor]:
-        """The 13 feature maps before the zero convs (the fused kernel path applies those itself)."""
+    def features(self, sample, timestep, *inputs) -> list[torch.Tensor]:
+        """(*conditioning, hint) -> the feature maps before the zero convs (the fused kernel path applies
+        those itself)."""
         net = self.net
-        emb = time_embedding(net, sample, timestep)
+        cond, hint = dict(zip(self.cond_inputs, inputs)), inputs[len(self.cond_inputs)]
+        encoder_hidden_states = cond["encoder_hidden_states"]
+        emb = embedding(net, sample, timestep, cond.get("text_embeds"), cond.get("time_ids"), cond.get("control_type"))
         sample, feats = down_blocks(net, net.conv_in(sample) + hint, emb, encoder_hidden_states)
         sample = mid_block(net, sample, emb, encoder_hidden_states)
         feats.append(sample)
         return feats
 
-    def forward(self, sample, timestep, encoder_hidden_states, hint, scales) -> tuple[torch.Tensor, ...]:
-        feats = self.features(sample, timestep, encoder_hidden_states, hint)
+    def forward(self, sample, timestep, *inputs) -> tuple[torch.Tensor, ...]:
+        """(sample, timestep, *conditioning, hint, scales) -> residuals."""
+        scales = inputs[-1]
+        feats = self.features(sample, timestep, *inputs[:-1])
         zero_convs = list(self.net.controlnet_down_blocks) + [self.net.controlnet_mid_block]
         out = []
         for i, (feat, conv) in enumerate(zip(feats, zero_convs)):
@@ -106,14 +182,14 @@ class ControlNetBody(nn.Module):
 
 
 def unet_cond_inputs(unet: UNet2DConditionModel) -> tuple[str, ...]:
-    """The conditioning inputs a UNet takes, in order: the text's hidden states, and an LCM-distilled UNet's
-    guidance embedding (`time_cond_proj_dim` set; engine.families computes it from the guidance scale)."""
+    """The conditioning inputs a UNet takes, in order: its family's (`cond_inputs`), then an LCM-distilled
+    UNet's guidance embedding (`time_cond_proj_dim` set; engine.families computes it from the guidance scale)."""
     extra = ("timestep_cond",) if unet.config.time_cond_proj_dim is not None else ()
-    return ("encoder_hidden_states",) + extra
+    return cond_inputs(unet) + extra
 
 
 class UNetWithResiduals(nn.Module):
-    """UNet taking (sample, t, *conditioning) and the 12 down residuals + mid residual as plain inputs (none:
+    """UNet taking (sample, t, *conditioning) and the down residuals + mid residual as plain inputs (none:
     no ControlNet active). `cond_inputs` names the conditioning inputs in order, as the graph does."""
 
     def __init__(self, unet: UNet2DConditionModel):
@@ -122,14 +198,17 @@ class UNetWithResiduals(nn.Module):
         self.cond_inputs = unet_cond_inputs(unet)
 
     def forward(self, sample, timestep, *inputs) -> torch.Tensor:
+        """(sample, timestep, *conditioning, *residuals) -> noise prediction."""
         count = len(self.cond_inputs)
         cond, residuals = dict(zip(self.cond_inputs, inputs[:count])), inputs[count:]
         down, mid = (list(residuals[:-1]), residuals[-1]) if residuals else (None, None)
+        added = {name: cond[name] for name in ("text_embeds", "time_ids") if name in cond}
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=cond["encoder_hidden_states"],
             timestep_cond=cond.get("timestep_cond"),
+            added_cond_kwargs=added or None,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
@@ -137,14 +216,28 @@ class UNetWithResiduals(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids (B, 77) -> CLIP last hidden states (B, 77, D), as SD1.5 conditions on."""
+    """Token ids (B, 77) -> CLIP hidden states (B, 77, D): the last (SD1.5), or the penultimate layer's (SDXL,
+    `penultimate`); a CLIPTextModelWithProjection (SDXL's second) also returns its pooled projection (B, P)."""
 
-    def __init__(self, text_encoder: nn.Module):
+    def __init__(self, text_encoder: nn.Module, penultimate: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.penultimate = penultimate
+        self.pooled = hasattr(text_encoder, "text_projection")
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]
+    def forward(self, input_ids: torch.Tensor):
+        out = self.text_encoder(input_ids, output_hidden_states=self.penultimate)
+        hidden = out.hidden_states[-2] if self.penultimate else out[0]
+        return (hidden, out.text_embeds) if self.pooled else hidden
+
+
+def text_encoders(sd) -> dict[str, TextEncoder]:
+    """The model's text encoders by graph name, cut as its family conditions on (SDXL: penultimate, two)."""
+    sdxl = getattr(sd, "text_encoder_2", None) is not None  # SD1.5 parts (benchmarks' namespaces) may lack it
+    encoders = {"text_encoder": TextEncoder(sd.text_encoder, penultimate=sdxl)}
+    if sdxl:
+        encoders["text_encoder_2"] = TextEncoder(sd.text_encoder_2, penultimate=True)
+    return encoders
 
 
 class VaeEncoder(nn.Module):

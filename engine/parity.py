@@ -26,6 +26,15 @@ def sample_feeds(inputs: list[TensorIO], variables: dict[str, int], vocab_size: 
         shape = io.shape(variables)
         if io.name == "input_ids":
             feeds[io.name] = torch.randint(0, vocab_size, shape, generator=gen)
+        elif io.name == "time_ids":  # SDXL's sizes: original (h, w), crop top-left, target (h, w)
+            h, w = 8 * variables["h"], 8 * variables["w"]
+            feeds[io.name] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(shape).clone()
+        elif io.name == "control_type":  # a union's types: 0/1 per image
+            feeds[io.name] = (torch.arange(shape[1]) % 2 == 0).float().expand(shape).clone()
+        elif io.name == "control_type_index":
+            feeds[io.name] = torch.ones(shape, dtype=torch.int64)
+        elif io.name == "condition_scale":
+            feeds[io.name] = torch.full(shape, 0.7)
         elif io.name == "timestep":
             feeds[io.name] = torch.full(shape, 537.0)
         elif io.name == "scales":
@@ -48,11 +57,12 @@ def reference_module(kind: str, sd=None, net=None, vae=None) -> torch.nn.Module:
 
     vae = sd.vae if vae is None else vae
     makers = {
-        "text_encoder": lambda: modules.TextEncoder(sd.text_encoder),
+        "text_encoder": lambda: modules.TextEncoder(sd.text_encoder, penultimate=sd.family == "sdxl"),
+        "text_encoder_2": lambda: modules.TextEncoder(sd.text_encoder_2, penultimate=True),
         "unet": lambda: modules.UNetWithResiduals(sd.unet),
         "vae_encoder": lambda: (modules.TinyVaeEncoder if isinstance(vae, AutoencoderTiny) else modules.VaeEncoder)(vae),
         "vae_decoder": lambda: modules.VaeDecoder(vae),
-        "hint_encoder": lambda: modules.HintEncoder(net),
+        "hint_encoder": lambda: modules.hint_encoder(net),
         "controlnet": lambda: modules.ControlNetBody(net),
     }
     if kind not in makers:

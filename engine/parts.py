@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.families import SD15
-from engine.loading import DEFAULT_MODEL, load_controlnet, load_sd
+from engine.families import SD15, SDXL
+from engine.loading import (DEFAULT_CONTROLNET, DEFAULT_MODEL, check_controlnet_family, load_controlnet, load_sd,
+                            model_family)
 from engine.optimizations import cpu_has_native_bf16
 from engine.registry import resolve
 from engine.vaes import MODEL, VaeInfo, check_fits, load_vae, vae_name
@@ -33,6 +34,7 @@ class LoadedParts:
     dtype: torch.dtype
     model: str  # the model's source as recorded
     controlnet_specs: list
+    unions: list  # per ControlNet: a ControlNet-Union's number of condition types, None for a plain one
     family: object  # engine.families: what differs between model families (the prompts' conditioning)
     tokenizer: object
     scheduler_config: dict
@@ -41,9 +43,18 @@ class LoadedParts:
     unet_channels: int  # the UNet's input channels: 4, or 9 for an inpainting UNet
     global_pool: bool
     num_residuals: int
+    layers_per_block: int  # the UNet's (SDXL kohya LoRAs name its blocks by it)
     can_encode_images: bool  # a VAE encoder is there (img2img, inpaint)
     vaes: dict  # name -> engine.vaes.VaeInfo: the model's own ("model") and the extra one (Runner(vae=...))
     default_vae: str  # the name a call's vae=None picks
+
+
+def make_family(name: str, tokenizer, tokenizer_2=None, force_zeros_for_empty_prompt: bool = True,
+                time_cond_proj_dim: int | None = None):
+    """The engine.families object of a loaded model."""
+    if name == "sdxl":
+        return SDXL(tokenizer, tokenizer_2, force_zeros_for_empty_prompt)
+    return SD15(tokenizer, time_cond_proj_dim)
 
 
 def load_engine_dir(engine_dir, model, names, backend, device, dtype, vae=None) -> LoadedParts:
@@ -82,7 +93,9 @@ def load_engine_dir(engine_dir, model, names, backend, device, dtype, vae=None) 
         dtype=built_dtype,
         model=built.manifest.model["source"],
         controlnet_specs=built.controlnet_specs,
-        family=SD15(built.tokenizer, config.get("time_cond_proj_dim")),
+        unions=[n.get("union") for n in built.nets],
+        family=make_family(config.get("family", "sd15"), built.tokenizer, built.tokenizer_2,
+                           bool(config.get("force_zeros_for_empty_prompt", True)), config.get("time_cond_proj_dim")),
         tokenizer=built.tokenizer,
         scheduler_config=built.scheduler_config,
         vae_scale_factor=int(config["vae_scale_factor"]),
@@ -90,6 +103,7 @@ def load_engine_dir(engine_dir, model, names, backend, device, dtype, vae=None) 
         unet_channels=int(config.get("unet_in_channels", latent_channels)),  # dirs built before img2img: 4
         global_pool=built.global_pools[0],
         num_residuals=int(config["num_residuals"]),
+        layers_per_block=int(config["layers_per_block"]),
         can_encode_images=getattr(built.backend, "vae_encoder", None) is not None,
         vaes=vaes,
         default_vae=default_vae,
@@ -101,7 +115,8 @@ def load_torch(model, names, device, dtype, torch_optimizations, vae=None) -> Lo
     from engine.backends.torch_backend import TorchBackend
 
     model = DEFAULT_MODEL if model is None else model
-    names = ["canny"] if names is None else names
+    family = model_family(model)  # from its config: no weights read yet
+    names = [DEFAULT_CONTROLNET[family]] if names is None else names
     device = torch.device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, dtype)
@@ -113,6 +128,8 @@ def load_torch(model, names, device, dtype, torch_optimizations, vae=None) -> Lo
         warnings.warn("dtype bf16 on a CPU without AVX512-BF16 or AMX is emulated, ~30x slower than fp32; "
                       "use dtype='fp32' here", stacklevel=3)
     specs = [resolve(name) for name in names]
+    for spec in specs:  # another family's ControlNet is refused before any weights load
+        check_controlnet_family(spec, model, family)
     sd = load_sd(model, device, dtype)
     nets = [load_controlnet(spec, sd, device, dtype) for spec in specs]
     vae_scale_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
@@ -130,7 +147,9 @@ def load_torch(model, names, device, dtype, torch_optimizations, vae=None) -> Lo
         dtype=dtype,
         model=sd.source,
         controlnet_specs=specs,
-        family=SD15(sd.tokenizer, sd.unet.config.time_cond_proj_dim),
+        unions=[int(net.config.num_control_type) if hasattr(net, "task_embedding") else None for net in nets],
+        family=make_family(sd.family, sd.tokenizer, sd.tokenizer_2, sd.force_zeros_for_empty_prompt,
+                           sd.unet.config.time_cond_proj_dim),
         tokenizer=sd.tokenizer,
         scheduler_config=sd.scheduler_config,
         vae_scale_factor=vae_scale_factor,
@@ -138,6 +157,7 @@ def load_torch(model, names, device, dtype, torch_optimizations, vae=None) -> Lo
         unet_channels=int(sd.unet.config.in_channels),
         global_pool=bool(nets[0].config.global_pool_conditions),
         num_residuals=backend.controlnet_bodies[0].num_residuals,
+        layers_per_block=int(sd.unet.config.layers_per_block),
         can_encode_images=True,
         vaes=vaes,
         default_vae=next(iter(extra), MODEL),

@@ -122,6 +122,8 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
     if p.get("lora_hashes"):  # as A1111 writes it: "name: hash, name: hash" (":" and "," dropped from names)
         strip = str.maketrans("", "", ":,")
         pairs["Lora hashes"] = ", ".join(f"{name.translate(strip)}: {h}" for name, h in p["lora_hashes"].items())
+    if p.get("sdxl"):  # not A1111's: SDXL's second prompts and size micro-conditioning (diffusers' names), as JSON
+        pairs["SDXL conditioning"] = json.dumps(p["sdxl"], ensure_ascii=False)
     if p.get("lora_files"):  # not A1111's: LoRAs given by file (--lora), with their weights, as JSON
         pairs["Lora files"] = json.dumps([[str(path), float(w)] for path, w in p["lora_files"]])
     if p["num_images_per_prompt"] > 1:
@@ -136,6 +138,8 @@ def format_parameters(p: dict, batch_pos: int | None = None) -> str:
         net["Guidance Start"] = _number(p["control_guidance_start"][k])
         net["Guidance End"] = _number(p["control_guidance_end"][k])
         net["Control Mode"] = CONTROL_MODES[p["control_mode"][k] if p.get("control_mode") else "balanced"]
+        if p.get("control_type") and p["control_type"][k] is not None:  # a ControlNet-Union's condition type
+            net["Union Control Type"] = p["control_type"][k]
         if p["guess_mode"]:
             net["Guess Mode"] = "True"
         net.update(p["unit_pairs"][k] if p.get("unit_pairs") else {})  # the A1111 API's per-unit settings
@@ -239,9 +243,15 @@ def parse_parameters(text: str) -> dict:
             p["lora_files"] = [(str(path), float(weight)) for path, weight in json.loads(pairs.pop("Lora files"))]
         except (ValueError, TypeError) as err:
             raise ValueError(f"'Lora files' must be a JSON list of [path, weight] pairs ({err})") from None
+    if "SDXL conditioning" in pairs:
+        try:
+            p["sdxl"] = {k: tuple(v) if isinstance(v, list) else v
+                         for k, v in json.loads(pairs.pop("SDXL conditioning")).items()}
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"'SDXL conditioning' must be a JSON object of diffusers' SDXL arguments ({err})") from None
     for key in _PER_NET:
         p[key] = []
-    guess, modes = [], []
+    guess, modes, types = [], [], []
     for k in range(len(pairs)):
         if f"ControlNet {k}" not in pairs:
             break
@@ -262,9 +272,13 @@ def parse_parameters(text: str) -> dict:
             raise ValueError(f"{where}: unknown Control Mode {mode!r}; known: {', '.join(CONTROL_MODES_BY_NAME)}")
         modes.append(CONTROL_MODES_BY_NAME[mode])
         guess.append(net.pop("Guess Mode", "False") == "True")
+        kind = net.pop("Union Control Type", None)
+        types.append(int(kind) if kind is not None and kind.isdigit() else kind)
     p["guess_mode"] = any(guess)
     if any(mode != "balanced" for mode in modes):  # all Balanced is the same image as no control mode
         p["control_mode"] = modes
+    if any(t is not None for t in types):
+        p["control_type"] = types
     if pairs:
         p["extra"] = pairs
     return p

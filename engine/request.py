@@ -20,18 +20,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine import modes
+from engine import controls, modes
 from engine import preprocess as pre
 from engine.backends import check_request
-from engine.modules import block_scales
+from engine.controls import CONTROL_MODES, soft_block_scales  # noqa: F401  (the A1111 routes' names for them)
+from engine.families import SDXL_ARGS
 from engine.schedulers import check_scheduler_steps
 from engine.vaes import pick as pick_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-# The A1111 ControlNet extension's control modes ("Balanced", "My prompt is more important", "ControlNet is
-# more important"); see GenerateArgs.control_mode.
-CONTROL_MODES = ("balanced", "prompt", "controlnet")
-SOFT_INJECTION_BASE = 0.825  # the extension's per-block decay: block i of 13 is scaled by 0.825 ** (12 - i)
 
 
 @dataclass
@@ -39,12 +36,14 @@ class GenerateArgs:
     """`Runner.generate`'s arguments, as diffusers' ControlNet pipelines name them and with their defaults:
     text to image (`StableDiffusionControlNetPipeline`), img2img with `init_image`
     (`StableDiffusionControlNetImg2ImgPipeline`, whose `image` is our `init_image` and whose `control_image`
-    is our `image`), inpainting with `init_image` and `mask_image` (`StableDiffusionControlNetInpaintPipeline`).
+    is our `image`), inpainting with `init_image` and `mask_image` (`StableDiffusionControlNetInpaintPipeline`);
+    for SDXL models their `StableDiffusionXL...` counterparts and `StableDiffusionXLControlNetUnionPipeline`.
     """
 
     prompt: str | list[str]
-    # The raw picture, one per ControlNet (PIL, numpy HWC uint8/float, or a file path). An inpaint
-    # ControlNet's may be None (or `image` left unset): its map is built from the init image and the mask.
+    # The raw picture, one per ControlNet (PIL, numpy HWC uint8/float, or a file path); a ControlNet-Union with
+    # several conditions takes one per condition (engine/controls.py). An inpaint ControlNet's may be None (or
+    # `image` left unset): its map is built from the init image and the mask.
     image: object = None
     negative_prompt: str | list[str] | None = None
     # Default: the init image's size (else the first control map's), rounded down to multiples of 8;
@@ -52,8 +51,9 @@ class GenerateArgs:
     height: int | None = None
     width: int | None = None
     num_inference_steps: int = 20
-    guidance_scale: float = 7.5
-    # None: each pipeline's own default, 1.0 text to image, 0.8 img2img, 0.5 inpainting. One, or one per net.
+    guidance_scale: float | None = None  # None: the pipelines' default, SD1.5 7.5, SDXL 5.0
+    # None: each pipeline's own default, 1.0 text to image, 0.8 img2img, inpainting 0.5 (SDXL 1.0). One, or one
+    # per net (per condition of a ControlNet-Union).
     controlnet_conditioning_scale: float | list[float] | None = None
     guess_mode: bool = False
     control_guidance_start: float | list[float] = 0.0
@@ -75,7 +75,7 @@ class GenerateArgs:
     init_image: object = None  # img2img and inpainting: loaded like control images
     # White repaints, black keeps (binarised at 0.5 as diffusers does); the init image's size.
     mask_image: object = None
-    # In (0, 1]; None is diffusers' default (img2img 0.8, inpaint 1.0): only the last
+    # In (0, 1]; None is diffusers' default (img2img 0.8, inpaint 1.0, SDXL inpaint 0.9999): only the last
     # int(steps * strength) steps run.
     strength: float | None = None
     # The A1111 ControlNet extension's modes (one, or one per net). "balanced": every block at the net's
@@ -91,6 +91,21 @@ class GenerateArgs:
     # latents_callback(step, total, latents) after each denoising step, with the step's latents (for
     # previews: Runner.preview decodes them with TAESD where one is loaded).
     latents_callback: Callable[[int, int, torch.Tensor], None] | None = None
+    # ControlNet-Union condition types (diffusers' union pipeline's `control_mode`, renamed: control_mode above
+    # means A1111's modes): a name (openpose, depth, hed/scribble, canny/lineart, normal, segment, ProMax's tile
+    # and repaint) or diffusers' index, a list of them for several conditions; with several nets one entry per
+    # net (None for plain ControlNets). engine/controls.py.
+    control_type: object = None
+    # SDXL (engine/families.py): the second text encoder's prompts (None: prompt / negative_prompt) and the size
+    # micro-conditioning, (height, width) pairs; None: (height, width), crop (0, 0), as the SDXL pipelines.
+    prompt_2: str | list[str] | None = None
+    negative_prompt_2: str | list[str] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
 
     @classmethod
     def from_options(cls, prompt, image, options: dict) -> "GenerateArgs":
@@ -122,27 +137,19 @@ class Plan:
     seed: int | None
     generator: torch.Generator
     latents: torch.Tensor | None  # given start noise (txt2img)
-    control_maps: list  # per ControlNet, the map after preprocessing (PIL or array)
-    controls: list[torch.Tensor]  # per ControlNet, the map as the hint encoder takes it, (1, C, H, W) in [0, 1]
+    control_maps: list  # per condition (one per plain ControlNet), the map after preprocessing (PIL or array)
+    controls: controls.Controls  # the conditions, per-net residual scales, union inputs, what runs when
     init_pixels: torch.Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask_pixels: torch.Tensor | None  # (1, 1, H, W), 0/1
-    scales: list[float]  # per ControlNet
-    starts: list[float]
-    ends: list[float]
-    net_scales: list[torch.Tensor]  # per ControlNet, one scale per residual
     guess: bool  # the ControlNets see the conditional half only
+    control_batch: int  # the ControlNets' batch: the CFG batch, or its conditional half in guess mode
     output_type: str
     callback: Callable[[int, int], None] | None
     vae: object  # engine.vaes.VaeInfo: the VAE that encodes and decodes
     latents_callback: Callable[[int, int, torch.Tensor], None] | None = None
+    family_args: dict = field(default_factory=dict)  # the family's own resolved arguments (engine/families.py)
     parameters: dict = field(default_factory=dict)  # the arguments as resolved (for reproducing the image)
     preprocess_ms: float = 0.0  # time making the control maps (annotator loads included): the "preprocess" stage
-
-    def active(self, total: int) -> list[list[bool]]:
-        """Which ControlNet runs at which of `total` kept steps: diffusers' keep rule, plus "scale 0 never runs"."""
-        n = len(self.scales)
-        return [[self.scales[k] != 0.0 and not (i / total < self.starts[k] or (i + 1) / total > self.ends[k])
-                 for k in range(n)] for i in range(total)]
 
 
 class ImageProcessors:
@@ -168,23 +175,6 @@ class ImageProcessors:
 
 # ---- checks: each names the bad value and what is allowed ----------------------------------------------
 
-def _as_list(value, count: int, what: str) -> list:
-    """A per-ControlNet value: one value for all nets, or a list with one entry per net."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(f"{what} has {len(value)} entries but there are {count} ControlNets: give {count}")
-        return list(value)
-    return [value] * count
-
-
-def _check_number(value, what: str, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{what} must be >= {low}, got {value!r}")
-    return float(value)
-
-
 def _check_int(value, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
@@ -199,28 +189,6 @@ def _check_prompts(prompt, what: str = "prompt") -> list[str]:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"{what} must be a non-empty string or a list of them, got {p!r} in {prompt!r}")
     return list(prompts)
-
-
-def soft_block_scales(scale: float, num_residuals: int) -> torch.Tensor:
-    """The extension's "soft injection": the deepest block at full scale, each shallower one 0.825 times the next."""
-    exponents = torch.arange(num_residuals - 1, -1, -1, dtype=torch.float64)
-    return (scale * SOFT_INJECTION_BASE ** exponents).to(torch.float32)
-
-
-def _check_control_modes(control_mode, count: int, guess_mode: bool) -> list[str] | None:
-    if control_mode is None:
-        return None
-    checked = _as_list(control_mode, count, "control_mode")
-    for mode in checked:
-        if mode not in CONTROL_MODES:
-            raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)} (or a list, one per ControlNet), "
-                             f"got {mode!r}")
-    if guess_mode:
-        raise ValueError("give guess_mode or control_mode, not both: control_mode 'controlnet' is the extension's guess mode")
-    if len({mode == "controlnet" for mode in checked}) > 1:
-        raise ValueError(f"control_mode 'controlnet' must be on every ControlNet or on none, got {checked}: the nets "
-                         "share one batch, which holds the unconditional half for all of them or for none")
-    return checked
 
 
 def _image_inputs(runner, init_image, mask_image, strength, steps: int):
@@ -240,39 +208,14 @@ def _image_inputs(runner, init_image, mask_image, strength, steps: int):
     if mode != "txt2img" and not parts.can_encode_images:
         raise ValueError(f"{mode} needs a VAE encoder, and this engine dir was built without one: rebuild it with "
                          "python -m engine.build (which now exports vae_encoder)")
-    return mode, init, mask, modes.check_strength(strength, mode, steps)
-
-
-def _control_maps(specs, image, preprocess, init, mask, annotators, seed) -> list:
-    """Each ControlNet's control map. An inpaint-type net builds its map from its image (default: the
-    init image) and the mask; every other net needs its own image."""
-    count = len(specs)
-    images = [None] * count if image is None else (image if isinstance(image, (list, tuple)) else [image])
-    if len(images) != count:
-        raise ValueError(f"got {len(images)} control images for {count} ControlNets: give one per ControlNet")
-    maps = []
-    for img, spec, choice in zip(images, specs, _as_list(preprocess, count, "preprocess")):
-        fn = pre.pick_preprocessor(choice, spec.preprocessor, annotators)
-        if getattr(fn, "needs_mask", False) or fn is pre.inpaint:
-            source = img if img is not None else init
-            if source is None or mask is None:
-                raise ValueError(f"ControlNet {spec.name!r} uses the inpaint preprocessor, which builds its control "
-                                 "map from the init image and the mask: give init_image and mask_image")
-            maps.append(pre.inpaint(source, mask))  # every inpaint module's map at the image's size
-            continue
-        if img is None:
-            raise ValueError(f"no control image for ControlNet {spec.name!r}: give one image per ControlNet "
-                             "(only inpaint ControlNets build theirs from init_image and mask_image)")
-        loaded = pre.load_image(img)
-        maps.append(pre.load_image(pre.control_map(fn, loaded, seed)) if fn is not None else loaded)
-    return maps
+    default = runner.family.default_strength.get(mode)
+    return mode, init, mask, modes.check_strength(strength, mode, steps, default)
 
 
 def prepare(args: GenerateArgs, runner) -> Plan:
-    """Check and resolve `args` for `runner` (its ControlNet specs, loaded parts, backend, processors),
+    """Check and resolve `args` for `runner` (its ControlNet specs, loaded parts, family, backend, processors),
     before any model work: a bad call raises ValueError naming the value and leaves nothing behind."""
-    specs = runner.controlnet_specs
-    n = len(specs)
+    specs, family, parts = runner.controlnet_specs, runner.family, runner.parts
     prompts = _check_prompts(args.prompt)
     negatives = [""] * len(prompts) if args.negative_prompt is None else _check_prompts(args.negative_prompt,
                                                                                        "negative_prompt")
@@ -282,28 +225,16 @@ def prepare(args: GenerateArgs, runner) -> Plan:
         raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
     steps = _check_int(args.num_inference_steps, "num_inference_steps", 1)
     per_prompt = _check_int(args.num_images_per_prompt, "num_images_per_prompt", 1)
-    guidance = _check_number(args.guidance_scale, "guidance_scale", 0.0)
-    starts = [_check_number(s, "control_guidance_start", 0.0) for s in
-              _as_list(args.control_guidance_start, n, "control_guidance_start")]
-    ends = [_check_number(e, "control_guidance_end", 0.0) for e in
-            _as_list(args.control_guidance_end, n, "control_guidance_end")]
-    for s, e in zip(starts, ends):
-        if not (0.0 <= s < e <= 1.0):
-            raise ValueError(f"control guidance window must satisfy 0 <= start < end <= 1, got start={s}, end={e}")
+    guidance = controls.check_number(family.default_guidance if args.guidance_scale is None else args.guidance_scale,
+                                     "guidance_scale", 0.0)
     for value, what in ((args.height, "height"), (args.width, "width")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
             raise ValueError(f"{what} must be a positive multiple of 8, got {value!r}")
     check_scheduler_steps(args.scheduler, runner.scheduler_config, steps)
-    net_modes = _check_control_modes(args.control_mode, n, args.guess_mode)
     if args.output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {args.output_type!r}")
     mode, init, mask, strength = _image_inputs(runner, args.init_image, args.mask_image, args.strength, steps)
     vae = pick_vae(args.vae, runner.parts.vaes, runner.parts.default_vae)
-    conditioning_scale = args.controlnet_conditioning_scale
-    if conditioning_scale is None:  # each diffusers pipeline's own default
-        conditioning_scale = modes.DEFAULT_CONDITIONING_SCALE[mode]
-    scales = [_check_number(s, "controlnet_conditioning_scale") for s in
-              _as_list(conditioning_scale, n, "controlnet_conditioning_scale")]
     latents, generator, seed = args.latents, args.generator, args.seed
     if latents is not None and mode != "txt2img":
         raise ValueError(f"latents are start noise for text to image; {mode} starts from init_image: leave "
@@ -319,29 +250,32 @@ def prepare(args: GenerateArgs, runner) -> Plan:
 
     processors = runner.processors
     preprocess_start = time.perf_counter()
-    control_maps = _control_maps(specs, args.image, args.preprocess, init, mask, runner.annotators, seed)
+    request = controls.check(specs, parts.unions, args, init, mask, family.default_conditioning_scale[mode],
+                             runner.annotators, seed)
     preprocess_ms = (time.perf_counter() - preprocess_start) * 1e3
     height, width = args.height, args.width
     if height is None or width is None:
-        sized, what = (init, "init image") if init is not None else (control_maps[0], "control image")
+        sized, what = (init, "init image") if init is not None else (request.maps[0], "control image")
         default_h, default_w = processors.default_size(sized)
         height, width = height or default_h, width or default_w
         if height < 8 or width < 8:
             raise ValueError(f"{what} is too small: {width}x{height} after rounding down to multiples of 8")
+    family_args = family.prepare(args, mode, height, width)
     batch = len(prompts) * per_prompt
     check_request(runner.backend, batch, height, width)
-    parts = runner.parts
     latent_shape = (batch, parts.latent_channels, height // parts.vae_scale_factor, width // parts.vae_scale_factor)
     if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latent_shape):
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must be a tensor of shape {latent_shape}, got {got}")
 
+    net_modes = request.net_modes
     guess = (args.guess_mode if net_modes is None else net_modes[0] == "controlnet") or parts.global_pool
-    if net_modes is None:
-        net_scales = [block_scales(s, parts.num_residuals, guess) for s in scales]
-    else:  # the extension's scales follow the mode only, also for global-pool nets (shuffle)
-        net_scales = [block_scales(s, parts.num_residuals, False) if net_mode == "balanced"
-                      else soft_block_scales(s, parts.num_residuals) for s, net_mode in zip(scales, net_modes)]
+    # An LCM UNet takes the guidance as an input and never runs the unconditional half (diffusers'
+    # do_classifier_free_guidance); families without one have no guidance_embedded.
+    do_cfg = guidance > 1.0 and not getattr(family, "guidance_embedded", False)
+    control_batch = batch * (2 if do_cfg and not guess else 1)
+    resolved = controls.resolve(request, processors, height, width, parts.num_residuals, guess, control_batch)
+    per_net = len(request.scales) > 1
     parameters = dict(
         prompt=prompts if len(prompts) > 1 else prompts[0],
         negative_prompt=args.negative_prompt,
@@ -349,10 +283,10 @@ def prepare(args: GenerateArgs, runner) -> Plan:
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        controlnet_conditioning_scale=scales if n > 1 else scales[0],
+        controlnet_conditioning_scale=request.scales if per_net else request.scales[0],
         guess_mode=guess,
-        control_guidance_start=starts if n > 1 else starts[0],
-        control_guidance_end=ends if n > 1 else ends[0],
+        control_guidance_start=request.starts if per_net else request.starts[0],
+        control_guidance_end=request.ends if per_net else request.ends[0],
         scheduler=args.scheduler,
         seed=seed,
         num_images_per_prompt=per_prompt,
@@ -364,18 +298,18 @@ def prepare(args: GenerateArgs, runner) -> Plan:
         vae=vae.name,
     )
     if net_modes is not None:
-        parameters["control_mode"] = net_modes if n > 1 else net_modes[0]
+        parameters["control_mode"] = net_modes if len(specs) > 1 else net_modes[0]
+    if args.control_type is not None:
+        parameters["control_type"] = args.control_type
+    parameters.update({name: getattr(args, name) for name in SDXL_ARGS if getattr(args, name) is not None})
     return Plan(
         prompts=prompts, negatives=negatives, per_prompt=per_prompt, batch=batch, guidance=guidance,
-        # An LCM UNet takes the guidance as an input and never runs the unconditional half (diffusers'
-        # do_classifier_free_guidance); families without one have no guidance_embedded.
-        do_cfg=guidance > 1.0 and not getattr(runner.family, "guidance_embedded", False), steps=steps,
-        strength=strength, scheduler=args.scheduler, eta=args.eta, mode=mode,
+        do_cfg=do_cfg, steps=steps, strength=strength, scheduler=args.scheduler, eta=args.eta, mode=mode,
         height=height, width=width, latent_shape=latent_shape, seed=seed, generator=generator, latents=latents,
-        control_maps=control_maps, controls=[processors.control_tensor(m, height, width) for m in control_maps],
+        control_maps=request.maps, controls=resolved,
         init_pixels=None if init is None else processors.image.preprocess(init, height=height, width=width).to(torch.float32),
         mask_pixels=None if mask is None else processors.mask.preprocess(mask, height=height, width=width),
-        scales=scales, starts=starts, ends=ends, net_scales=net_scales, guess=guess, output_type=args.output_type,
-        callback=args.callback, vae=vae, latents_callback=args.latents_callback, parameters=parameters,
+        guess=guess, control_batch=control_batch, output_type=args.output_type, callback=args.callback,
+        vae=vae, latents_callback=args.latents_callback, family_args=family_args, parameters=parameters,
         preprocess_ms=preprocess_ms,
     )

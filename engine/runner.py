@@ -18,6 +18,7 @@ the kept steps run (diffusers' get_timesteps), and tests/test_img2img.py holds t
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,6 +29,7 @@ import torch
 
 from engine import modes
 from engine.backends import check_backend_name, check_finite
+from engine.controls import step_hint
 from engine.families import cond_half
 from engine.optimizations import TorchOptimizations, resolve_optimizations
 from engine.parts import load_engine_dir, load_torch
@@ -138,7 +140,8 @@ class Runner:
         if self.loras is None:
             if not loras:
                 return False
-            self.loras = LoraSwitch(self.backend)
+            self.loras = LoraSwitch(self.backend, self.family.name,
+                                    SimpleNamespace(layers_per_block=self.parts.layers_per_block))
         if self.loras.is_current(loras):
             return False
         self.loras.set(loras)
@@ -196,19 +199,21 @@ class Runner:
         for name, tensor in cond.items():
             check_finite(tensor, f"text conditioning ({name})", backend, self.dtype)
         control_cond = cond_half(cond, plan.batch) if plan.guess and plan.do_cfg else cond
+        controls = plan.controls
+        net_conds = [{**control_cond, **own} for own in controls.net_cond]  # a union net's types are its own input
 
         sched.set_timesteps(plan.steps, device=self.device)
         timesteps = modes.kept_timesteps(sched, plan.steps, plan.strength)
         total = len(timesteps)
-        active = plan.active(total)
+        active = controls.active(total)
         # The hint is encoded at the ControlNet's batch size, as diffusers does: convolutions pick their
         # algorithm by batch size, and a batch-1 hint differs from it by ~1e-7, which 20 steps amplify.
-        control_batch = plan.batch * (2 if plan.do_cfg and not plan.guess else 1)
-        hints = [None] * n
+        hints = [None] * len(controls.conditions)
         with timer("hint_encoder"):
-            for k in range(n):
-                if any(step[k] for step in active):
-                    hints[k] = backend.encode_hint(k, plan.controls[k].expand(control_batch, -1, -1, -1))
+            for j in controls.encoded(active):
+                c = controls.conditions[j]
+                hints[j] = backend.encode_hint(c.net, c.control.expand(plan.control_batch, -1, -1, -1), c.hint_inputs)
+        of_net = [[j for j, c in enumerate(controls.conditions) if c.net == k] for k in range(n)]
 
         inpainting = None
         if plan.latents is not None:
@@ -226,9 +231,10 @@ class Runner:
             control_input = sched.scale_model_input(latents, t) if plan.guess and plan.do_cfg else model_input
             with timer("controlnet"):
                 outputs = [
-                    backend.controlnet(k, control_input, t, control_cond, hints[k], plan.net_scales[k])
-                    for k in range(n)
-                    if active[i][k]
+                    backend.controlnet(k, control_input, t, net_conds[k], step_hint(hints, on, of_net[k]),
+                                       controls.net_scales[k])
+                    for k, on in enumerate(active[i])
+                    if on is not None
                 ]
                 residuals = backend.combine(outputs, model_input.shape[0]) if outputs else None
             unet_input = model_input if inpainting is None else inpainting.unet_input(model_input)

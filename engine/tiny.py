@@ -18,6 +18,14 @@ SimianLuo/LCM_Dreamshaper_v7 has, there 256).
 TAESD presets (`Runner(vae=...)`, engine/vaes.py): "tiny-taesd" is a small AutoencoderTiny (same 8x
 layout as madebyollin/taesd), "taesd-random" the real TAESD architecture with random weights (benchmarks).
 
+"tiny-sdxl" is the SDXL layout at tiny size: 3 UNet levels (so 9 skip residuals + 1 mid), transformer layers
+per block, the "text_time" added embedding (pooled text embeds + 6 size ids), two text encoders (CLIPTextModel
+and CLIPTextModelWithProjection, whose penultimate hidden states are concatenated), SDXL's VAE scaling and
+scheduler config. Its registry ControlNets are SDXL ControlNets (`ControlNetModel.from_unet`), and the
+union names give a tiny `ControlNetUnionModel` (its task transformer at the UNet's first width). "sdxl-random"
+is the full SDXL base architecture with random weights (2.57 B UNet parameters, 10.3 GB in fp32), for the
+benchmark, with an SDXL ControlNet shaped like diffusers/controlnet-canny-sdxl-1.0-small.
+
     python -m engine.tiny --out DIR     # writes DIR/model (a diffusers SD folder) and DIR/controlnet-*
 """
 from __future__ import annotations
@@ -29,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, ControlNetUnionModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 MODEL_SEED = 0
 MAX_TOKENS = 77  # CLIP's context length, as in SD1.5
@@ -125,6 +133,76 @@ SD15_TEXT_CONFIG = dict(
 )
 SD15_HINT_CHANNELS = (16, 32, 96, 256)
 
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json, key for key.
+SDXL_SCHEDULER_CONFIG = dict(
+    _class_name="EulerDiscreteScheduler",
+    _diffusers_version="0.19.0.dev0",
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    clip_sample=False,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+)
+SDXL_TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
+
+# SDXL at tiny size: the text encoders are 32 and 64 wide, so the UNet's cross-attention context is 96 and its
+# added embedding takes the 64-wide pooled embeds plus 6 time ids of 8 sinusoidal features each.
+SDXL_TINY_TEXT_CONFIG = dict(TEXT_CONFIG)
+SDXL_TINY_TEXT_2_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                               max_position_embeddings=MAX_TOKENS, hidden_act="gelu", projection_dim=64)
+SDXL_TINY_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 1, 2),
+    norm_num_groups=8,
+    cross_attention_dim=32 + 64,
+    attention_head_dim=(2, 4, 4),  # SDXL's config names the head count so (diffusers' naming)
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=SDXL_TIME_IDS * 8 + 64,
+)
+SDXL_TINY_VAE_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)
+
+# stabilityai/stable-diffusion-xl-base-1.0's unet, vae, text_encoder and text_encoder_2 config.json files.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE_CONFIG = dict(SD15_VAE_CONFIG, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT_CONFIG = dict(SD15_TEXT_CONFIG)
+SDXL_TEXT_2_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                          max_position_embeddings=MAX_TOKENS, hidden_act="gelu", projection_dim=1280)
+# The sdxl-random ControlNet: SDXL's ControlNetModel.from_unet with the transformer layers of
+# diffusers/controlnet-canny-sdxl-1.0-small's config (0, 0, 1: attention in the mid block only).
+SDXL_SMALL_CONTROLNET = dict(transformer_layers_per_block=(0, 0, 1))
+
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -133,6 +211,13 @@ class ModelPreset:
     text: dict
     hint_channels: tuple
     text_vocab_size: int | None  # None: the hand-made vocab's size
+    text_2: dict | None = None  # SDXL's second text encoder (CLIPTextModelWithProjection)
+    scheduler: dict = None  # the scheduler config (default: SD1.5's)
+    controlnet: dict = None  # ControlNet config overrides (e.g. fewer transformer layers than the UNet)
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.text_2 is not None else "sd15"
 
 
 INPAINT_UNET_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
@@ -145,7 +230,17 @@ PRESETS = {
     "tiny-lcm": ModelPreset(dict(UNET_CONFIG, time_cond_proj_dim=TINY_TIME_COND_DIM), VAE_CONFIG, TEXT_CONFIG,
                             HINT_CHANNELS, None),
     "sd15-random": ModelPreset(SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG, SD15_HINT_CHANNELS, 49408),
+    "tiny-sdxl": ModelPreset(SDXL_TINY_UNET_CONFIG, SDXL_TINY_VAE_CONFIG, SDXL_TINY_TEXT_CONFIG, HINT_CHANNELS, None,
+                             text_2=SDXL_TINY_TEXT_2_CONFIG, scheduler=SDXL_SCHEDULER_CONFIG),
+    "sdxl-random": ModelPreset(SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_TEXT_CONFIG, SD15_HINT_CHANNELS, 49408,
+                               text_2=SDXL_TEXT_2_CONFIG, scheduler=SDXL_SCHEDULER_CONFIG,
+                               controlnet=SDXL_SMALL_CONTROLNET),
 }
+UNION_TASK_HEADS = 4  # the union's task transformer heads below SDXL's width (xinsir's: 8 at width 320)
+
+
+def scheduler_config(preset: str) -> dict:
+    return dict(PRESETS[preset].scheduler or SCHEDULER_CONFIG)
 
 # AutoencoderTiny configs. Four blocks each way, as TAESD: the 8x scale factor diffusers reads from
 # block_out_channels. "taesd-random" is AutoencoderTiny's defaults, which are madebyollin/taesd's config.
@@ -182,9 +277,10 @@ def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, [tuple(m.split()) for m in MERGES]
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The hand-made CLIP tokenizer. SDXL's second tokenizer pads with "!" (its tokenizer_2 config does)."""
     vocab, merges = tiny_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS, pad_token=pad_token)
 
 
 def _seeded_generator(name: str) -> torch.Generator:
@@ -232,14 +328,15 @@ def tiny_taesd(preset: str = "tiny-taesd") -> AutoencoderTiny:
     return vae
 
 
-def text_config(preset: str = "tiny") -> CLIPTextConfig:
+def text_config(preset: str = "tiny", second: bool = False) -> CLIPTextConfig:
+    """The text encoder's config; `second`: SDXL's text_encoder_2."""
     vocab, _ = tiny_vocab()
     return CLIPTextConfig(
         vocab_size=PRESETS[preset].text_vocab_size or len(vocab),
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **PRESETS[preset].text,
+        pad_token_id=vocab["!" if second else "<|endoftext|>"],
+        **(PRESETS[preset].text_2 if second else PRESETS[preset].text),
     )
 
 
@@ -247,26 +344,34 @@ def tiny_text_encoder(preset: str = "tiny") -> CLIPTextModel:
     return _construct("text_encoder", CLIPTextModel, text_config(preset))
 
 
+def tiny_text_encoder_2(preset: str = "tiny-sdxl") -> CLIPTextModelWithProjection:
+    return _construct("text_encoder_2", CLIPTextModelWithProjection, text_config(preset, second=True))
+
+
 def tiny_controlnet(
-    name: str = "tiny", unet: UNet2DConditionModel | None = None, preset: str = "tiny"
-) -> ControlNetModel:
+    name: str = "tiny", unet: UNet2DConditionModel | None = None, preset: str = "tiny", union: bool = False
+) -> ControlNetModel | ControlNetUnionModel:
     """A ControlNet copied from the UNet (as real ones are), its zero-initialised layers randomised.
 
     `name` seeds the randomised layers, so two names give two different ControlNets. An inpainting
     (9-channel) UNet's ControlNet is copied from a 4-channel UNet of the same preset: ControlNets see the
     latents only. An LCM UNet's is copied from the same UNet without the guidance embedding, as real LCM
-    models use SD1.5's ControlNets (diffusers' from_unet cannot copy a UNet that has one).
+    models use SD1.5's ControlNets (diffusers' from_unet cannot copy a UNet that has one). `union`: a
+    ControlNetUnionModel (SDXL presets), its task transformer randomised too.
     """
-    latent_channels = PRESETS[preset].vae["latent_channels"]
+    p = PRESETS[preset]
+    latent_channels = p.vae["latent_channels"]
     if unet is None or unet.config.in_channels != latent_channels or unet.config.time_cond_proj_dim is not None:
-        config = dict(PRESETS[preset].unet, in_channels=latent_channels, time_cond_proj_dim=None)
-        unet = _construct("unet", UNet2DConditionModel, **config)
-    net = _construct(
-        "controlnet/" + name,
-        ControlNetModel.from_unet,
-        unet,
-        conditioning_embedding_out_channels=PRESETS[preset].hint_channels,
-    )
+        unet = _construct("unet", UNet2DConditionModel, **dict(p.unet, in_channels=latent_channels, time_cond_proj_dim=None))
+    copy = not p.controlnet
+    if p.controlnet:  # fewer transformer layers than the UNet: its config only (a meta UNet), weights not copied
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(dict(unet.config, **p.controlnet))
+    if union:
+        net = _construct("controlnet/" + name, _union_from_unet, unet, p.hint_channels, copy)
+    else:
+        net = _construct("controlnet/" + name, ControlNetModel.from_unet, unet,
+                         conditioning_embedding_out_channels=p.hint_channels, load_weights_from_unet=copy)
     gen = _seeded_generator("controlnet/" + name)
     _randomise(net.controlnet_cond_embedding, gen)
     # The hint is added to conv_in's output; at plain He scale it is ~7x smaller than that and a flipped
@@ -274,48 +379,84 @@ def tiny_controlnet(
     _randomise(net.controlnet_cond_embedding.conv_out, gen, std_scale=8.0)
     _randomise(net.controlnet_down_blocks, gen, std_scale=0.5)
     _randomise(net.controlnet_mid_block, gen, std_scale=0.5)
+    if union:  # spatial_ch_projs starts at zero; the task embedding's default draw is 18x the hint's scale
+        _randomise(net.spatial_ch_projs, gen)
+        with torch.no_grad():
+            net.task_embedding.copy_(torch.randn(net.task_embedding.shape, generator=gen))
     return net.eval()
 
 
+def _union_from_unet(unet: UNet2DConditionModel, hint_channels: tuple, copy: bool = True) -> ControlNetUnionModel:
+    """ControlNetUnionModel.from_unet with its task transformer as wide as the UNet's first block (its
+    defaults are SDXL's 320, which from_unet does not adapt)."""
+    width = unet.config.block_out_channels[0]
+    base = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels,
+                                          load_weights_from_unet=False)
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}  # "_use_default_values" would win
+    heads = UNION_TASK_HEADS if width < 320 else 8
+    net = ControlNetUnionModel.from_config(dict(config, num_trans_channel=width, num_proj_channel=width,
+                                                num_trans_head=heads))
+    for part in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block") if copy else ():
+        getattr(net, part).load_state_dict(getattr(unet, part).state_dict(), strict=False)  # as from_unet copies
+    return net
+
+
 def tiny_components(preset: str = "tiny") -> dict:
-    """The SD models of a preset, keyed as in a diffusers pipeline (scheduler: SCHEDULER_CONFIG)."""
-    return dict(
+    """The SD models of a preset, keyed as in a diffusers pipeline (scheduler: `scheduler_config(preset)`)."""
+    parts = dict(
         tokenizer=tiny_tokenizer(),
         text_encoder=tiny_text_encoder(preset),
         unet=tiny_unet(preset),
         vae=tiny_vae(preset),
     )
+    if PRESETS[preset].text_2 is not None:
+        parts.update(tokenizer_2=tiny_tokenizer(pad_token="!"), text_encoder_2=tiny_text_encoder_2(preset))
+    return parts
 
 
-def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",), preset: str = "tiny") -> dict[str, Path]:
-    """Write a tiny preset as a normal diffusers folder, plus one folder per named tiny ControlNet.
+def save_tiny(out: str | Path, controlnets: tuple[str, ...] = ("canny",), preset: str = "tiny",
+              unions: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Write a tiny preset as a normal diffusers folder, plus one folder per named tiny ControlNet (and per
+    name in `unions`, a tiny ControlNet-Union; SDXL presets).
 
     Returns {"model": DIR/model, "<name>": DIR/controlnet-<name>, ...}.
     """
     out = Path(out)
     parts = tiny_components(preset)
     model_dir = out / "model"
-    for key in ("text_encoder", "unet", "vae", "tokenizer"):
+    sdxl = PRESETS[preset].family == "sdxl"
+    keys = ("text_encoder", "unet", "vae", "tokenizer") + (("text_encoder_2", "tokenizer_2") if sdxl else ())
+    for key in keys:
         parts[key].save_pretrained(model_dir / key)
+    config = scheduler_config(preset)
     (model_dir / "scheduler").mkdir()
-    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", config["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if sdxl:  # stable-diffusion-xl-base-1.0's model_index.json
+        for key in ("feature_extractor", "requires_safety_checker", "safety_checker"):
+            del index[key]
+        index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"])
     (model_dir / "model_index.json").write_text(json.dumps(index, indent=2))
     paths = {"model": model_dir}
     for name in controlnets:
         paths[name] = out / f"controlnet-{name}"
         tiny_controlnet(name, parts["unet"], preset).save_pretrained(paths[name])
+    for name in unions:
+        paths[name] = out / f"controlnet-{name}"
+        tiny_controlnet(name, parts["unet"], preset, union=True).save_pretrained(paths[name])
     return paths
 
 
@@ -325,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--controlnet", action="append", default=None, help="tiny ControlNet names (default canny)")
     parser.add_argument("--preset", choices=[p for p in PRESETS if p.startswith("tiny")], default="tiny",
                         help="tiny: 4-channel UNet; tiny-inpaint: 9-channel inpainting UNet; tiny-lcm: an LCM UNet "
-                             "(guidance embedding input)")
+                             "(guidance embedding input); tiny-sdxl: SDXL layout")
     parser.add_argument("--taesd", action="store_true", help="also write DIR/taesd, a tiny AutoencoderTiny (--vae)")
     args = parser.parse_args(argv)
     paths = save_tiny(args.out, tuple(args.controlnet or ["canny"]), args.preset)

@@ -38,7 +38,7 @@ from export.spec import ModelConfig, Sizes, build_specs, model_config
 
 SCRATCH_PREFIX = ".build-"
 # The graphs a LoRA changes, and their wrapper's name for the diffusers model (engine/modules.py).
-WEIGHT_MAPPED = {"text_encoder": "text_encoder.", "unet": "unet."}
+WEIGHT_MAPPED = {"text_encoder": "text_encoder.", "text_encoder_2": "text_encoder.", "unet": "unet."}
 
 
 @dataclass
@@ -156,7 +156,8 @@ class _Builder:
                 raise ValueError(f"two --vae sources have the name {found.name!r}: give one of them")
             self.vaes[found.name] = vae
             self.vae_infos.append(found)
-        self.specs = build_specs(self.model_config, list(zip(self.slugs, pools)), config.precision,
+        self.unions = [int(n.config.num_control_type) if hasattr(n, "task_embedding") else None for n in self.nets]
+        self.specs = build_specs(self.model_config, list(zip(self.slugs, pools, self.unions)), config.precision,
                                  [(v.name, v.tiny) for v in self.vae_infos])
         self.scratch = self.out / f"{SCRATCH_PREFIX}{id(self):x}"
         self.versions = _versions(self.backend)
@@ -169,21 +170,29 @@ class _Builder:
         hashes = dict(text_encoder=fs.weights_hash(sd.text_encoder), unet=fs.weights_hash(sd.unet),
                       vae_encoder=fs.weights_hash(sd.vae, skip_prefix="decoder."),
                       vae_decoder=fs.weights_hash(sd.vae, skip_prefix="encoder."))
+        if sd.text_encoder_2 is not None:
+            hashes["text_encoder_2"] = fs.weights_hash(sd.text_encoder_2)
         for name, vae in self.vaes.items():
             hashes[f"vae_encoder_{name}"] = fs.weights_hash(vae, skip_prefix="decoder.")
             hashes[f"vae_decoder_{name}"] = fs.weights_hash(vae, skip_prefix="encoder.")
         for slug, net in zip(self.slugs, self.nets):
             config = fs.json_hash(dict(net.config))  # channel order and global pooling change the graph
-            hashes[f"hint_{slug}"] = fs.json_hash([fs.weights_hash(net.controlnet_cond_embedding), config])
+            hint = [fs.weights_hash(net.controlnet_cond_embedding)]
+            if hasattr(net, "task_embedding"):  # a union's hint encoder also runs its task transformer
+                hint += [fs.weights_hash(getattr(net, part)) for part in ("transformer_layes", "spatial_ch_projs")]
+                hint.append(fs.json_hash(net.task_embedding.detach().tolist()))
+            hashes[f"hint_{slug}"] = fs.json_hash(hint + [config])
             hashes[f"controlnet_{slug}"] = fs.json_hash([fs.weights_hash(net, "controlnet_cond_embedding."), config])
         return hashes
 
     def _skeleton(self, pools: list[bool]) -> mf.Manifest:
         w = self.weights
-        model_hash = fs.json_hash([w["text_encoder"], w["unet"], fs.weights_hash(self.sd.vae)])
+        model_hash = fs.json_hash([w["text_encoder"], w["unet"], fs.weights_hash(self.sd.vae)]
+                                  + ([w["text_encoder_2"]] if "text_encoder_2" in w else []))
         nets = [dict(name=s.name, source=mf.source_id(s.source), slug=slug, preprocessor=s.preprocessor,
-                     global_pool=pool, hash=fs.json_hash([w[f"hint_{slug}"], w[f"controlnet_{slug}"]]))
-                for s, slug, pool in zip(self.net_specs, self.slugs, pools)]
+                     global_pool=pool, hash=fs.json_hash([w[f"hint_{slug}"], w[f"controlnet_{slug}"]]),
+                     **({"union": union} if union is not None else {}))
+                for s, slug, pool, union in zip(self.net_specs, self.slugs, pools, self.unions)]
         config = dataclasses.asdict(self.model_config)
         config["num_residuals"] = self.model_config.num_residuals
         # Entries of the old manifest stay listed while this build runs, so a build killed half way
@@ -254,7 +263,7 @@ class _Builder:
                 self._write_manifest()
                 return self._row(entry, "verified", time.perf_counter() - start)
             return self._row(entry, "reused", 0.0)
-        module = onnx_export.for_precision(self._modules(spec), spec.kind, self.config.precision)
+        module = onnx_export.for_precision(self._modules(spec), spec.kind, _precision(spec, self.config.precision))
         # Traced at the verification point: every axis the spec calls symbolic is exported as dynamic.
         feeds = sample_feeds(list(spec.inputs), self._point(spec), self.model_config.vocab_size)
         device = onnx_export.export_device(self.config.precision)
@@ -276,11 +285,17 @@ class _Builder:
 
     def _record_weights(self, spec, entry: mf.Artefact, onnx_path: Path) -> None:
         """Which initializer of the saved graph holds which parameter (LoRA switching without re-export)."""
-        from export.weight_map import weight_map
+        from engine.parity import sample_feeds
+        from export.weight_map import unused_parameters, weight_map
 
-        found = weight_map(onnx_path, self._modules(spec), WEIGHT_MAPPED[spec.kind])
+        module, prefix = self._modules(spec), WEIGHT_MAPPED[spec.kind]
+        unused = {}
+        if spec.kind != "unet":  # a text encoder may not use its last layer (SDXL); one small forward finds out
+            feeds = sample_feeds(entry.inputs, self._point(spec), self.model_config.vocab_size)
+            unused = unused_parameters(module, [feeds[io.name] for io in entry.inputs], prefix)
+        found = weight_map(onnx_path, module, prefix, unused)
         entry.weights, entry.weight_layouts = found["weights"], found["weight_layouts"]
-        entry.unreachable_weights = found["unreachable_weights"]
+        entry.unreachable_weights, entry.unused_weights = found["unreachable_weights"], found["unused_weights"]
 
     def _graph_model(self, path: Path, entry: mf.Artefact):
         """The graph in the runtime this build verifies with: OpenVINO (f32, no model cache) or ONNX Runtime."""
@@ -321,7 +336,7 @@ class _Builder:
     def release(self, spec) -> None:
         """Let go of the torch module an artefact came from once it is built and checked: at full size the
         build would otherwise hold every model (5.7 GB fp32) through every later export."""
-        if spec.kind in ("text_encoder", "unet"):
+        if spec.kind in ("text_encoder", "text_encoder_2", "unet"):
             setattr(self.sd, spec.kind, None)
         elif spec.kind == "vae_decoder" and spec.net:  # an extra VAE: its encoder came just before
             self.vaes[spec.net] = None
@@ -347,6 +362,12 @@ class _Builder:
         written = sorted(p for p in tokenizer_dir.iterdir() if p.is_file())
         fs.move_into(written, self.out / "tokenizer")
         support = {f"tokenizer/{p.name}": mf.file_sha256(self.out / "tokenizer" / p.name) for p in written}
+        if self.sd.tokenizer_2 is not None:  # SDXL
+            second = self.scratch / "tokenizer_2"
+            self.sd.tokenizer_2.save_pretrained(str(second))
+            written = sorted(p for p in second.iterdir() if p.is_file())
+            fs.move_into(written, self.out / "tokenizer_2")
+            support.update({f"tokenizer_2/{p.name}": mf.file_sha256(self.out / "tokenizer_2" / p.name) for p in written})
         fs.atomic_write_text(self.out / "scheduler_config.json", json.dumps(self.sd.scheduler_config, indent=2, default=str))
         support["scheduler_config.json"] = mf.file_sha256(self.out / "scheduler_config.json")
         self.manifest.support = support
@@ -363,6 +384,12 @@ class _Builder:
         self.manifest.artefacts = {spec.name: self.manifest.artefacts[spec.name] for spec in self.specs}
         self.manifest.complete = not any(a.failed() for a in self.manifest.artefacts.values())
         self._write_manifest()
+
+
+def _precision(spec, precision: str) -> str:
+    """The precision a graph is exported in: the build's, or fp32 for an fp32 graph in an fp16 build (the SDXL
+    VAE, which overflows in fp16: export/spec.py)."""
+    return "fp32" if all(io.dtype != "float16" for io in spec.inputs + spec.outputs) else precision
 
 
 def _free_gpu_memory() -> None:

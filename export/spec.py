@@ -13,6 +13,15 @@ Channels: the ControlNets and the VAE work on `latent_channels` (4); the UNet's 
 `unet_in_channels`, 9 for an inpainting UNet (latents, mask, masked-image latents). An LCM-distilled
 UNet (`time_cond_proj_dim` set) takes one more conditioning input, `timestep_cond`. Extra VAEs (TAESD,
 `python -m engine.build --vae`) get their own encoder and decoder graphs, `vae_{encoder,decoder}_<name>`.
+
+Families (engine/families.py): the conditioning inputs of the UNet and ControlNets are named as the family's
+Conditioning dict, after sample and timestep (ControlNets: before hint and scales). SD1.5:
+encoder_hidden_states. SDXL: encoder_hidden_states (both encoders' hidden states, `context_dim` wide),
+text_embeds (the pooled projection) and time_ids (6 sizes, float32 in every precision: sizes are exact there),
+and a second text encoder graph (text_encoder_2: hidden states and the pooled text_embeds). A ControlNet-Union
+adds control_type (its types, 0/1 per image) to its body and a condition's type index and scale to its hint
+encoder (engine/controls.py). SDXL's VAE overflows in fp16 (its config's `force_upcast`): in an fp16 build its
+graphs stay fp32, as diffusers' SDXL pipelines upcast it.
 """
 from __future__ import annotations
 
@@ -61,6 +70,14 @@ class ModelConfig:
     unet_in_channels: int = 4  # 9 for an inpainting UNet
     scaling_factor: float = 0.18215  # the VAE's latent scaling (the loop scales the encoder's sample)
     time_cond_proj_dim: int | None = None  # an LCM-distilled UNet's guidance embedding width (input timestep_cond)
+    family: str = "sd15"  # engine/families.py
+    context_dim: int = 0  # the UNet's cross-attention width (SD1.5: text_dim; SDXL: both encoders' widths)
+    text_dim_2: int = 0  # SDXL's second text encoder: hidden width, pooled projection width, vocabulary
+    pooled_dim: int = 0
+    vocab_size_2: int = 0
+    time_ids: int = 6  # SDXL's size conditioning
+    vae_fp32: bool = False  # the VAE overflows in fp16 (force_upcast): its graphs stay fp32
+    force_zeros_for_empty_prompt: bool = True  # SDXL: no negative prompt -> zero embeddings (the family reads it)
 
     @property
     def num_residuals(self) -> int:
@@ -75,6 +92,7 @@ class ModelConfig:
 
 def model_config(sd, controlnets: list) -> ModelConfig:
     unet, vae, text = sd.unet.config, sd.vae.config, sd.text_encoder.config
+    second = sd.text_encoder_2.config if sd.text_encoder_2 is not None else None
     layers = unet.layers_per_block
     if not isinstance(layers, int):
         raise ValueError(f"UNets with per-block layers_per_block ({layers!r}) are not supported; SD1.5 has one int")
@@ -95,6 +113,13 @@ def model_config(sd, controlnets: list) -> ModelConfig:
         unet_in_channels=int(unet.in_channels),
         scaling_factor=float(vae.scaling_factor),
         time_cond_proj_dim=unet.time_cond_proj_dim,
+        family=sd.family,
+        context_dim=int(unet.cross_attention_dim),
+        text_dim_2=int(second.hidden_size) if second else 0,
+        pooled_dim=int(second.projection_dim) if second else 0,
+        vocab_size_2=int(second.vocab_size) if second else 0,
+        vae_fp32=bool(vae.get("force_upcast", False)),
+        force_zeros_for_empty_prompt=bool(sd.force_zeros_for_empty_prompt),
     )
 
 
@@ -152,36 +177,52 @@ class ModelSpec:
         return {io.name: io.shape(variables) for io in self.outputs}
 
 
-def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: str,
+def cond_inputs(config: ModelConfig, f: str) -> tuple[TensorIO, ...]:
+    """The family's conditioning inputs (engine.families), in the order the torch modules take them."""
+    c = config
+    text = TensorIO("encoder_hidden_states", f, ("B", c.text_length, c.context_dim or c.text_dim))
+    if c.family != "sdxl":
+        return (text,)
+    return (text, TensorIO("text_embeds", f, ("B", c.pooled_dim)), TensorIO("time_ids", "float32", ("B", c.time_ids)))
+
+
+def build_specs(config: ModelConfig, nets: list[tuple], precision: str,
                 vaes: list[tuple[str, bool]] = ()) -> list[ModelSpec]:
-    """Every artefact's spec, in build order. `nets`: (slug, global_pool) per ControlNet; `vaes`: (name, tiny)
-    per extra VAE (engine/vaes.py), whose encoder gives latents (TAESD) or a distribution's mean and std."""
+    """Every artefact's spec, in build order. `nets`: (slug, global_pool[, union types or None]) per ControlNet;
+    `vaes`: (name, tiny) per extra VAE (engine/vaes.py), whose encoder gives latents (TAESD) or a distribution's
+    mean and std."""
     if precision not in FLOAT:
         raise ValueError(f"precision must be one of {', '.join(FLOAT)}, got {precision!r}")
     f = FLOAT[precision]
     c = config
     s = c.vae_scale_factor
+    fv = "float32" if c.vae_fp32 else f  # the VAE's graphs: fp32 where it overflows in fp16
     latent = TensorIO("sample", f, ("B", c.latent_channels, "h", "w"))
     unet_sample = TensorIO("sample", f, ("B", c.unet_in_channels, "h", "w"))
     timestep = TensorIO("timestep", "float32", (1,))  # float32 in every precision: 999.0 is exact there
-    text = TensorIO("encoder_hidden_states", f, ("B", c.text_length, c.text_dim))
+    conds = cond_inputs(c, f)
     # An LCM UNet's guidance embedding (engine.families.guidance_embedding); ControlNets take none.
-    unet_cond = (text,) + ((TensorIO("timestep_cond", f, ("B", c.time_cond_proj_dim)),)
-                           if c.time_cond_proj_dim is not None else ())
+    unet_cond = conds + ((TensorIO("timestep_cond", f, ("B", c.time_cond_proj_dim)),)
+                         if c.time_cond_proj_dim is not None else ())
     hint = TensorIO("hint", f, ("B", c.block_out_channels[0], "h", "w"))
     names = residual_names(c.num_residuals)
     unet_residuals = tuple(TensorIO(n, f, d) for n, d in zip(names, residual_dims(c)))
-    specs = [
-        ModelSpec("text_encoder", "text_encoder", None, (TensorIO("input_ids", "int64", ("B", c.text_length)),),
-                  (TensorIO("text_embeddings", f, ("B", c.text_length, c.text_dim)),), cfg_batch=True),
+    ids = (TensorIO("input_ids", "int64", ("B", c.text_length)),)
+    specs = [ModelSpec("text_encoder", "text_encoder", None, ids,
+                       (TensorIO("text_embeddings", f, ("B", c.text_length, c.text_dim)),), cfg_batch=True)]
+    if c.family == "sdxl":
+        specs.append(ModelSpec("text_encoder_2", "text_encoder_2", None, ids,
+                               (TensorIO("text_embeddings", f, ("B", c.text_length, c.text_dim_2)),
+                                TensorIO("text_embeds", f, ("B", c.pooled_dim))), cfg_batch=True))
+    specs += [
         ModelSpec("unet", "unet", None, (unet_sample, timestep) + unet_cond + unet_residuals,
                   (TensorIO("noise_pred", f, ("B", c.unet_out_channels, "h", "w")),), cfg_batch=True),
         # Before the decoder: the build lets go of the VAE after its last graph.
-        ModelSpec("vae_encoder", "vae_encoder", None, (TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w")),),
-                  (TensorIO("latent_mean", f, ("B", c.latent_channels, "h", "w")),
-                   TensorIO("latent_std", f, ("B", c.latent_channels, "h", "w"))), cfg_batch=False),
-        ModelSpec("vae_decoder", "vae_decoder", None, (TensorIO("latents", f, ("B", c.latent_channels, "h", "w")),),
-                  (TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w")),), cfg_batch=False),
+        ModelSpec("vae_encoder", "vae_encoder", None, (TensorIO("images", fv, ("B", c.image_channels, f"{s}h", f"{s}w")),),
+                  (TensorIO("latent_mean", fv, ("B", c.latent_channels, "h", "w")),
+                   TensorIO("latent_std", fv, ("B", c.latent_channels, "h", "w"))), cfg_batch=False),
+        ModelSpec("vae_decoder", "vae_decoder", None, (TensorIO("latents", fv, ("B", c.latent_channels, "h", "w")),),
+                  (TensorIO("images", fv, ("B", c.image_channels, f"{s}h", f"{s}w")),), cfg_batch=False),
     ]
     for name, tiny in vaes:
         images = TensorIO("images", f, ("B", c.image_channels, f"{s}h", f"{s}w"))
@@ -190,11 +231,17 @@ def build_specs(config: ModelConfig, nets: list[tuple[str, bool]], precision: st
                                            TensorIO("latent_std", f, ("B", c.latent_channels, "h", "w")))
         specs.append(ModelSpec(f"vae_encoder_{name}", "vae_encoder", name, (images,), encoded, cfg_batch=False))
         specs.append(ModelSpec(f"vae_decoder_{name}", "vae_decoder", name, (latents,), (images,), cfg_batch=False))
-    for slug, global_pool in nets:
+    for slug, global_pool, *rest in nets:
+        union = rest[0] if rest else None
         control = TensorIO("control_map", f, ("B", c.control_channels, f"{s}h", f"{s}w"))
-        specs.append(ModelSpec(f"hint_{slug}", "hint_encoder", slug, (control,), (hint,), cfg_batch=True))
+        hint_inputs = (control,)
+        net_conds = conds
+        if union is not None:  # engine.modules.UnionHintEncoder, and the body's own "control_type"
+            hint_inputs += (TensorIO("control_type_index", "int64", (1,)), TensorIO("condition_scale", f, (1,)))
+            net_conds = conds + (TensorIO("control_type", "float32", ("B", union)),)
+        specs.append(ModelSpec(f"hint_{slug}", "hint_encoder", slug, hint_inputs, (hint,), cfg_batch=True))
         outputs = tuple(TensorIO(n, f, d) for n, d in zip(names, residual_dims(c, global_pool)))
         scales = TensorIO("scales", f, (c.num_residuals,))
-        specs.append(ModelSpec(f"controlnet_{slug}", "controlnet", slug, (latent, timestep, text, hint, scales),
+        specs.append(ModelSpec(f"controlnet_{slug}", "controlnet", slug, (latent, timestep) + net_conds + (hint, scales),
                                outputs, cfg_batch=True))
     return specs

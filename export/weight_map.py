@@ -12,7 +12,9 @@ A parameter is mapped when exactly one initializer holds its value and that init
 parameter's value; everything else is unreachable: folded into something else (no initializer holds it),
 or sharing its value with another parameter or initializer (a change to one could not be told apart).
 Constant-valued parameters (norms initialised to 1 or 0) are the typical unreachable ones; they are never
-LoRA targets.
+LoRA targets. Parameters the exported outputs do not depend on at all (`unused_parameters`: no gradient
+reaches them) are neither: they are recorded as unused, and a LoRA's change to them is dropped, as it
+cannot change an image (SDXL's first text encoder: only its penultimate layer's states are used).
 """
 from __future__ import annotations
 
@@ -31,9 +33,27 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(f"{array.dtype}|{array.size}|".encode() + array.tobytes()).hexdigest()
 
 
-def weight_map(onnx_path: Path, module: torch.nn.Module, prefix: str) -> dict:
+def unused_parameters(module: torch.nn.Module, args: list, prefix: str) -> dict[str, list[int]]:
+    """{param: shape} of the parameters under `prefix` that no output of `module(*args)` depends on."""
+    params = [(n.removeprefix(prefix), p) for n, p in module.named_parameters() if n.startswith(prefix)]
+    before = [p.requires_grad for _, p in params]
+    try:
+        with torch.enable_grad():
+            for _, p in params:
+                p.requires_grad_(True)
+            out = module(*args)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            total = sum(o.float().sum() for o in outs if o.requires_grad)
+            grads = torch.autograd.grad(total, [p for _, p in params], allow_unused=True)
+    finally:
+        for (_, p), flag in zip(params, before):
+            p.requires_grad_(flag)
+    return {name: list(p.shape) for (name, p), g in zip(params, grads) if g is None}
+
+
+def weight_map(onnx_path: Path, module: torch.nn.Module, prefix: str, unused: dict | None = None) -> dict:
     """{"weights": {param: initializer}, "weight_layouts": {param: {shape, onnx_shape, transpose, dtype}},
-    "unreachable_weights": [param, ...]} (engine/manifest.py reads the layouts back) for the parameters of `module` under `prefix` (the exported wrapper's
+    "unreachable_weights": [param, ...], "unused_weights": `unused`} (engine/manifest.py reads the layouts back) for the parameters of `module` under `prefix` (the exported wrapper's
     name for the diffusers model, e.g. "unet."), named as that model's own state dict names them."""
     by_digest: dict[str, list[str]] = defaultdict(list)
     shapes, dtypes = {}, set()
@@ -43,7 +63,9 @@ def weight_map(onnx_path: Path, module: torch.nn.Module, prefix: str) -> dict:
         by_digest[_digest(array)].append(name)
         shapes[name] = list(array.shape)
         dtypes.add(array.dtype)
-    params = {n.removeprefix(prefix): p for n, p in module.named_parameters() if n.startswith(prefix)}
+    unused = unused or {}
+    params = {n.removeprefix(prefix): p for n, p in module.named_parameters()
+              if n.startswith(prefix) and n.removeprefix(prefix) not in unused}
     hits: dict[str, list[tuple[str, bool, np.dtype]]] = {}
     holders: dict[str, set[str]] = defaultdict(set)
     for name, param in params.items():
@@ -65,5 +87,5 @@ def weight_map(onnx_path: Path, module: torch.nn.Module, prefix: str) -> dict:
         init, transpose, dtype = found[0]
         weights[name] = init
         layouts[name] = dict(shape=list(params[name].shape), onnx_shape=shapes[init], transpose=transpose, dtype=str(dtype))
-    return dict(weights=weights, weight_layouts=layouts, unreachable_weights=sorted(unreachable))
+    return dict(weights=weights, weight_layouts=layouts, unreachable_weights=sorted(unreachable), unused_weights=unused)
 

@@ -68,6 +68,16 @@ def tiny_dir(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> dict[str, Path]:
+    """The tiny SDXL model (engine.tiny "tiny-sdxl") as diffusers folders: DIR/model, two SDXL ControlNets
+    (canny, depth) and a ControlNet-Union (union)."""
+    from engine.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-sdxl"), controlnets=("canny", "depth"), preset="tiny-sdxl",
+                     unions=("union",))
+
+
+@pytest.fixture(scope="session")
 def engine_dir(request, tmp_path_factory, tiny_dir) -> Path:
     """The session's tiny engine dir (canny + depth, for ONNX Runtime, sides 64-128, batch up to 3), built
     once (tests/test_build.staged_build) for every module that runs an engine dir's graphs."""

@@ -42,7 +42,7 @@ def test_step_has_no_graph_breaks_with_the_cuda_kernel_choices(monkeypatch):
         t = torch.tensor(500, device=device)
         key = step_key([0], sample, sample, torch.float32)
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(backend.step_fn)(key, sample, t, cond, sample, cond, [hint], [scales])
+        explanation = torch._dynamo.explain(backend.step_fn)(key, sample, t, cond, sample, [cond], [hint], [scales])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     ops = {str(node.target) for gm in explanation.graphs for node in gm.graph.nodes if node.op == "call_function"}

@@ -127,7 +127,7 @@ def test_unknown_names_are_refused():
 def test_registry_names_and_aliases():
     assert registry.resolve("canny").source == "lllyasviel/control_v11p_sd15_canny"
     assert registry.resolve("lllyasviel/sd-controlnet-canny") == registry.ControlNetSpec(
-        "canny", "lllyasviel/sd-controlnet-canny", "canny"
+        "canny", "lllyasviel/sd-controlnet-canny", "canny", "sd15"
     )
     assert registry.resolve("lllyasviel/control_v11f1p_sd15_depth").preprocessor == "depth"
     unregistered = registry.resolve("someone/my-controlnet")

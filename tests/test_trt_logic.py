@@ -122,3 +122,35 @@ def test_tensorrt_runtime_on_gpu(tmp_path, tiny_dir):
     runner = Runner(engine_dir=str(out))
     assert runner.backend.name == "tensorrt" and runner.device.type == "cuda"
     assert torch.cuda.is_available()
+
+
+SDXL = dataclasses.replace(SD15, text_dim=768, block_out_channels=(320, 640, 1280), scaling_factor=0.13025,
+                           family="sdxl", context_dim=2048, text_dim_2=1280, pooled_dim=1280, vocab_size_2=49408,
+                           vae_fp32=True)
+
+
+def test_sdxl_profiles_at_1024():
+    """SDXL's engines (fp16, 1024²): the UNet and ControlNets take text_embeds and time_ids (float32: sizes are
+    exact there), 2048-wide context and 10 residuals; a ControlNet-Union adds its types; the VAE stays fp32
+    (its fp16 overflow: force_upcast); every profile is one TensorRT accepts."""
+    s = {x.name: x for x in build_specs(SDXL, [("canny", False, None), ("union", False, 6)], "fp16")}
+    sizes = Sizes(min_size=768, opt_size=1024, max_size=1024, max_batch=2)
+    assert SDXL.num_residuals == 10
+    unet = s["unet"].profile(sizes, 8)
+    assert [io.name for io in s["unet"].inputs[:5]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                      "time_ids"]
+    assert unet["sample"] == [[1, 4, 96, 96], [2, 4, 128, 128], [4, 4, 128, 128]]
+    assert unet["encoder_hidden_states"][2] == [4, 77, 2048]
+    assert unet["text_embeds"] == [[1, 1280], [2, 1280], [4, 1280]] and unet["time_ids"][2] == [4, 6]
+    assert {io.name: io.dtype for io in s["unet"].inputs}["time_ids"] == "float32"
+    assert unet["mid"][2] == [4, 1280, 32, 32]
+    union = s["controlnet_union"].profile(sizes, 8)
+    assert union["control_type"][2] == [4, 6] and union["scales"] == [[10], [10], [10]]
+    hint = s["hint_union"]
+    assert [(io.name, io.dtype) for io in hint.inputs[1:]] == [("control_type_index", "int64"),
+                                                                ("condition_scale", "float16")]
+    assert "control_type" not in s["controlnet_canny"].profile(sizes, 8)
+    assert s["text_encoder_2"].outputs[1].name == "text_embeds"
+    assert {io.dtype for io in s["vae_decoder"].inputs + s["vae_decoder"].outputs} == {"float32"}
+    for spec in s.values():
+        tb.check_profile(spec.profile(sizes, 8))

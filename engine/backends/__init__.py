@@ -1,8 +1,10 @@
 """Backends: the tensor-in, tensor-out questions the generation loop asks, answered per runtime.
 
-    encode_text(ids) -> text encoder hidden states (the family asks: engine/families.py)
-    encode_hint(k, control_map) -> hint of ControlNet k
-    controlnet(k, sample, t, cond, hint, scales) -> the residuals (13 in SD1.5), already scaled
+    encode_text(ids, encoder="text_encoder") -> that text encoder's outputs (the family asks which:
+                               engine/families.py; SDXL's text_encoder_2 gives (hidden states, pooled))
+    encode_hint(k, control_map, inputs=None) -> hint of ControlNet k (a ControlNet-Union's also takes its
+                               condition's `inputs`: type index and scale; engine/controls.py)
+    controlnet(k, sample, t, cond, hint, scales) -> the residuals (13 in SD1.5, 10 in SDXL), already scaled
     combine(outputs, batch) -> the active nets' outputs summed (one launch where the backend can),
                                guess mode's conditional-half residuals padded to the full batch
     unet(sample, t, cond, residuals | None) -> noise prediction
@@ -21,7 +23,8 @@ Inputs come in float32 (latents, scales) and outputs go back as float32; a backe
 
 Weights, for LoRA switching (engine/lora.py), by the diffusers model's own parameter names:
 
-    get_weights(graph, names) -> {name: float32 tensor}   graph: "unet" or "text_encoder"; the base values
+    get_weights(graph, names) -> {name: float32 tensor}   graph: "unet", "text_encoder" (SDXL also
+                                                         "text_encoder_2"); the base values
     set_weights(graph, {name: complete new weight})      in place (torch) or replaced initializers (graphs)
     check_set_weights(graph)   optional: raises if the graph's weights cannot change now (asked before any write)
 
@@ -150,6 +153,8 @@ class EngineDir:
     scheduler_config: dict
     controlnet_specs: list
     global_pools: list[bool]
+    nets: list[dict]  # the manifest's entries of the chosen ControlNets
+    tokenizer_2: object = None  # SDXL's second tokenizer
 
 
 def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None, backend: str,
@@ -180,6 +185,8 @@ def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None
     chosen = manifest.backend if backend == "auto" else backend
     nets = [manifest.controlnets[i] for i in indices]
     needed = ["text_encoder", "unet", "vae_decoder"] + [f"{p}_{n['slug']}" for n in nets for p in ("hint", "controlnet")]
+    if manifest.has("text_encoder_2"):  # SDXL
+        needed.append("text_encoder_2")
     if manifest.has("vae_encoder"):  # img2img and inpaint; dirs built before them lack it (Runner says so)
         needed.append("vae_encoder")
     needed += [f"{p}_{vae['name']}" for vae in manifest.vaes for p in ("vae_encoder", "vae_decoder")]
@@ -212,6 +219,10 @@ def open_engine_dir(engine_dir, model: str | None, controlnets: list[str] | None
         backend=runner_backend,
         tokenizer=CLIPTokenizer.from_pretrained(str(engine_dir / "tokenizer")),
         scheduler_config=json.loads((engine_dir / "scheduler_config.json").read_text()),
-        controlnet_specs=[ControlNetSpec(n["name"], n["source"], n["preprocessor"]) for n in nets],
+        controlnet_specs=[ControlNetSpec(n["name"], n["source"], n["preprocessor"], union=n.get("union") is not None)
+                          for n in nets],
         global_pools=[bool(n["global_pool"]) for n in nets],
+        nets=nets,
+        tokenizer_2=(CLIPTokenizer.from_pretrained(str(engine_dir / "tokenizer_2"))
+                     if (engine_dir / "tokenizer_2").is_dir() else None),
     )

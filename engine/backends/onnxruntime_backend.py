@@ -173,7 +173,7 @@ def _timestep(t, device: torch.device) -> torch.Tensor:
 
 def _cond_feeds(model, cond: dict) -> dict:
     """The conditioning tensors (engine.families) this graph declares as inputs; a graph ignores the others
-    (an LCM UNet's guidance embedding is not a ControlNet input)."""
+    (an LCM UNet's guidance embedding is not a ControlNet input, a union net's types not the UNet's)."""
     return {io.name: cond[io.name] for io in model.inputs if io.name in cond}
 
 
@@ -191,7 +191,10 @@ class GraphBackend:
     def __init__(self, manifest: Manifest, nets: list[int], make_model, engine_dir: Path | None = None):
         self.manifest, self.engine_dir = manifest, engine_dir  # the graphs' base weights, for get_weights
         slugs = [manifest.controlnets[i]["slug"] for i in nets]
-        self.text_encoder = make_model(manifest.artefact("text_encoder"))
+        # by graph name: text_encoder (and SDXL's text_encoder_2)
+        self.text_encoders = {name: make_model(manifest.artefact(name)) for name in ("text_encoder", "text_encoder_2")
+                              if manifest.has(name)}
+        self.text_encoder = self.text_encoders["text_encoder"]
         self.unet_model = make_model(manifest.artefact("unet"))
         self.vae_decoder = make_model(manifest.artefact("vae_decoder"))
         # None in dirs built before img2img: Runner then refuses img2img/inpaint with a rebuild hint.
@@ -211,15 +214,17 @@ class GraphBackend:
 
     def models(self) -> list:
         """Every graph this backend runs, each once."""
-        every = [self.text_encoder, self.unet_model, *self.vae_decoders.values(), *self.hint_encoders,
+        every = [*self.text_encoders.values(), self.unet_model, *self.vae_decoders.values(), *self.hint_encoders,
                  *self.controlnet_bodies]
         return every + [model for model in self.vae_encoders.values() if model is not None]
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder.run({"input_ids": input_ids})[0].float()
+    def encode_text(self, input_ids: torch.Tensor, encoder: str = "text_encoder"):
+        out = [o.float() for o in self.text_encoders[encoder].run({"input_ids": input_ids})]
+        return out[0] if len(out) == 1 else tuple(out)
 
-    def encode_hint(self, k: int, control_map: torch.Tensor) -> torch.Tensor:
-        return self.hint_encoders[k].run({"control_map": control_map})[0]
+    def encode_hint(self, k: int, control_map: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        model = self.hint_encoders[k]  # a union's also takes its condition's type index and scale
+        return model.run({"control_map": control_map, **_cond_feeds(model, inputs or {})})[0]
 
     def controlnet(self, k, sample, timestep, cond, hint, scales) -> tuple[torch.Tensor, ...]:
         model = self.controlnet_bodies[k]
@@ -266,12 +271,13 @@ class GraphBackend:
     def _mapped(self, graph: str, names) -> "Artefact":
         from engine.lora import LoraError
 
-        if graph not in ("unet", "text_encoder"):
-            raise ValueError(f"graph must be unet or text_encoder, got {graph!r}")
+        if graph != "unet" and graph not in self.text_encoders:
+            raise ValueError(f"graph must be one of unet, {', '.join(self.text_encoders)}, got {graph!r}")
         artefact = self.manifest.artefact(graph)
         if not artefact.weights:
             raise LoraError(f"this engine dir's {graph} graph has no weight map (built before LoRA support): rebuild "
                             "it with python -m engine.build to switch LoRAs without re-exporting")
+        names = [n for n in names if n not in artefact.unused_weights]
         unreachable = [n for n in names if n in artefact.unreachable_weights]
         if unreachable:
             raise LoraError(f"the {graph} graph cannot reach {len(unreachable)} of the LoRA's layers (e.g. "
@@ -290,8 +296,9 @@ class GraphBackend:
         artefact = self._mapped(graph, names)
         if self.engine_dir is None:
             raise ValueError(f"{type(self).__name__} was made without its engine dir: cannot read base weights")
-        wanted = {artefact.weights[n]: n for n in names}
-        found = {}
+        # unused parameters are not in the graph and cannot change an image: zeros stand for their base value
+        found = {n: torch.zeros(artefact.unused_weights[n]) for n in names if n in artefact.unused_weights}
+        wanted = {artefact.weights[n]: n for n in names if n not in found}
         for init, array in graph_initializers(Path(self.engine_dir) / artefact.onnx, set(wanted)):
             found[wanted[init]] = from_graph_layout(array, artefact.weight_layouts[wanted[init]])
         return {n: found[n] for n in names}
@@ -302,8 +309,9 @@ class GraphBackend:
         from engine.manifest import to_graph_layout
 
         artefact = self._mapped(graph, weights)
-        named = {artefact.weights[n]: to_graph_layout(v, artefact.weight_layouts[n]) for n, v in weights.items()}
-        model = self.unet_model if graph == "unet" else self.text_encoder
+        named = {artefact.weights[n]: to_graph_layout(v, artefact.weight_layouts[n]) for n, v in weights.items()
+                 if n not in artefact.unused_weights}  # not in the graph: the change cannot reach an image
+        model = self.unet_model if graph == "unet" else self.text_encoders[graph]
         model.set_initializers(named)
 
 

@@ -20,12 +20,12 @@ from engine import fused
 from engine.backends import sum_residuals
 from engine.modules import (
     ControlNetBody,
-    HintEncoder,
-    TextEncoder,
     TinyVaeEncoder,
     UNetWithResiduals,
     VaeDecoder,
     VaeEncoder,
+    hint_encoder,
+    text_encoders,
 )
 from engine.optimizations import TorchOptimizations, apply_to_model, check_device
 from engine.vaes import MODEL
@@ -67,14 +67,18 @@ class TorchBackend:
                 continue
             apply_to_model(model, optimizations)
         self.channels_last = optimizations.channels_last
-        self.text_encoder = TextEncoder(sd.text_encoder)
+        self.text_encoders = text_encoders(sd)  # by graph name: text_encoder (and SDXL's text_encoder_2)
+        self.text_encoder = self.text_encoders["text_encoder"]
         self.unet_model = UNetWithResiduals(sd.unet)
         self.vae_decoder = VaeDecoder(sd.vae)
         self.vae_encoder = VaeEncoder(sd.vae)
         self.vae_decoders = {MODEL: self.vae_decoder, **{name: VaeDecoder(vae) for name, vae in vaes.items()}}
         self.vae_encoders = {MODEL: self.vae_encoder, **{
             name: TinyVaeEncoder(vae) if isinstance(vae, AutoencoderTiny) else VaeEncoder(vae) for name, vae in vaes.items()}}
-        self.hint_encoders = [HintEncoder(net) for net in controlnets]
+        # Each VAE's own dtype: the model's is fp32 in an fp16 run where it overflows (SDXL's).
+        self.vae_dtypes = {MODEL: next(sd.vae.parameters()).dtype,
+                           **{name: next(vae.parameters()).dtype for name, vae in vaes.items()}}
+        self.hint_encoders = [hint_encoder(net) for net in controlnets]
         self.controlnet_bodies = [ControlNetBody(net) for net in controlnets]
         # Global-pool (shuffle) nets average their residuals over the image: nothing to fuse.
         self.fused = optimizations.fused_zero_conv and not any(b.global_pool for b in self.controlnet_bodies)
@@ -104,8 +108,8 @@ class TorchBackend:
             step = compile_step(self.step_fn, optimizations.freeze_weights) if optimizations.compile else self.step_fn
             self.step_runner = cuda_graphs.StepGraphs(step, torch.device(device)) if optimizations.cuda_graphs else step
 
-    def _in(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device=self.device, dtype=self.dtype)
+    def _in(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        x = x.to(device=self.device, dtype=dtype or self.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -115,12 +119,16 @@ class TorchBackend:
         return x.float().contiguous() if self.channels_last else x.float()
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(self.device)).float()
+    def encode_text(self, input_ids: torch.Tensor, encoder: str = "text_encoder"):
+        out = self.text_encoders[encoder](input_ids.to(self.device))
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     @torch.inference_mode()
-    def encode_hint(self, k: int, control_map: torch.Tensor) -> torch.Tensor:
-        return self.hint_encoders[k](self._in(control_map))
+    def encode_hint(self, k: int, control_map: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        module = self.hint_encoders[k]  # a union's also takes its condition's type index and scale
+        extra = [self._in(x) if x.is_floating_point() else x.to(self.device) for x in
+                 (inputs[name] for name in module.extra_inputs)]
+        return module(self._in(control_map), *extra)
 
     @torch.inference_mode()
     def controlnet(self, k, sample, timestep, cond, hint, scales):
@@ -143,7 +151,7 @@ class TorchBackend:
     def encode_image(self, pixels: torch.Tensor, vae: str = MODEL) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images in [-1, 1] -> the latent distribution's (mean, std), unscaled (engine.modules.VaeEncoder);
         TAESD's latents and None (engine.modules.TinyVaeEncoder)."""
-        out = self.vae_encoders[vae](self._in(pixels))
+        out = self.vae_encoders[vae](self._in(pixels, self.vae_dtypes[vae]))
         if isinstance(out, torch.Tensor):
             return self._out(out), None
         mean, std = out
@@ -151,7 +159,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, vae: str = MODEL) -> torch.Tensor:
-        return self._out(self.vae_decoders[vae](self._in(latents)))
+        return self._out(self.vae_decoders[vae](self._in(latents, self.vae_dtypes[vae])))
 
     # ---- the step's parts, eager ------------------------------------------------------------------------
 
@@ -184,11 +192,12 @@ class TorchBackend:
 
     # ---- the step as one function (cuda_graphs / compile) -----------------------------------------------
 
-    def step_fn(self, key, sample, timestep, cond, control_sample, control_cond, hints, scales):
-        """One denoising step without guidance: the nets in key.nets, the combine, the UNet. A plain function
-        of its tensors (and dicts of them), so a CUDA graph or torch.compile wraps it unchanged."""
+    def step_fn(self, key, sample, timestep, cond, control_sample, control_conds, hints, scales):
+        """One denoising step without guidance: the nets in key.nets (each with its conditioning), the combine,
+        the UNet. A plain function of its tensors (and lists and dicts of them), so a CUDA graph or
+        torch.compile wraps it unchanged."""
         outputs = [self._controlnet(k, control_sample, timestep, control_cond, hint, s)
-                   for k, hint, s in zip(key.nets, hints, scales)]
+                   for k, control_cond, hint, s in zip(key.nets, control_conds, hints, scales)]
         residuals = self._combine(outputs, sample.shape[0]) if outputs else None
         return self._unet(sample, timestep, cond, residuals)
 
@@ -196,12 +205,11 @@ class TorchBackend:
         from engine.cuda_graphs import step_key
 
         control_sample = calls[0].sample if calls else sample
-        control_cond = calls[0].cond if calls else cond
         key = step_key([c.k for c in calls], sample, control_sample, self.dtype)
         device = sample.device
         # Scales arrive as CPU tensors; the graph's buffers live on the device.
         scales = [c.scales.to(device, torch.float32) for c in calls]
-        inputs = (sample, timestep.to(device), cond, control_sample, control_cond,
+        inputs = (sample, timestep.to(device), cond, control_sample, [c.cond for c in calls],
                   [c.hint for c in calls], scales)
         if self.optimizations.compile:
             inputs = _as_inference(inputs)
@@ -211,7 +219,7 @@ class TorchBackend:
     # ---- weights (LoRA: engine/lora.py) ------------------------------------------------------------------
 
     def _weights_module(self, graph: str) -> torch.nn.Module:
-        modules = {"unet": self.unet_model.unet, "text_encoder": self.text_encoder.text_encoder}
+        modules = {"unet": self.unet_model.unet, **{name: e.text_encoder for name, e in self.text_encoders.items()}}
         if graph not in modules:
             raise ValueError(f"graph must be one of {', '.join(modules)}, got {graph!r}")
         return modules[graph]

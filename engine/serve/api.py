@@ -91,6 +91,7 @@ class GenerateRequest:
     loras: tuple = ()  # ((name, weight), ...): LoRAs of the server's --lora-dir, by A1111 name
     eta: float = 0.0  # DDIM's eta; TCD's gamma (the tcd scheduler's stochasticity)
     vae: str | None = None  # a loaded VAE by name ("model", or the server's --vae, e.g. "taesd"); None: the default
+    control_type: object = None  # ControlNet-Union types: one (a name or diffusers' index), or a tuple per ControlNet
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class Field:
     OpenAPI schema (engine/serve/openapi.py) are both read from this table, so the two cannot disagree.
     A bound given as a string names the `Limits` attribute that holds it."""
 
-    kind: str  # "str", "int", "float", "bool" or "loras"
+    kind: str  # "str", "int", "float", "bool", "loras" or "control_type"
     default: object = None  # None: not given (the Runner's default, or required for `prompt`)
     minimum: float | None = None
     maximum: float | str | None = None
@@ -138,6 +139,7 @@ FIELDS = {
     "loras": Field("loras", (), max_length="max_loras"),
     "eta": Field("float", 0.0, 0.0, 1.0),  # DDIM's eta, TCD's gamma
     "vae": Field("str", None, max_length="max_prompt_chars"),  # a loaded VAE's name: the Runner checks which
+    "control_type": Field("control_type"),  # a name or diffusers' index, or one per ControlNet (_coerce_control_type)
 }
 IMAGE_FIELDS = ("image", "init_image", "mask_image")  # decoded pictures, not in FIELDS
 # The Runner's argument names (and words its checks use for them) -> POST /generate's fields, for
@@ -166,6 +168,8 @@ def _coerce(name: str, kind: str, value, from_form: bool):
         return None
     if kind == "loras":
         return _coerce_loras(value, from_form)
+    if kind == "control_type":
+        return _coerce_control_type(value, from_form)
     if from_form and isinstance(value, str):
         text = value.strip()
         if text == "" and kind != "str":
@@ -229,6 +233,32 @@ def _coerce_loras(value, from_form: bool) -> tuple:
             raise ApiError(422, "loras", f"the weight of LoRA {name!r} must be a finite number, got {weight!r}")
         pairs.append((name, float(weight)))
     return tuple(pairs)
+
+
+def _coerce_control_type(value, from_form: bool):
+    """`control_type`: a ControlNet-Union's condition type (a name or diffusers' index), or a list with one per
+    ControlNet (null for plain ones; one condition per net over HTTP). A form gives the name, or the list as JSON
+    or "none,depth"."""
+    from engine.registry import union_type
+
+    if from_form and isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = [None if t.strip() == "none" else t.strip() for t in text.split(",")] if "," in text else text
+        number = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
+        value = [number(v) for v in value] if isinstance(value, list) else number(value)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        try:
+            if item is not None:
+                union_type(item)
+        except ValueError as err:
+            raise ApiError(422, "control_type", str(err)) from None
+    return tuple(items) if isinstance(value, (list, tuple)) else value
 
 
 _KIND_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
@@ -466,6 +496,7 @@ def batch_key(req: GenerateRequest) -> tuple:
         req.scheduler, req.num_images_per_prompt, req.preprocess, req.canny_low, req.canny_high,
         None if req.init_image is None else req.init_image.size, req.mask_image is not None, req.strength, req.loras,
         req.eta, req.vae,
+        req.control_type,
     )
 
 
@@ -501,4 +532,5 @@ def runner_kwargs(req: GenerateRequest, registered_preprocessors: list) -> dict:
         strength=req.strength,
         eta=req.eta,
         vae=req.vae,
+        control_type=list(req.control_type) if isinstance(req.control_type, tuple) else req.control_type,
     )

@@ -13,6 +13,8 @@ _NOTES = {
     "control_guidance_end": "must be greater than control_guidance_start",
     "canny_low": "must be <= canny_high",
     "response_format": "'png' returns one image (num_images_per_prompt 1)",
+    "control_type": "ControlNet-Union condition type: openpose, depth, hed, scribble, canny, lineart, normal, segment, "
+                    "tile, repaint, or diffusers' index; or a list with one per ControlNet (null for plain ones)",
     "loras": "LoRAs of the server's lora_dir, by file name without extension: [name, weight] or {name, weight}",
 }
 BASE64_IMAGE = {"type": "string", "minLength": 1, "contentEncoding": "base64", "contentMediaType": "image/*"}
@@ -27,6 +29,9 @@ def field_schema(name: str, spec: Field, limits: Limits) -> dict:
                  "properties": {"name": {"type": "string", "pattern": LORA_NAME.pattern}, "weight": {"type": "number"}}}
         return {"type": ["array", "null"], "items": {"oneOf": [pair, named]}, "maxItems": spec.length(limits),
                 "default": [], "description": _NOTES[name]}
+    if spec.kind == "control_type":
+        per_net = {"type": "array", "items": {"type": ["string", "integer", "null"]}}
+        return {"oneOf": [{"type": ["string", "integer", "null"]}, per_net], "description": _NOTES[name]}
     prop: dict = {"type": _TYPES[spec.kind] if name == "prompt" else [_TYPES[spec.kind], "null"]}
     low, high = spec.bounds(limits)
     if low is not None:

@@ -48,6 +48,9 @@ class ControlNetUnit(_Body):
     pixel_perfect: bool = Field(False, description="True: processor_res from the generation size")
     hr_option: str = Field("Both", description="Applies with hires fix only, which this server does not run")
     save_detected_map: bool = Field(True, description="Append the control map to the response's images")
+    union_control_type: Optional[str] = Field("Unknown", description="ControlNet-Union models: OpenPose, Depth, Soft "
+                                              "Edge, Hard Edge, Normal Map, Segmentation, Tile, Inpaint; Unknown: "
+                                              "the module's (canny: Hard Edge, tile_resample: Tile)")
     # Legacy aliases the extension still accepts.
     input_image: Optional[str] = Field(None, description="Legacy name for image")
     guidance: Optional[float] = Field(None, description="Legacy name for guidance_end")
@@ -62,7 +65,6 @@ class ControlNetUnit(_Body):
     advanced_weighting: Optional[list[float]] = None
     effective_region_mask: Optional[str] = None
     pulid_mode: str = "Fidelity"
-    union_control_type: str = "Unknown"
     ipadapter_input: Optional[Any] = None
     batch_mask_dir: Optional[str] = None
     animatediff_batch: bool = False
@@ -95,8 +97,9 @@ class _Processing(_Body):
     n_iter: int = Field(1, ge=1, le=64)
     steps: int = Field(50, ge=1, le=1000)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int = Field(512, ge=64, le=4096, multiple_of=8)
-    height: int = Field(512, ge=64, le=4096, multiple_of=8)
+    # Left out: the model's own size (512 for SD1.5, 1024 for SDXL; plan.with_model_size)
+    width: Optional[int] = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's (SD1.5 512, SDXL 1024)")
+    height: Optional[int] = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's (SD1.5 512, SDXL 1024)")
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     do_not_save_samples: bool = False

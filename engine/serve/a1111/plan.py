@@ -134,7 +134,7 @@ INERT_UNIT = {
     "is_ui": _none_or(False), "input_mode": _none_or("simple", "InputMode.SIMPLE"), "batch_images": _none_or("", []),
     "output_dir": _none_or(""), "loopback": _none_or(False), "inpaint_crop_input_image": lambda v: True,
     "advanced_weighting": _none_or(), "effective_region_mask": _none_or(""), "pulid_mode": lambda v: True,
-    "union_control_type": _none_or("Unknown"), "ipadapter_input": _none_or(), "batch_mask_dir": _none_or(""),
+    "ipadapter_input": _none_or(), "batch_mask_dir": _none_or(""),
     "animatediff_batch": _none_or(False), "batch_modifiers": lambda v: not v, "batch_image_files": lambda v: not v,
     "batch_keyframe_idx": _none_or(),
 }
@@ -214,6 +214,7 @@ class Unit:
     pixel_perfect: bool
     save_detected_map: bool
     control_map: np.ndarray  # height x width x 3 uint8, ready for the Runner
+    union_type: int | None = None  # a ControlNet-Union's condition type (diffusers' index)
 
 
 @dataclass
@@ -260,8 +261,40 @@ def shuffle_seed(req, seed: int) -> int:
     return (seed + subseed) & 0xFFFFFFFF
 
 
+# The extension's union control types (ControlNetUnionControlType, in diffusers' index order) and the type a
+# module implies, by its control-type tag (engine/preprocess's table), when the unit leaves union_control_type
+# "Unknown".
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+UNION_TYPE_OF_TAG = {"OpenPose": 0, "Depth": 1, "SoftEdge": 2, "Scribble": 2, "Canny": 3, "Lineart": 3, "MLSD": 3,
+                     "NormalMap": 4, "Segmentation": 5, "Tile": 6, "Inpaint": 7}
+
+
+def _union_type(u, module, types: int | None, field: str) -> int | None:
+    """A unit's ControlNet-Union type index: its union_control_type, else the one its module implies; None for a
+    plain ControlNet (which refuses a type)."""
+    given = None if u.union_control_type in (None, "", "Unknown") else u.union_control_type
+    if types is None:
+        if given is not None:
+            raise ApiError(422, field, f"{field}={given!r} is for ControlNet-Union models; {u.model!r} is a plain "
+                                       "ControlNet: leave it 'Unknown'")
+        return None
+    if given is not None:
+        if given not in UNION_CONTROL_TYPES[:types]:
+            raise ApiError(422, field, f"{field} must be one of {', '.join(UNION_CONTROL_TYPES[:types])} (or Unknown "
+                                       f"with a module that implies one), got {given!r}")
+        return UNION_CONTROL_TYPES.index(given)
+    implied = next((UNION_TYPE_OF_TAG[tag] for tag in module.tags if tag in UNION_TYPE_OF_TAG), None)
+    if implied is None or implied >= types:
+        raise ApiError(422, field, f"{u.model!r} is a ControlNet-Union: module {module.key!r} implies no control type "
+                                   f"it has; give {field} (one of {', '.join(UNION_CONTROL_TYPES[:types])})")
+    return implied
+
+
 def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarray | None, limits: Limits,
-               annotators=None, seed: int | None = None) -> list[Unit]:
+               annotators=None, seed: int | None = None, unions: list | None = None) -> list[Unit]:
+    """`annotators`, `seed`: the Runner's annotators and the shuffle seed the units' modules run with; `unions`:
+    per loaded ControlNet, a ControlNet-Union's number of types, None for a plain one."""
+    unions = unions or [None] * len(specs)
     units, used = [], {}
     for key, script in scripts.items():
         if key.lower() != "controlnet":
@@ -287,6 +320,7 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
                     f"the extension also changes the sampling for it ({module.sampler_step}), which is not implemented"
                 raise ApiError(422, f"{where}.module", f"{where}.module {u.module!r} is not available in units: {what}; "
                                                        "POST /controlnet/detect gives its map")
+            union_type = _union_type(u, module, unions[slot], f"{where}.union_control_type")
             end = u.guidance_end if u.guidance is None else u.guidance
             if not u.guidance_start < end:
                 raise ApiError(422, f"{where}.guidance_end", f"{where}: guidance_start ({u.guidance_start}) must be less "
@@ -303,7 +337,7 @@ def plan_units(scripts: dict, specs, height: int, width: int, fallback: np.ndarr
                                       f"{where}.module", seed)
             units.append(Unit(key, i, slot, module.name, controlnet_titles(specs)[slot], u.weight, resize_mode, resolution,
                               thr_a, thr_b, u.guidance_start, end, mode, u.pixel_perfect, u.save_detected_map,
-                              control.fit(detected, resize_mode, height, width, limits, f"{where}.image")))
+                              control.fit(detected, resize_mode, height, width, limits, f"{where}.image"), union_type))
     odd = next((u for u in units if (u.control_mode == 2) != (units[0].control_mode == 2)), None)
     if odd is not None:
         raise ApiError(422, f"alwayson_scripts.{odd.script}.args.{odd.index}.control_mode",
@@ -320,8 +354,9 @@ def _control_mode(value, field: str) -> int:
     raise ApiError(422, field, f"{field} must be one of {', '.join(CONTROL_MODES)} or 0/1/2, got {value!r}")
 
 
-def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int) -> dict:
-    """Runner.generate's per-ControlNet arguments: unused slots at scale 0 (never run) and a blank map."""
+def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int, unions: list | None = None) -> dict:
+    """Runner.generate's per-ControlNet arguments: unused slots at scale 0 (never run) and a blank map (an unused
+    ControlNet-Union's type: 0, never read)."""
     blank = np.zeros((height, width, 3), np.uint8)
     by_slot = {u.slot: u for u in units}
     cond_only = any(u.control_mode == 2 for u in units)
@@ -335,9 +370,20 @@ def control_kwargs(units: list[Unit], num_nets: int, height: int, width: int) ->
         control_mode=[RUNNER_CONTROL_MODES[by_slot[k].control_mode] if k in by_slot else idle_mode
                       for k in range(num_nets)] if units else None,
     )
+    if any(types is not None for types in unions or []):
+        kwargs["control_type"] = [by_slot[k].union_type if k in by_slot else (0 if unions[k] is not None else None)
+                                  for k in range(num_nets)]
     if num_nets == 1:
         kwargs = {k: (v[0] if isinstance(v, list) else v) for k, v in kwargs.items()}
     return kwargs
+
+
+def with_model_size(req, runner):
+    """The request with width/height it left out set to the model's own size (engine.families: SD1.5 512, as
+    A1111's defaults, SDXL 1024)."""
+    size = runner.family.default_size
+    missing = {side: size for side in ("width", "height") if getattr(req, side) is None}
+    return req.model_copy(update=missing) if missing else req
 
 
 def check_size(req, limits: Limits) -> None:
@@ -386,6 +432,7 @@ def check_prompt_length(text: str, tokenizer: PromptTokenizer, field: str) -> No
 def plan_request(req, runner, limits: Limits, tokenizer: PromptTokenizer, lora_dir=None,
                  init_rgb: np.ndarray | None = None) -> Plan:
     """Every check, and the control maps, before any model work (on a thread: it decodes and preprocesses)."""
+    req = with_model_size(req, runner)
     values = dict(req)
     check_inert(values)
     check_size(req, limits)
@@ -407,11 +454,12 @@ def plan_request(req, runner, limits: Limits, tokenizer: PromptTokenizer, lora_d
         if text is not None:
             check_prompt_length(text, tokenizer, name)
     seed = random.randrange(MAX_SEED + 1) if req.seed == -1 else req.seed
+    unions = runner.parts.unions
     units = plan_units(req.alwayson_scripts, runner.controlnet_specs, req.height, req.width, init_rgb, limits,
-                       runner.annotators, shuffle_seed(req, seed))
+                       runner.annotators, shuffle_seed(req, seed), unions)
     count = req.batch_size * req.n_iter
     kwargs = dict(height=req.height, width=req.width, num_inference_steps=req.steps, guidance_scale=float(req.cfg_scale),
-                  scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width))
+                  scheduler=scheduler, eta=eta, **control_kwargs(units, runner.num_controlnets, req.height, req.width, unions))
     return Plan(prompt=prompt, negative_prompt=negative,
                 seeds=[(seed + i) % (MAX_SEED + 1) for i in range(count)], sampler=sampler, schedule=schedule,
                 runner_kwargs=kwargs, units=units, prompt_as_sent=req.prompt, loras=loras)

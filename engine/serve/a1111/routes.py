@@ -209,6 +209,8 @@ def add_routes(app, server) -> None:
 
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
     async def txt2img(req: Txt2ImgRequest):
+        req = a1111.with_model_size(req, runner)
+
         async def work():
             overrides = check_overrides(req)
             plan = await prepare(a1111.plan_request, req, runner, server.limits, server.prompt_tokenizer,
@@ -220,6 +222,8 @@ def add_routes(app, server) -> None:
 
     @app.post("/sdapi/v1/img2img", response_model=ImageResponse, responses=ERRORS, tags=["A1111"])
     async def img2img(req: Img2ImgRequest):
+        req = a1111.with_model_size(req, runner)
+
         async def work():
             overrides = check_overrides(req)
             from engine.serve.a1111.img2img import decode_init
