@@ -231,7 +231,7 @@ def _a1111_inpainting(args):
 def _check_png_loras(args) -> None:
     """LoRAs a PNG's metadata names (--from-png) are read from files or the local hub cache only: a PNG from
     elsewhere must not make this machine download whatever it names, unless --allow-lora-download."""
-    from engine.lora import load_lora
+    from engine.lora import cached_snapshot
 
     from_png = set(getattr(args, "lora_from_png", None) or [])
     if getattr(args, "allow_lora_download", False):
@@ -239,7 +239,7 @@ def _check_png_loras(args) -> None:
     for source, _ in args.lora or []:
         if source in from_png and not Path(source).expanduser().exists():
             try:
-                load_lora(source, allow_download=False)
+                cached_snapshot(source)  # no conversion yet: the model (and so the LoRA loader) is not loaded
             except OSError as err:
                 raise OSError(f"the PNG names the LoRA {source!r}, which is neither a file here nor in the local "
                               "Hugging Face cache; it is not downloaded unless you pass --allow-lora-download (or "

@@ -129,7 +129,7 @@ def load_lora(source: str | Path, family: str = "sd15", unet_config=None, allow_
         _refuse_dora(source, path)
     where = str(path) if path.exists() else source
     if not path.exists() and not allow_download:
-        where = _cached_snapshot(source)
+        where = cached_snapshot(source)
     found = _file_family(path)
     if found is not None and found[0] != family:
         _refuse_family(source, found[0], found[1], family)
@@ -175,7 +175,7 @@ def load_lora(source: str | Path, family: str = "sd15", unet_config=None, allow_
     return lora
 
 
-def _cached_snapshot(source: str) -> str:
+def cached_snapshot(source: str) -> str:
     """The local hub cache's copy of a Hugging Face id, or OSError: nothing is downloaded."""
     from huggingface_hub import snapshot_download
 

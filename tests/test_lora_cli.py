@@ -51,17 +51,21 @@ def test_from_png_downloads_no_lora_unless_asked(tmp_path, monkeypatch, capsys):
              guess_mode=False, lora_files=[("someone/ink-lora", 0.7)])
     png = tmp_path / "from_elsewhere.png"
     PIL.Image.new("RGB", (8, 8)).save(png, pnginfo=pngmeta.png_info(pngmeta.format_parameters(p)))
-    asked, real = [], lora.load_lora
+    asked, looked_up, real = [], [], lora.cached_snapshot
 
-    def spy(source, allow_download=True):
+    def spy(source, family="sd15", unet_config=None, allow_download=True):
         asked.append((str(source), allow_download))
-        if allow_download:
-            raise OSError("this test's stand-in for a download")
-        return real(source, allow_download=False)
+        raise OSError("this test's stand-in for a download")
+
+    def cache_spy(source):
+        looked_up.append(source)
+        return real(source)
 
     monkeypatch.setattr(lora, "load_lora", spy)
+    monkeypatch.setattr(lora, "cached_snapshot", cache_spy)
     out = ["--out", str(tmp_path / "x.png"), "--quiet"]
     assert generate.main(["--from-png", str(png), *out]) == 1
-    assert "--allow-lora-download" in capsys.readouterr().err and asked == [("someone/ink-lora", False)]
+    err = capsys.readouterr().err
+    assert "--allow-lora-download" in err and looked_up == ["someone/ink-lora"] and asked == [], err
     assert generate.main(["--from-png", str(png), "--allow-lora-download", *out]) == 1
     assert "stand-in for a download" in capsys.readouterr().err and asked[-1] == ("someone/ink-lora", True)
