@@ -202,9 +202,13 @@ RESOURCES = {"diffusers": ("fp32_modules",), "diffusers-bf16": ("fp32_modules", 
 @pytest.fixture(scope="module", params=STEP_BACKENDS)
 def backend(request, setup):
     """The backend under test. Module-scoped, so pytest runs each backend's step and generate rows
-    together, then releases what only that backend needed."""
+    together, then releases what only that backend needed. pytest does that inside the setup of the next
+    backend's first row, whose memory window then starts again, after the release."""
+    from benchmarks.conftest import restart_row_memory
+
     yield request.param
     release_after(setup, request.param, STEP_BACKENDS)
+    restart_row_memory(request.config)
 
 
 def release_after(setup: dict, backend: str, order: list[str]) -> None:
