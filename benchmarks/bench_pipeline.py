@@ -249,9 +249,13 @@ RESOURCES = {"diffusers": ("fp32_modules",), "diffusers-bf16": ("fp32_modules", 
 @pytest.fixture(scope="module", params=STEP_BACKENDS)
 def backend(request, setup):
     """The backend under test. Module-scoped, so pytest runs each backend's step and generate rows
-    together, then releases what only that backend needed."""
+    together, then releases what only that backend needed. pytest does that inside the setup of the next
+    backend's first row, whose memory window then starts again, after the release."""
+    from benchmarks.conftest import restart_row_memory
+
     yield request.param
     release_after(setup, request.param, STEP_BACKENDS)
+    restart_row_memory(request.config)
 
 
 def release_after(setup: dict, backend: str, order: list[str]) -> None:
@@ -265,9 +269,26 @@ def release_after(setup: dict, backend: str, order: list[str]) -> None:
         for key in FP32_MODULES if resource == "fp32_modules" else (resource,):
             dropped |= setup.pop(key, None) is not None
         if resource in ("bf16_engine", "fp32_engine"):
-            torch._dynamo.reset()  # compiled code, and the frozen weights in it, live in dynamo's caches
+            forget_compiled_code()
     if dropped:
         give_back_memory()
+
+
+def forget_compiled_code() -> None:
+    """Drop every compiled step of this process, and the frozen weights in it. torch._dynamo.reset() alone
+    freed none of them: inductor's generated module of a frozen step holds its constants (the pre-packed
+    weights, and the unpacked ones as the original parameters) as module attributes, and the module stays in
+    inductor's PyCodeCache and in sys.modules (torch 2.13). So after the compiled fp32 rows the sd15 run
+    kept ~6 GB, and every later row started at 13 GB instead of ~7 (issue #22)."""
+    import sys
+
+    from torch._inductor.codecache import PyCodeCache
+
+    torch._dynamo.reset()
+    for module in PyCodeCache.modules:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
+    PyCodeCache.cache_clear()
 
 
 def give_back_memory() -> None:

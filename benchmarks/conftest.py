@@ -73,13 +73,22 @@ def rss_gb(field: str = "VmHWM") -> float | None:
 
 
 START_RSS = pytest.StashKey[float]()  # the resident memory a row started from
+ROW = pytest.StashKey[pytest.Item]()  # the row being set up or run
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
-    reset_peak_rss()  # before the row's fixtures are made: what it loads counts as its own
-    item.stash[START_RSS] = rss_gb("VmRSS")
+    item.config.stash[ROW] = item
+    restart_row_memory(item.config)  # before the row's fixtures are made: what it loads counts as its own
     yield
+
+
+def restart_row_memory(config) -> None:
+    """Start the current row's memory window now. Also called by a fixture that has just released what an
+    earlier row held (bench_pipeline's `backend`: pytest tears the previous backend down inside the next
+    row's setup), so the row starts from what is really held, not from what is about to be freed."""
+    reset_peak_rss()
+    config.stash[ROW].stash[START_RSS] = rss_gb("VmRSS")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -44,3 +44,29 @@ def test_a_killed_run_keeps_its_finished_rows(tmp_path):
     assert [r["name"] for r in rows] == ["test_cpu_point[320x64x64-torch_unfused]"]
     assert 0.1 < rows[0]["extra_info"]["peak_rss_gb"] < 24
     assert "| peak RSS GB (+ over its start) |" in table(out) and "Peak RSS of the benchmark process over all rows" in table(out)
+
+
+def test_a_released_compiled_step_frees_its_frozen_weights():
+    """benchmarks/bench_pipeline.forget_compiled_code frees a frozen step's weights: torch._dynamo.reset()
+    alone left them in inductor's generated module (kept by PyCodeCache and sys.modules), ~6 GB held
+    through every later row of the sd15 run (issue #22)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from benchmarks.bench_pipeline import forget_compiled_code
+    from engine.compile import compile_step
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    net.requires_grad_(False)
+    step = compile_step(lambda x: net(x), freeze_weights=True)
+    with torch.inference_mode():
+        step(torch.randn(2, 16))
+    weights = [weakref.ref(p) for p in net.parameters()]
+    del net, step
+    gc.collect()
+    assert any(w() is not None for w in weights), "the frozen step no longer holds its weights: test is moot"
+    forget_compiled_code()
+    gc.collect()
+    assert all(w() is None for w in weights)
