@@ -33,11 +33,14 @@ def test_a_killed_run_keeps_its_finished_rows(tmp_path):
 
     (tmp_path / "kill_second_row.py").write_text(KILLER)
     out = tmp_path / "cpu-tiny-killed.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    # Not an xdist worker's environment: pytest-benchmark turns itself off where it sees xdist (the README's
+    # `-n auto` runs this test in a worker), and nothing would be measured or written.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
     # One kernel row (the hooks are benchmarks/conftest.py's, the same for every row; this one is cheap),
     # then the next row is killed as it starts.
     cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_kernels.py", "--benchmark", "-k", "test_cpu_point",
-           "--benchmark-json", str(out), "-p", "kill_second_row", "-p", "no:cacheprovider", "-q"]
+           "--benchmark-json", str(out), "-p", "kill_second_row", "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["benchmarks"]
