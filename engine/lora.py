@@ -95,16 +95,23 @@ def _is_local(source: str) -> bool:
         or source.count("/") != 1
 
 
-def _file_family(path: Path) -> tuple[str, str] | None:
-    """(family, the key that says so) from a local .safetensors file's raw tensor names, or None."""
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return None
+def _file_keys(path: Path) -> list[str]:
+    """A local file's raw tensor names, read from its safetensors header only ([] when it is not one: diffusers'
+    loader then says what it is)."""
+    if not path.is_file():
+        return []
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # not a safetensors file: diffusers' loader says so below
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file
+        return []
+
+
+def _file_family(path: Path, keys: list[str]) -> tuple[str, str] | None:
+    """(family, the key that says so) from a local .safetensors file's raw tensor names, or None."""
+    if path.suffix != ".safetensors":
         return None
     for family, markers in FILE_MARKERS.items():
         key = next((k for k in keys for m in markers if k.startswith(m) or f".{m}" in k), None)
@@ -125,12 +132,12 @@ def load_lora(source: str | Path, family: str = "sd15", unet_config=None, allow_
     path = Path(source).expanduser()
     if _is_local(source) and not path.exists():
         raise FileNotFoundError(f"LoRA file {source!r} does not exist")
-    if path.is_file():
-        _refuse_dora(source, path)
+    keys = _file_keys(path)  # the header read once, for the DoRA and family checks
+    _refuse_dora(source, keys)
     where = str(path) if path.exists() else source
     if not path.exists() and not allow_download:
         where = cached_snapshot(source)
-    found = _file_family(path)
+    found = _file_family(path, keys)
     if found is not None and found[0] != family:
         _refuse_family(source, found[0], found[1], family)
     loader = StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
@@ -186,16 +193,9 @@ def cached_snapshot(source: str) -> str:
                       f"downloading it was not allowed ({type(err).__name__})") from None
 
 
-def _refuse_dora(source: str, path: Path) -> None:
+def _refuse_dora(source: str, keys: list[str]) -> None:
     """kohya's DoRA files carry a `dora_scale` per layer, which diffusers' loader drops with only a log line,
     leaving a plain LoRA that is not what was trained: refused by name (read from the file's header only)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception:  # noqa: BLE001 - not a safetensors file: diffusers' loader says what it is
-        return
     dora = next((k for k in keys if k.endswith("dora_scale")), None)
     if dora is not None:
         raise LoraError(f"{source!r} is a DoRA (weight-decomposed LoRA; key {dora!r}): its magnitude vectors "
