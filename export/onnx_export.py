@@ -43,7 +43,7 @@ class ExportConfig:
 class CastOutputs(torch.nn.Module):
     """Runs a module as it is and casts its outputs: an fp16 graph interface around fp32 insides.
 
-    Used for the fp16 text encoder: the legacy exporter turns transformers' CLIP in half precision into
+    Used for the fp16 text encoders (SDXL's two alike): the legacy exporter turns transformers' CLIP in half precision into
     a LayerNormalization fed fp32 and fp16 at once, which ONNX Runtime refuses to load. The text encoder
     runs once per generation, so keeping it fp32 inside costs nothing that matters.
     """
@@ -67,7 +67,7 @@ def for_precision(module: torch.nn.Module, kind: str, precision: str) -> torch.n
     """The module to export for a precision (a copy: the fp32 original stays the verification reference)."""
     if precision == "fp32":
         return module
-    if kind == "text_encoder":
+    if kind in ("text_encoder", "text_encoder_2"):  # SDXL's second CLIP has the same LayerNorms
         return CastOutputs(copy.deepcopy(module).to(export_device(precision)), torch.float16)
     return copy.deepcopy(module).to(export_device(precision), torch.float16)
 

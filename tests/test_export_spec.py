@@ -115,3 +115,29 @@ def test_fp16_engine_dir_end_to_end(tiny_dir, tmp_path, photo):
     want = Runner(model=str(tiny_dir["model"]), controlnet=str(tiny_dir["canny"]), backend="torch",
                   device="cpu").generate(**kwargs).images
     assert float(np.abs(got - want).max()) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fp16_sdxl_text_encoders_load_and_match(tmp_path, backend):
+    """An fp16 build exports both SDXL text encoders fp32 inside (for_precision): cast whole, the second
+    CLIP's LayerNorms were fed fp32 and fp16 at once and OpenVINO refused the graph (`engine.build --model
+    <SDXL> --precision fp16`)."""
+    from engine.backends.onnxruntime_backend import OrtModel
+    from engine.backends.openvino_backend import OvModel
+    from engine.loading import load_sd
+    from engine.parity import compare, reference_module, sample_feeds
+
+    sd = load_sd("tiny-sdxl", torch.device("cpu"), torch.float32)
+    mc = model_config(sd, [])
+    for kind in ("text_encoder", "text_encoder_2"):
+        spec = next(s for s in build_specs(mc, [], "fp16") if s.kind == kind)
+        feeds = sample_feeds(list(spec.inputs), dict(B=2), mc.vocab_size)
+        module = onnx_export.for_precision(reference_module(kind, sd), kind, "fp16")
+        files = onnx_export.export(module, spec, tuple(feeds[io.name] for io in spec.inputs), tmp_path,
+                                   onnx_export.ExportConfig())
+        artefact = Artefact(spec.name, kind, spec.net, files[0].name, {}, list(spec.inputs), list(spec.outputs),
+                            {}, "")
+        graph = OrtModel(files[0], artefact) if backend == "onnxruntime" else OvModel(files[0], artefact)
+        errors = compare(reference_module(kind, sd), graph.run, artefact, dict(B=3), mc.vocab_size)
+        print(f"\n{backend} fp16 {kind}: max abs {errors['max_abs']:.2e}, max rel {errors['max_rel']:.2e}")
+        assert errors["max_rel"] < 1e-2  # fp16 outputs against the fp32 reference
