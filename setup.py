@@ -63,6 +63,9 @@ EXTRAS = {
     "tensorrt": ["onnx", "onnxscript", "onnxslim", "onnxruntime-gpu", "tensorrt"],
     "serve": ["ray[serve]", "fastapi", "gradio", "python-multipart", "httpx"],
     "bench": ["pytest-benchmark", "matplotlib"],
+    # benchmarks/bench_openvino_int8.py: NNCF's post-training int8 of the OpenVINO graphs (not in "test": its
+    # quantization of even the tiny UNet takes a minute, and the benchmark skips without it)
+    "int8": ["nncf", "openvino"],
     # The preprocessors only controlnet_aux has (softedge, scribble, lineart, mlsd, normal_bae, openpose_full, ...):
     # it needs torchvision, which must match torch (requirements/constraints-aux.txt; README "Preprocessors").
     "aux": ["controlnet-aux", "torchvision", "timm", "scikit-image"],

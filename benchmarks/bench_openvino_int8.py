@@ -16,8 +16,8 @@ is CALIBRATION seeded random feeds in the graphs' natural ranges (engine.parity.
 measure, not a quality recipe (a product int8 path calibrates on its own generations' step inputs).
 The engine dir is built (fp32, `--backend openvino --no-verify`) unless INT8_ENGINE_DIR names one.
 
-Without --benchmark (CI) the tiny model runs each row once, untimed. Needs `nncf` (`pip install nncf==3.4.0`);
-skipped with that reason where it is not installed.
+Without --benchmark (CI) the tiny model runs each row once, untimed. Needs NNCF (`pip install -c
+requirements/constraints.txt -e ".[int8]"`); skipped with that reason where it is not installed.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _alternate(requests: dict, feeds: dict, rounds: int) -> dict:
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_int8_step(graph, engine_dir, bench_config, machine_info, result_file):
-    nncf = pytest.importorskip("nncf", reason="int8 needs NNCF: pip install nncf==3.4.0")
+    nncf = pytest.importorskip("nncf", reason="int8 needs NNCF: pip install -c requirements/constraints.txt -e '.[int8]'")
     import numpy as np
     import openvino as ov
     import torch
