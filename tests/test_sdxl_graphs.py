@@ -24,18 +24,22 @@ def _picture(seed: int) -> PIL.Image.Image:
     return PIL.Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def sdxl_engine(tiny_sdxl_dir, tmp_path_factory):
-    """The tiny SDXL model with its canny net and its union net, built for ONNX Runtime (sides 64-128, batch 2)."""
+def build_sdxl(tiny_sdxl_dir, out, backend: str = "onnxruntime"):
+    """The tiny SDXL model with its canny net and its union net, built into `out` (sides 64-128, batch 2)."""
     from export.build import BuildConfig, build
     from export.spec import Sizes
 
-    out = tmp_path_factory.mktemp("sdxl-engine") / "engine"
     with torch_threads(1):
-        result = build(BuildConfig(controlnets=(str(tiny_sdxl_dir["canny"]), str(tiny_sdxl_dir["union"])),
-                                   model=str(tiny_sdxl_dir["model"]), out=out, backend="onnxruntime",
-                                   sizes=Sizes(64, 64, 128, 2), progress=False), log=lambda *a: None)
-    return dict(dir=out, result=result)
+        return build(BuildConfig(controlnets=(str(tiny_sdxl_dir["canny"]), str(tiny_sdxl_dir["union"])),
+                                 model=str(tiny_sdxl_dir["model"]), out=out, backend=backend,
+                                 sizes=Sizes(64, 64, 128, 2), progress=False), log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(tiny_sdxl_dir, tmp_path_factory):
+    """build_sdxl for ONNX Runtime."""
+    out = tmp_path_factory.mktemp("sdxl-engine") / "engine"
+    return dict(dir=out, result=build_sdxl(tiny_sdxl_dir, out))
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +85,16 @@ CASES = {
 }
 
 
+def case_kwargs(case: str) -> dict:
+    """generate's arguments of one of CASES, its pictures made."""
+    pictures = dict(edges=_picture(1), photo=_picture(2), mask=_picture(3).convert("L"))
+    return {k: ([pictures[i] for i in v] if k == "image" else pictures[v] if isinstance(v, str) and v in pictures
+                else v) for k, v in CASES[case].items()}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_graphs_equal_torch(graph_runner, torch_runner, case):
-    pictures = dict(edges=_picture(1), photo=_picture(2), mask=_picture(3).convert("L"))
-    kwargs = {k: ([pictures[i] for i in v] if k == "image" else pictures[v] if isinstance(v, str) and v in pictures
-                  else v) for k, v in CASES[case].items()}
+    kwargs = case_kwargs(case)
     ours = graph_runner.generate(**BASE, **kwargs).images
     expected = torch_runner.generate(**BASE, **kwargs).images
     abs_err = max_errors(ours, expected)[0]

@@ -19,13 +19,24 @@ from TensorRT's Python API reference (10.x and 11.x) and FACTS.md's review notes
 - `Refitter(engine, logger)`: get_all_weights, set_named_weights -> bool, get_missing_weights,
   refit_cuda_engine -> bool; an engine built without REFIT has no refittable weights.
 Not modelled: real kernels. A fake context records what it was bound to; outputs are left as allocated.
+
+With `onnx_plans=True` a plan is built from a real ONNX file and ONNX Runtime stands in for the kernels: the
+plan holds the graph's I/O (names, modes, dtypes, -1 where a dim is dynamic, as TensorRT reports them), its one
+profile and its initializers; a context reports output shapes and runs the graph on the bytes at the addresses
+bound to each name, writing the outputs to theirs; the Refitter's weights are the graph's initializers by name
+(count and dtype checked) and a refit changes what later runs compute. So a backend that binds a tensor to the
+wrong name, or an output to the wrong buffer, gets a wrong image, and a refit that misses a weight a wrong one.
 """
 from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
+import json
 import math
 import types
+
+import numpy as np
 
 VERSIONS = {10: "10.9.0.34", 11: "11.4.0.9"}
 
@@ -71,6 +82,30 @@ class ExecutionContextAllocationStrategy(_Enum):
     USER_MANAGED = 2
 
 
+ONNX_PLAN = b"FAKE-ONNX-PLAN\n"  # how an onnx_plans plan starts (its JSON follows)
+_ONNX_TYPES = {1: DataType.FLOAT, 10: DataType.HALF, 7: DataType.INT64, 6: DataType.INT32}  # onnx.TensorProto
+_NUMPY = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT64: np.int64, DataType.INT32: np.int32}
+
+
+def onnx_plan(onnx_path: str, profile: dict, refittable: bool) -> bytes:
+    """The plan an onnx_plans builder writes: the graph's I/O and float initializers as TensorRT would report
+    them, the profile, and where the graph is (ONNX Runtime runs it at execution)."""
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+
+    def tensor(value, mode):
+        t = value.type.tensor_type
+        return [value.name, int(mode), int(_ONNX_TYPES[t.elem_type]),
+                [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]]
+
+    io = [tensor(v, TensorIOMode.INPUT) for v in graph.input] + [tensor(v, TensorIOMode.OUTPUT) for v in graph.output]
+    weights = {i.name: [int(_ONNX_TYPES[i.data_type]), math.prod(i.dims)] for i in graph.initializer
+               if _ONNX_TYPES.get(i.data_type) in (DataType.FLOAT, DataType.HALF)}
+    return ONNX_PLAN + json.dumps(dict(onnx=onnx_path, io=io, profile=profile, refittable=refittable,
+                                       weights=weights)).encode()
+
+
 class Weights:
     def __init__(self, array):
         self.array = array
@@ -79,13 +114,15 @@ class Weights:
 
 def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True, reject_profile: bool = False,
                   cache_mismatch: bool = False, engine_io=None, refittable_weights=(), combined_weights=None,
-                  refit_ok: bool = True):
+                  refit_ok: bool = True, onnx_plans: bool = False):
     """A fresh tensorrt module of `major` (10 or 11) and the record of what was asked of it.
 
     graph_inputs: the input names the parsed ONNX graph has. engine_io: [(name, mode, DataType, shape)] of
     every deserialised engine (shape with -1 where dynamic). refittable_weights: the weight names a
     REFIT-built engine reports; combined_weights: {name: partner} pairs the builder fused, so setting one
-    leaves the other missing until it is set too."""
+    leaves the other missing until it is set too. onnx_plans: plans of real ONNX files, run in ONNX Runtime
+    (the module docstring); graph_inputs, engine_io and refittable_weights then come from each graph.
+    calls["builds"] holds one record per build: the ONNX file, the network's typing, the flags set, the profiles."""
     flags = dict(_BUILDER_FLAGS_10)
     if major >= 11:
         for name in PRECISION_FLAGS:
@@ -96,7 +133,7 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
     BuilderFlag = _Enum("BuilderFlag", flags)
     CreationFlag = _Enum("NetworkDefinitionCreationFlag", creation)
     calls = dict(shapes={}, profiles=0, networks=[], configs=[], contexts=[], refits=[], built_refittable=None,
-                 loggers=0)
+                 loggers=0, builds=[], errors=[])
 
     class Logger:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -114,6 +151,7 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             self.creation_flags = creation_flags
             self.strongly_typed = major >= 11 or bool(creation_flags & (1 << int(CreationFlag.STRONGLY_TYPED)))
             self.inputs = []
+            self.onnx_path = None
 
         @property
         def num_inputs(self):
@@ -126,6 +164,7 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
         def __init__(self):
             self.flags = 1 << int(BuilderFlag.TF32)  # on by default
             self.builder_optimization_level = 3
+            self.profiles = []
 
         def set_flag(self, flag):
             self.flags |= 1 << int(flag)
@@ -143,7 +182,8 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             if reject_profile:
                 return -1
             calls["profiles"] += 1
-            return calls["profiles"] - 1
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
 
         def create_timing_cache(self, data):
             calls["cache_in"] = bytes(data)
@@ -157,8 +197,11 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             return types.SimpleNamespace(serialize=lambda: b"TIMING")
 
     class Profile:
+        def __init__(self):
+            self.shapes = {}
+
         def set_shape(self, name, low, opt, high):
-            calls["shapes"][name] = [list(low), list(opt), list(high)]
+            self.shapes[name] = calls["shapes"][name] = [list(low), list(opt), list(high)]
 
     class Builder:
         def __init__(self, logger):
@@ -182,6 +225,12 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
                                               if hasattr(BuilderFlag, f)):
                 return None  # TensorRT: precision flags are not allowed on a strongly typed network
             calls["built_refittable"] = config.get_flag(BuilderFlag.REFIT)
+            calls["builds"].append(dict(onnx=network.onnx_path, strongly_typed=network.strongly_typed,
+                                        creation_flags=network.creation_flags,
+                                        flags={f.name for f in BuilderFlag if config.get_flag(f)},
+                                        profiles=[dict(p.shapes) for p in config.profiles]))
+            if onnx_plans:
+                return onnx_plan(network.onnx_path, config.profiles[0].shapes, calls["built_refittable"])
             return b"PLAN"
 
     class OnnxParser:
@@ -190,11 +239,17 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             self.num_errors = 0
 
         def parse_from_file(self, path):
-            calls["parsed"] = path
+            calls["parsed"] = self.network.onnx_path = path
             if not parse_ok:
                 self.num_errors = 1
                 return False
-            self.network.inputs = [Tensor(n) for n in graph_inputs]
+            if onnx_plans:
+                import onnx
+
+                names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+            else:
+                names = graph_inputs
+            self.network.inputs = [Tensor(n) for n in names]
             return True
 
         def get_error(self, i):
@@ -223,21 +278,71 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             return True
 
         def get_tensor_shape(self, name):
-            return self.engine.output_shape(name, self.input_shapes)
+            if self.engine.plan is None:
+                return self.engine.output_shape(name, self.input_shapes)
+            if self.engine.get_tensor_mode(name) == TensorIOMode.INPUT:
+                return self.input_shapes.get(name, self.engine.get_tensor_shape(name))
+            if self._unbound(TensorIOMode.INPUT):  # TensorRT: unknown until every input's shape is set
+                return self.engine.get_tensor_shape(name)
+            return self._run_graph()[name].shape
+
+        def _unbound(self, *modes):
+            """The I/O tensors of these modes (default: all) without an address, inputs also without a shape."""
+            return [n for n, mode, *_ in self.engine.io if mode in (modes or (TensorIOMode.INPUT, TensorIOMode.OUTPUT))
+                    and (n not in self.addresses or (mode == TensorIOMode.INPUT and n not in self.input_shapes))]
+
+        def _read_inputs(self):
+            """The bytes each input's address holds now (what the engine would read)."""
+            return {name: ctypes.string_at(self.addresses[name], np.dtype(_NUMPY[self.engine.get_tensor_dtype(name)]).itemsize
+                                           * math.prod(shape)) for name, shape in self.input_shapes.items()}
+
+        def _run_graph(self, inputs=None):
+            """onnx_plans: the graph's outputs on these input bytes (default: those bound now)."""
+            inputs = self._read_inputs() if inputs is None else inputs
+            feeds = {name: np.frombuffer(data, _NUMPY[self.engine.get_tensor_dtype(name)]).reshape(self.input_shapes[name])
+                     for name, data in inputs.items()}
+            names = [n for n, mode, *_ in self.engine.io if mode == TensorIOMode.OUTPUT]
+            return dict(zip(names, self.engine.session().run(names, feeds)))
 
         def execute_async_v3(self, stream_handle):
-            """Records the stream and the bytes each input address holds now (what the engine would read)."""
-            inputs = {}
-            for name, shape in self.input_shapes.items():
-                itemsize = {DataType.FLOAT: 4, DataType.HALF: 2, DataType.INT64: 8, DataType.INT32: 4}[self.engine.get_tensor_dtype(name)]
-                inputs[name] = ctypes.string_at(self.addresses[name], itemsize * math.prod(shape))
+            """Records the stream and the input bytes; onnx_plans: runs the graph on them and writes each output
+            to its address (refused, as TensorRT does, while a tensor has no address or an input no shape)."""
+            if self.engine.plan is not None and self._unbound():
+                calls["errors"].append(f"execute_async_v3: no shape or address for {self._unbound()}")
+                return False
+            inputs = self._read_inputs()
             self.executed.append(dict(stream=stream_handle, inputs=inputs))
+            if self.engine.plan is not None:
+                for name, array in self._run_graph(inputs).items():
+                    array = np.ascontiguousarray(array)
+                    ctypes.memmove(self.addresses[name], array.ctypes.data, array.nbytes)
             return True
 
     class Engine:
-        def __init__(self, io, profile, output_shape, refittable):
+        def __init__(self, io, profile, output_shape, refittable, plan=None):
             self.io, self.profile, self.output_shape, self.refittable = io, profile, output_shape, refittable
             self.device_memory_size_v2 = 1024
+            self.plan = plan  # onnx_plans: the plan's record (onnx_plan)
+            self.refitted = {}  # onnx_plans: initializer name -> the value a refit gave it
+            self._session = None
+
+        def session(self):
+            """onnx_plans: the graph in ONNX Runtime, with the refitted initializers in place of the file's."""
+            if self._session is None:
+                import onnx
+                import onnxruntime
+                from onnx import numpy_helper
+
+                model = onnx.load(self.plan["onnx"])
+                for init in model.graph.initializer:
+                    if init.name in self.refitted:
+                        init.CopyFrom(numpy_helper.from_array(self.refitted[init.name].reshape(init.dims), init.name))
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = 1
+                options.log_severity_level = 3
+                self._session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                             providers=["CPUExecutionProvider"])
+            return self._session
 
         @property
         def num_io_tensors(self):
@@ -267,6 +372,10 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             self.engine_setup = None  # (profile, output_shape(name, input_shapes)) set by the test
 
         def deserialize_cuda_engine(self, data):
+            if onnx_plans and bytes(data).startswith(ONNX_PLAN):
+                plan = json.loads(bytes(data)[len(ONNX_PLAN):])
+                io = [(n, TensorIOMode(mode), DataType(dtype), tuple(shape)) for n, mode, dtype, shape in plan["io"]]
+                return Engine(io, plan["profile"], None, plan["refittable"], plan)
             if data != b"PLAN":
                 return None
             profile, output_shape = self.engine_setup
@@ -277,12 +386,19 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             self.engine, self.set = engine, {}
             calls["refits"].append(self)
 
+        def _weights(self):
+            return self.engine.plan["weights"] if self.engine.plan is not None else refittable_weights
+
         def get_all_weights(self):
-            return list(refittable_weights) if self.engine.refittable else []
+            return list(self._weights()) if self.engine.refittable else []
 
         def set_named_weights(self, name, weights):
-            if name not in refittable_weights or not isinstance(weights, Weights):
+            if name not in self._weights() or not isinstance(weights, Weights):
                 return False
+            if self.engine.plan is not None:  # TensorRT: the build's element count and type
+                dtype, count = self.engine.plan["weights"][name]
+                if weights.array.dtype != _NUMPY[DataType(dtype)] or weights.size != count:
+                    return False
             self.set[name] = weights
             return True
 
@@ -291,10 +407,16 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
             return [pairs[n] for n in self.set if n in pairs and pairs[n] not in self.set]
 
         def refit_cuda_engine(self):
-            return refit_ok and not self.get_missing_weights()
+            if not (refit_ok and not self.get_missing_weights()):
+                return False
+            if self.engine.plan is not None:
+                self.engine.refitted.update({n: w.array.copy() for n, w in self.set.items()})
+                self.engine._session = None  # later runs compute with the new weights
+            return True
 
     module = types.ModuleType("tensorrt")
     module.__dict__.update(
+        __spec__=importlib.machinery.ModuleSpec("tensorrt", None),  # as an imported module has (find_spec reads it)
         __version__=VERSIONS[major], Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
         Refitter=Refitter, Weights=Weights, NetworkDefinitionCreationFlag=CreationFlag, BuilderFlag=BuilderFlag,
         MemoryPoolType=_Enum("MemoryPoolType", dict(WORKSPACE=0, DLA_MANAGED_SRAM=1)), DataType=DataType,

@@ -138,7 +138,9 @@ def check_engine_io(trt, engine, artefact: Artefact, where) -> None:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     expected = [io.name for io in artefact.inputs + artefact.outputs]
     if sorted(names) != sorted(expected):
-        raise ValueError(f"{where}: plan tensors {names} do not match the manifest's spec {expected}")
+        missing, extra = [n for n in expected if n not in names], [n for n in names if n not in expected]
+        raise ValueError(f"{where}: plan tensors {names} do not match the manifest's spec {expected}: missing from the "
+                         f"plan {missing}, not in the manifest {extra}")
     modes = [(io, trt.TensorIOMode.INPUT) for io in artefact.inputs] + [(io, trt.TensorIOMode.OUTPUT) for io in artefact.outputs]
     for io, mode in modes:
         got_mode = engine.get_tensor_mode(io.name)
