@@ -43,9 +43,9 @@ class ExportConfig:
 class CastOutputs(torch.nn.Module):
     """Runs a module as it is and casts its outputs: an fp16 graph interface around fp32 insides.
 
-    Used for the fp16 text encoders (SDXL's two alike): the legacy exporter turns transformers' CLIP in half precision into
-    a LayerNormalization fed fp32 and fp16 at once, which ONNX Runtime refuses to load. The text encoder
-    runs once per generation, so keeping it fp32 inside costs nothing that matters.
+    Used for the fp16 text encoders (SDXL's two alike): the legacy exporter turns transformers' CLIP in half
+    precision into a LayerNormalization fed fp32 and fp16 at once, which ONNX Runtime and OpenVINO refuse to
+    load. The text encoders run once per generation, so keeping them fp32 inside costs nothing that matters.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
