@@ -201,22 +201,29 @@ def _coerce(name: str, kind: str, value, from_form: bool):
     return float(value) if kind == "float" else value
 
 
+def _json_or_plain(text: str, plain):
+    """A form field's text that is JSON or a plain-text form of it: the JSON where it parses, else plain(text)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return plain(text)
+
+
 def _coerce_loras(value, from_form: bool) -> tuple:
     """`loras`: [[name, weight], ...] or [{"name": ..., "weight": ...}, ...] in JSON; in a form, that JSON as
     text or "name:weight, name:weight". Names are LoRA file names in the server's LoRA folder (no paths)."""
-    if from_form and isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
+    def name_weight_pairs(text: str) -> list:
+        pairs = [item.strip().rpartition(":")[::2] if ":" in item else (item.strip(), 1.0)
+                 for item in text.split(",") if item.strip()]
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = [item.strip().rpartition(":")[::2] if ":" in item else (item.strip(), 1.0)
-                     for item in text.split(",") if item.strip()]
-            try:
-                value = [(name, float(weight)) for name, weight in value]
-            except ValueError:
-                raise ApiError(422, "loras", f"loras must be 'name:weight, ...' or JSON, got {text!r}") from None
+            return [(name, float(weight)) for name, weight in pairs]
+        except ValueError:
+            raise ApiError(422, "loras", f"loras must be 'name:weight, ...' or JSON, got {text!r}") from None
+
+    if from_form and isinstance(value, str):
+        if not value.strip():
+            return None
+        value = _json_or_plain(value.strip(), name_weight_pairs)
     if not isinstance(value, (list, tuple)):
         raise ApiError(422, "loras", f"loras must be a list of [name, weight] pairs, got {value!r}")
     pairs = []
@@ -242,13 +249,10 @@ def _coerce_control_type(value, from_form: bool):
     from engine.registry import union_type
 
     if from_form and isinstance(value, str):
-        text = value.strip()
-        if not text:
+        if not value.strip():
             return None
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = [None if t.strip() == "none" else t.strip() for t in text.split(",")] if "," in text else text
+        value = _json_or_plain(value.strip(), lambda text: [None if t.strip() == "none" else t.strip()
+                                                            for t in text.split(",")] if "," in text else text)
         number = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
         value = [number(v) for v in value] if isinstance(value, list) else number(value)
     items = value if isinstance(value, (list, tuple)) else [value]
