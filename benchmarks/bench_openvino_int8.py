@@ -11,7 +11,8 @@ of the same graphs, at batch 1 (guidance 1) and the run's resolution.
 
 Rows (results/int8-cpu-SIZE-STAMP.json): per graph (unet, controlnet_canny), f32 and int8 seconds a call
 (median of ROUNDS, the two timed in turn each round), int8/f32 speed ratio, the kernels OpenVINO ran int8 under, and
-the int8 output's error against f32 on inputs the calibration never saw (max abs, relative RMS). Calibration
+the int8 output's error against f32 on inputs the calibration never saw (max abs, relative RMS), and the
+quantization's seconds and peak RSS beside the graph's weights (what quantizing a bigger UNet would need). Calibration
 is CALIBRATION seeded random feeds in the graphs' natural ranges (engine.parity.sample_feeds): a speed
 measure, not a quality recipe (a product int8 path calibrates on its own generations' step inputs).
 The engine dir is built (fp32, `--backend openvino --no-verify`) unless INT8_ENGINE_DIR names one.
@@ -82,6 +83,7 @@ def test_int8_step(graph, engine_dir, bench_config, machine_info, result_file):
     import openvino as ov
     import torch
 
+    from benchmarks.conftest import reset_peak_rss, rss_gb
     from engine.manifest import load
     from engine.parity import sample_feeds
 
@@ -98,14 +100,20 @@ def test_int8_step(graph, engine_dir, bench_config, machine_info, result_file):
     model.reshape({name: list(value.shape) for name, value in feeds(0).items()})
     properties = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    start = time.perf_counter()
+    reset_peak_rss()
+    start, start_rss = time.perf_counter(), rss_gb("VmRSS")
     quantized = nncf.quantize(model, nncf.Dataset([feeds(1 + i) for i in range(CALIBRATION)]),
                               subset_size=CALIBRATION)
-    quantize_s = time.perf_counter() - start
+    quantize_s, quantize_peak = time.perf_counter() - start, rss_gb("VmHWM")
     rounds = ROUNDS if bench_config.real else 1
     test_feeds = feeds(100)  # never calibrated on
     row = dict(graph=graph, size=bench_config.size, resolution=bench_config.resolution, batch=1,
-               quantize_s=round(quantize_s, 1), calibration=CALIBRATION, machine=machine_info)
+               quantize_s=round(quantize_s, 1),
+               # what quantizing costs in memory beside the f32 graph it reads (which start_rss_gb holds)
+               quantize_start_rss_gb=start_rss and round(start_rss, 2),
+               quantize_peak_rss_gb=quantize_peak and round(quantize_peak, 2),
+               weights_gb=round(sum(c.data.nbytes for c in model.get_ops() if c.get_type_name() == "Constant") / 1e9, 2),
+               calibration=CALIBRATION, machine=machine_info)
     requests = {name: core.compile_model(ov_model, "CPU", {**properties, "PERF_COUNT": name == "int8"})
                 .create_infer_request() for name, ov_model in (("f32", model), ("int8", quantized))}
     for name, seconds in _alternate(requests, test_feeds, rounds).items():
@@ -118,7 +126,8 @@ def test_int8_step(graph, engine_dir, bench_config, machine_info, result_file):
     row["max_abs"] = float(np.abs(got - want).max())
     row["rel_rms"] = float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
     print(f"\n{graph}: f32 {row['f32_s']} s, int8 {row['int8_s']} s ({row['int8_over_f32_speed']}x), "
-          f"rel RMS {row['rel_rms']:.3g}, quantize {row['quantize_s']} s")
+          f"rel RMS {row['rel_rms']:.3g}, quantize {row['quantize_s']} s, peak RSS {row['quantize_peak_rss_gb']} GB "
+          f"({row['weights_gb']} GB of weights)")
     if result_file is not None:
         rows = json.loads(result_file.read_text())["rows"] if result_file.exists() else []
         result_file.parent.mkdir(parents=True, exist_ok=True)
