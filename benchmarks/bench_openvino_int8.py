@@ -109,7 +109,8 @@ def test_int8_step(graph, engine_dir, bench_config, machine_info, result_file):
     test_feeds = feeds(100)  # never calibrated on
     row = dict(graph=graph, size=bench_config.size, resolution=bench_config.resolution, batch=1,
                quantize_s=round(quantize_s, 1),
-               # what quantizing costs in memory beside the f32 graph it reads (which start_rss_gb holds)
+               # what quantizing costs in memory: OpenVINO maps the graph's weights unread, so the start is small
+               # and the peak counts the f32 weights once NNCF touches them
                quantize_start_rss_gb=start_rss and round(start_rss, 2),
                quantize_peak_rss_gb=quantize_peak and round(quantize_peak, 2),
                weights_gb=round(sum(c.data.nbytes for c in model.get_ops() if c.get_type_name() == "Constant") / 1e9, 2),
