@@ -44,21 +44,24 @@ def test_spec_matches_module_outputs(tiny_models):
     assert [io.shape(point) for io in specs["unet"].inputs[3:]] == [tuple(o.shape) for o in outs]
 
 
-def _export_and_compare(sd, net, kind, precision, tmp_path, config):
+def _export_and_compare(sd, net, kind, precision, tmp_path, config, graph=None):
+    """Export `kind` as the build does (onnx_export.for_precision) and compare the graph, run by `graph`
+    (OrtModel by default), with the fp32 module; net None: a model without ControlNet (text encoders)."""
     from engine.backends.onnxruntime_backend import OrtModel
     from engine.parity import compare, reference_module, sample_feeds
 
-    mc = model_config(sd, [net])
-    spec = next(s for s in build_specs(mc, [("canny", False)], precision) if s.kind == kind)
-    module = reference_module(kind, sd, net)
-    export_module = module.half() if precision == "fp16" else module
+    nets = [] if net is None else [net]
+    mc = model_config(sd, nets)
+    spec = next(s for s in build_specs(mc, [("canny", False)] if nets else [], precision) if s.kind == kind)
+    export_module = onnx_export.for_precision(reference_module(kind, sd, net), kind, precision)
     point = dict(B=2, h=8, w=8)
     feeds = sample_feeds(list(spec.inputs), point, mc.vocab_size)
     args = tuple(feeds[io.name].to(getattr(torch, io.dtype)) for io in spec.inputs)
     files = onnx_export.export(export_module, spec, args, tmp_path, config)
     artefact = Artefact(spec.name, kind, spec.net, files[0].name, {}, list(spec.inputs), list(spec.outputs), {}, "")
     reference = reference_module(kind, sd, net).float()
-    return files, compare(reference, OrtModel(files[0], artefact).run, artefact, dict(B=3, h=8, w=16), mc.vocab_size)
+    run = (graph or OrtModel)(files[0], artefact).run
+    return files, compare(reference, run, artefact, dict(B=3, h=8, w=16), mc.vocab_size)
 
 
 def test_external_data_without_slim(tiny_models, tmp_path):
@@ -125,19 +128,10 @@ def test_fp16_sdxl_text_encoders_load_and_match(tmp_path, backend):
     from engine.backends.onnxruntime_backend import OrtModel
     from engine.backends.openvino_backend import OvModel
     from engine.loading import load_sd
-    from engine.parity import compare, reference_module, sample_feeds
 
     sd = load_sd("tiny-sdxl", torch.device("cpu"), torch.float32)
-    mc = model_config(sd, [])
     for kind in ("text_encoder", "text_encoder_2"):
-        spec = next(s for s in build_specs(mc, [], "fp16") if s.kind == kind)
-        feeds = sample_feeds(list(spec.inputs), dict(B=2), mc.vocab_size)
-        module = onnx_export.for_precision(reference_module(kind, sd), kind, "fp16")
-        files = onnx_export.export(module, spec, tuple(feeds[io.name] for io in spec.inputs), tmp_path,
-                                   onnx_export.ExportConfig())
-        artefact = Artefact(spec.name, kind, spec.net, files[0].name, {}, list(spec.inputs), list(spec.outputs),
-                            {}, "")
-        graph = OrtModel(files[0], artefact) if backend == "onnxruntime" else OvModel(files[0], artefact)
-        errors = compare(reference_module(kind, sd), graph.run, artefact, dict(B=3), mc.vocab_size)
+        _, errors = _export_and_compare(sd, None, kind, "fp16", tmp_path, onnx_export.ExportConfig(),
+                                        OrtModel if backend == "onnxruntime" else OvModel)
         print(f"\n{backend} fp16 {kind}: max abs {errors['max_abs']:.2e}, max rel {errors['max_rel']:.2e}")
         assert errors["max_rel"] < 1e-2  # fp16 outputs against the fp32 reference
