@@ -15,7 +15,7 @@ the int8 output's error against f32 on inputs the calibration never saw (max abs
 quantization's seconds and peak RSS beside the graph's weights (what quantizing a bigger UNet would need). Calibration
 is CALIBRATION seeded random feeds in the graphs' natural ranges (engine.parity.sample_feeds): a speed
 measure, not a quality recipe (a product int8 path calibrates on its own generations' step inputs).
-The engine dir is built (fp32, `--backend openvino --no-verify`) unless INT8_ENGINE_DIR names one.
+The engine dir is bench_fewstep.py's (built as there) unless INT8_ENGINE_DIR names one.
 
 Without --benchmark (CI) the tiny model runs each row once, untimed. Needs NNCF (`pip install -c
 requirements/constraints.txt -e ".[int8]"`); skipped with that reason where it is not installed.
@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,15 +39,9 @@ ROUNDS, CALIBRATION = 5, 4
 def engine_dir(bench_config, tmp_path_factory) -> Path:
     if os.environ.get("INT8_ENGINE_DIR"):
         return Path(os.environ["INT8_ENGINE_DIR"])
-    out = tmp_path_factory.mktemp("int8") / "engine"
-    side = str(bench_config.resolution)
-    cmd = [sys.executable, "-m", "engine.build", "--model", bench_config.preset, "--controlnet", "canny",
-           "--backend", "openvino", "--out", str(out), "--min-size", side, "--max-size", side, "--max-batch", "1",
-           "--no-verify", "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"engine build failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
-    return out
+    from benchmarks.bench_fewstep import _build  # the few-step rows' engine dir: these are its graphs
+
+    return Path(_build(bench_config.size, bench_config.resolution, tmp_path_factory.mktemp("int8"), ("openvino",))[0])
 
 
 @pytest.fixture(scope="module")
