@@ -221,9 +221,10 @@ def _coerce_loras(value, from_form: bool) -> tuple:
             raise ApiError(422, "loras", f"loras must be 'name:weight, ...' or JSON, got {text!r}") from None
 
     if from_form and isinstance(value, str):
-        if not value.strip():
+        text = value.strip()
+        if not text:
             return None
-        value = _json_or_plain(value.strip(), name_weight_pairs)
+        value = _json_or_plain(text, name_weight_pairs)
     if not isinstance(value, (list, tuple)):
         raise ApiError(422, "loras", f"loras must be a list of [name, weight] pairs, got {value!r}")
     pairs = []
@@ -249,10 +250,11 @@ def _coerce_control_type(value, from_form: bool):
     from engine.registry import union_type
 
     if from_form and isinstance(value, str):
-        if not value.strip():
+        text = value.strip()
+        if not text:
             return None
-        value = _json_or_plain(value.strip(), lambda text: [None if t.strip() == "none" else t.strip()
-                                                            for t in text.split(",")] if "," in text else text)
+        value = _json_or_plain(text, lambda text: [None if t.strip() == "none" else t.strip() for t in text.split(",")]
+                               if "," in text else text)
         number = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
         value = [number(v) for v in value] if isinstance(value, list) else number(value)
     items = value if isinstance(value, (list, tuple)) else [value]
