@@ -259,6 +259,7 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
         def __init__(self, engine, strategy):
             self.engine, self.strategy = engine, strategy
             self.input_shapes, self.addresses, self.executed, self.memory = {}, {}, [], None
+            self._last_run = (None, None, None)  # onnx_plans: (session, input bytes, outputs) of the last graph run
             calls["contexts"].append(self)
 
         def set_device_memory(self, ptr, size):
@@ -297,12 +298,19 @@ def fake_tensorrt(major: int, *, graph_inputs=("sample",), parse_ok: bool = True
                                            * math.prod(shape)) for name, shape in self.input_shapes.items()}
 
         def _run_graph(self, inputs=None):
-            """onnx_plans: the graph's outputs on these input bytes (default: those bound now)."""
+            """onnx_plans: the graph's outputs on these input bytes (default: those bound now). The backend asks
+            for output shapes, then executes on the same bytes: the graph runs once for both (a refit makes a new
+            session, so it runs again)."""
             inputs = self._read_inputs() if inputs is None else inputs
+            session = self.engine.session()
+            if self._last_run[0] is session and self._last_run[1] == inputs:
+                return self._last_run[2]
             feeds = {name: np.frombuffer(data, _NUMPY[self.engine.get_tensor_dtype(name)]).reshape(self.input_shapes[name])
                      for name, data in inputs.items()}
             names = [n for n, mode, *_ in self.engine.io if mode == TensorIOMode.OUTPUT]
-            return dict(zip(names, self.engine.session().run(names, feeds)))
+            outputs = dict(zip(names, session.run(names, feeds)))
+            self._last_run = (session, inputs, outputs)
+            return outputs
 
         def execute_async_v3(self, stream_handle):
             """Records the stream and the input bytes; onnx_plans: runs the graph on them and writes each output
